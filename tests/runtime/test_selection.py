@@ -1,0 +1,112 @@
+"""Selection on hand-built activation matrices against hand-computed indices."""
+
+import math
+
+import pytest
+import torch
+
+from coreinfer.runtime.selection import (
+    core_statistics, frequency_select, griffin_select, jaccard, kept_count, stability_select, token_core_mask,
+)
+
+
+def test_token_core_positive_hand_computed():
+    # 3 tokens x 5 neurons; positives per token: 3, 2, 1 -> P = 2, alpha 0.5 -> k_token = ceil(1.0) = 1
+    a = torch.tensor([[0.9, -1.0, 0.5, 0.2, -0.3],
+                      [-0.1, 0.8, 0.0, 0.7, -2.0],
+                      [-0.5, -0.4, -0.3, 0.6, -0.2]])
+    mask = token_core_mask(a, alpha=0.5, score="positive")
+    assert mask.tolist() == [[True, False, False, False, False],
+                             [False, True, False, False, False],
+                             [False, False, False, True, False]]
+
+
+def test_token_core_magnitude_hand_computed():
+    # magnitude: all 5 nonzero in tokens 0 and 2, 4 in token 1 -> P = 14/3, alpha 0.4 -> ceil(1.866) = 2
+    a = torch.tensor([[0.9, -1.0, 0.5, 0.2, -0.3],
+                      [-0.1, 0.8, 0.0, 0.7, -2.0],
+                      [-0.5, -0.4, -0.3, 0.6, -0.2]])
+    mask = token_core_mask(a, alpha=0.4, score="magnitude")
+    assert mask.tolist() == [[True, True, False, False, False],
+                             [False, True, False, False, True],
+                             [True, False, False, True, False]]
+
+
+def test_token_core_never_takes_non_positive():
+    # token 1 has a single positive but k_token = 2: only the positive one may be core
+    a = torch.tensor([[1.0, 2.0, 3.0, -1.0], [-1.0, -2.0, 0.5, -3.0]])
+    mask = token_core_mask(a, alpha=1.0, score="positive")  # P = (3 + 1)/2 = 2 -> k_token = 2
+    assert mask.tolist() == [[False, True, True, False], [False, False, True, False]]
+
+
+def test_sentence_core_counts_then_sum_then_index():
+    # token-core counts: n0 2, n1 2, n2 1, n3 0. beta 0.5 of 4 -> keep 2. n0 and n1 tie on count.
+    a = torch.tensor([[3.0, 1.0, 0.0, 0.0],
+                      [1.0, 3.0, 0.0, 0.0],
+                      [0.5, 2.0, 1.0, 0.0]])
+    # positives per token 2,2,3 -> P = 7/3, alpha 0.9 -> ceil(2.1) = 3, capped to actives
+    counts, sums = core_statistics(a, alpha=0.9, score="positive")
+    assert counts.tolist() == [3, 3, 1, 0]
+    assert sums.tolist() == [4.5, 6.0, 1.0, 0.0]
+    assert stability_select(a, alpha=0.9, beta=0.5).tolist() == [0, 1]
+    assert stability_select(a, alpha=0.9, beta=0.25).tolist() == [1]  # tie on count -> larger sum wins
+
+
+def test_full_ties_break_by_lower_index():
+    a = torch.ones(4, 6)
+    assert stability_select(a, alpha=0.5, beta=0.5).tolist() == [0, 1, 2]
+
+
+def test_beta_one_keeps_everything_and_kept_count_rounding():
+    a = torch.randn(7, 10)
+    assert stability_select(a, beta=1.0).tolist() == list(range(10))
+    assert kept_count(0.25, 10) == 3  # 2.5 rounds half up
+    assert kept_count(0.24, 10) == 2
+    assert kept_count(0.01, 10) == 1  # never empty
+    assert kept_count(0.4, 1536) == 614
+
+
+@pytest.mark.parametrize("bad", [0.0, -0.1, 1.01, float("nan")])
+def test_fraction_bounds(bad):
+    a = torch.randn(3, 8)
+    with pytest.raises(ValueError, match="beta must be in"):
+        stability_select(a, beta=bad)
+    with pytest.raises(ValueError, match="alpha must be in"):
+        stability_select(a, alpha=bad)
+
+
+def test_bad_shapes_and_score():
+    with pytest.raises(ValueError, match="tokens>=1"):
+        stability_select(torch.randn(0, 5))
+    with pytest.raises(ValueError, match="score must be one of"):
+        stability_select(torch.randn(2, 5), score="abs")
+
+
+def test_alpha_one_all_active_all_core():
+    a = torch.rand(5, 8) + 0.1  # all positive: P = 8, k_token = 8
+    assert token_core_mask(a, alpha=1.0).all()
+
+
+def test_selection_is_deterministic_and_sorted():
+    torch.manual_seed(0)
+    a = torch.randn(50, 300)
+    s1, s2 = stability_select(a, beta=0.3), stability_select(a.clone(), beta=0.3)
+    assert torch.equal(s1, s2)
+    assert s1.tolist() == sorted(s1.tolist()) and len(s1) == 90 and s1.dtype == torch.int64
+
+
+def test_frequency_and_griffin_select():
+    freq = torch.tensor([5, 1, 5, 3])
+    assert frequency_select(freq, 2).tolist() == [0, 2]
+    assert frequency_select(freq, 2, tiebreak=torch.tensor([0.0, 0, 1, 0])).tolist() == [0, 2]
+    assert frequency_select(freq, 1, tiebreak=torch.tensor([0.0, 0, 1, 0])).tolist() == [2]
+    # griffin: per-token unit norm, then column norms: neuron 1 dominates both tokens
+    a = torch.tensor([[0.0, 3.0, 4.0], [1.0, 1.0, 0.0]])
+    # token norms 5 and sqrt2 -> rows [0, .6, .8], [.707, .707, 0]; column norms .707, .927, .8
+    assert griffin_select(a, beta=1 / 3).tolist() == [1]
+    assert griffin_select(a, beta=2 / 3).tolist() == [1, 2]
+
+
+def test_jaccard():
+    assert jaccard(torch.tensor([1, 2, 3]), torch.tensor([2, 3, 4])) == 0.5
+    assert math.isclose(jaccard(torch.tensor([1]), torch.tensor([1])), 1.0)
