@@ -31,7 +31,8 @@ def _cmd_generate(args) -> int:
     from .selection import check_fraction
     from .sparse_lm import SparseLM
 
-    check_fraction("beta", args.beta)  # cheap checks before the model loads
+    if args.beta is not None:
+        check_fraction("beta", args.beta)  # cheap checks before the model loads
     check_fraction("alpha", args.alpha)
     lm = SparseLM.from_pretrained(args.model, artifact=args.artifact, device=args.device, dtype=args.dtype)
     stream = None if args.json else (lambda text: print(text, end="", flush=True))
@@ -92,7 +93,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--artifact", default=None, help="calibration artifact (coreneurons.zarr) for similarity/auto")
     g.add_argument("--method", default=None, choices=["dense", "stability", "similarity", "auto"],
                    help="default: auto with --artifact, else stability")
-    g.add_argument("--beta", type=float, default=0.4, help="kept fraction of FFN neurons in sparse layers")
+    g.add_argument("--beta", type=float, default=None,
+                   help="kept fraction of FFN neurons in sparse layers (default: the artifact's with --artifact, else 0.4)")
     g.add_argument("--alpha", type=float, default=0.4, help="token-wise core fraction of active neurons")
     g.add_argument("--score", default="positive", choices=["positive", "magnitude"])
     g.add_argument("--layers", default=None, help="sparse layers 'start:stop' or fractions '0.15:0.85'")

@@ -48,22 +48,73 @@ def neuron_scores(acts: torch.Tensor, score: str = "positive") -> torch.Tensor:
     return acts if score == "positive" else acts.abs()
 
 
+def token_k(n_active: torch.Tensor, n_tokens: int, alpha: float, n_neurons: int) -> torch.Tensor:
+    """Per-layer token-wise core size ``min(I, ceil(alpha * P))`` as an int64 device tensor (no host sync).
+
+    ``n_active`` (..., T) holds each token's number of active neurons (score > 0); P = their sum / T, in
+    float64 (the counts are exact integers, the division and the product by alpha are correctly rounded
+    IEEE operations, so CPU and GPU agree bit for bit).
+    """
+    if n_tokens == 0:
+        return torch.zeros(n_active.shape[:-1], dtype=torch.int64, device=n_active.device)
+    mean = n_active.sum(dim=-1, dtype=torch.int64).to(torch.float64) / n_tokens
+    return torch.ceil(mean * alpha).to(torch.int64).clamp_(max=n_neurons)
+
+
+def _scores3(acts: torch.Tensor, score: str) -> torch.Tensor:
+    if acts.dim() != 3:
+        raise ValueError(f"activations must be (layers, tokens, neurons), got shape {tuple(acts.shape)}")
+    return neuron_scores(acts.float(), score)
+
+
+def _token_core_mask3(s: torch.Tensor, alpha: float) -> torch.Tensor:
+    """(L, T, I) boolean token-core mask of scores ``s`` (L, T, I): per token the ``k_token`` of its layer top
+    scores (stable sort: equal scores go to the lower index), and only scores > 0. Sync-free."""
+    L, T, I = s.shape
+    active = s > 0
+    k_tok = token_k(active.sum(dim=-1, dtype=torch.int64), T, alpha, I)  # (L,)
+    order = s.sort(dim=-1, descending=True, stable=True).indices
+    keep = torch.arange(I, device=s.device).view(1, 1, I) < k_tok.view(L, 1, 1)  # rank < k_token
+    mask = torch.zeros_like(active).scatter_(-1, order, keep.expand(L, T, I))
+    return mask & active
+
+
+def ordered_token_sum(s: torch.Tensor) -> torch.Tensor:
+    """Float64 sum over the token axis (dim -2) of ``s`` (..., T, I), adding the tokens strictly in order
+    0, 1, ..., T-1. A fixed order makes the sums (the tie-break of the ranking) bit-identical on every device
+    and in the fused GPU kernel (``cuda.select_kernels``), which adds in the same order."""
+    acc = torch.zeros(s.shape[:-2] + s.shape[-1:], dtype=torch.float64, device=s.device)
+    for t in range(s.shape[-2]):
+        acc += s[..., t, :].double()
+    return acc
+
+
+def layer_statistics(acts: torch.Tensor, alpha: float, score: str = "positive") -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-layer, per-neuron (token-core count (L, I) int64, summed score (L, I) float64) of ``acts`` (L, T, I).
+
+    No host synchronisation. On a CUDA device with Triton, three fused kernels (``cuda.select_kernels``);
+    elsewhere the same function from PyTorch ops. Both give identical results (tested).
+    """
+    check_fraction("alpha", alpha)
+    check_score(score)
+    if acts.dim() != 3:
+        raise ValueError(f"activations must be (layers, tokens, neurons), got shape {tuple(acts.shape)}")
+    if acts.is_cuda and acts.shape[1] > 0:
+        from .cuda import select_kernels
+
+        if select_kernels.available(acts):
+            return select_kernels.layer_statistics(acts, alpha, score)
+    s = _scores3(acts, score)
+    counts = _token_core_mask3(s, alpha).sum(dim=1, dtype=torch.int64)
+    return counts, ordered_token_sum(s)
+
+
 def token_core_mask(acts: torch.Tensor, alpha: float, score: str = "positive") -> torch.Tensor:
     """Boolean (T, I) mask of token-wise core neurons for one layer's activations ``acts`` (T, I)."""
     check_fraction("alpha", alpha)
     if acts.dim() != 2:
         raise ValueError(f"activations must be (tokens, neurons), got shape {tuple(acts.shape)}")
-    s = neuron_scores(acts.float(), score)
-    active = s > 0
-    mean_active = active.sum(dim=1, dtype=torch.float64).mean().item() if s.shape[0] else 0.0
-    k_token = min(s.shape[1], math.ceil(alpha * mean_active))
-    mask = torch.zeros_like(active)
-    if k_token == 0:
-        return mask
-    # stable sort, not topk: equal scores go to the lower index, so ties are deterministic
-    top = s.sort(dim=1, descending=True, stable=True).indices[:, :k_token]
-    mask.scatter_(1, top, True)
-    return mask & active
+    return _token_core_mask3(_scores3(acts[None], score), alpha)[0]
 
 
 def token_topk_mask(acts: torch.Tensor, k: int, score: str = "magnitude") -> torch.Tensor:
@@ -80,18 +131,23 @@ def token_topk_mask(acts: torch.Tensor, k: int, score: str = "magnitude") -> tor
 
 
 def rank_neurons(primary: torch.Tensor, secondary: torch.Tensor | None = None) -> torch.Tensor:
-    """Neuron indices ordered by ``primary`` desc, then ``secondary`` desc, then index asc."""
-    order = torch.arange(primary.shape[0], device=primary.device)
+    """Neuron indices ordered by ``primary`` desc, then ``secondary`` desc, then index asc.
+
+    Batched over leading dimensions: ``primary`` (..., I) ranks each row on its own.
+    """
+    shape = primary.shape
+    n = shape[-1]
+    order = torch.arange(n, device=primary.device).expand(shape).contiguous()
     if secondary is not None:
-        order = order[torch.sort(secondary.double()[order], descending=True, stable=True).indices]
-    return order[torch.sort(primary.double()[order], descending=True, stable=True).indices]
+        order = order.gather(-1, torch.sort(secondary.double(), dim=-1, descending=True, stable=True).indices)
+    return order.gather(-1, torch.sort(primary.double().gather(-1, order), dim=-1, descending=True, stable=True).indices)
 
 
 def top_neurons(primary: torch.Tensor, k: int, secondary: torch.Tensor | None = None) -> torch.Tensor:
-    """The ``k`` best-ranked neurons (see ``rank_neurons``), returned sorted ascending as int64."""
-    if not 1 <= k <= primary.shape[0]:
-        raise ValueError(f"k must be in [1, {primary.shape[0]}], got {k}")
-    return rank_neurons(primary, secondary)[:k].sort().values.to(torch.int64)
+    """The ``k`` best-ranked neurons (see ``rank_neurons``), returned sorted ascending as int64 (per row)."""
+    if not 1 <= k <= primary.shape[-1]:
+        raise ValueError(f"k must be in [1, {primary.shape[-1]}], got {k}")
+    return rank_neurons(primary, secondary)[..., :k].sort(dim=-1).values.to(torch.int64)
 
 
 def core_statistics(acts: torch.Tensor, alpha: float, score: str = "positive") -> tuple[torch.Tensor, torch.Tensor]:
@@ -99,10 +155,32 @@ def core_statistics(acts: torch.Tensor, alpha: float, score: str = "positive") -
 
     Both are additive over tokens, so a prompt's statistics can be accumulated chunk by chunk.
     """
-    mask = token_core_mask(acts, alpha, score)
-    counts = mask.sum(dim=0, dtype=torch.int64)
-    sums = neuron_scores(acts.double(), score).sum(dim=0)
-    return counts, sums
+    if acts.dim() != 2:
+        raise ValueError(f"activations must be (tokens, neurons), got shape {tuple(acts.shape)}")
+    counts, sums = layer_statistics(acts[None], alpha, score)
+    return counts[0], sums[0]
+
+
+def stability_select_layers(acts: torch.Tensor, alpha: float = 0.4, beta: float = 0.4,
+                            score: str = "positive") -> torch.Tensor:
+    """Sentence-wise core sets of L layers at once from ``acts`` (L, T, I) (one prompt's activations of L
+    layers, stacked): (L, round(beta * I)) sorted int64 indices, row l = ``stability_select(acts[l])``.
+
+    Sync-free (the result stays on the device, no ``.item()``): the statistics of all layers in one pass,
+    then one batched ranking by (count desc, summed score desc, index asc).
+    """
+    if acts.dim() != 3 or acts.shape[1] == 0:
+        raise ValueError(f"activations must be (layers, tokens>=1, neurons), got shape {tuple(acts.shape)}")
+    k = kept_count(beta, acts.shape[2])
+    if acts.is_cuda:
+        check_fraction("alpha", alpha)
+        check_score(score)
+        from .cuda import select_kernels
+
+        if select_kernels.available(acts):
+            return select_kernels.select(acts, alpha, score, k)
+    counts, sums = layer_statistics(acts, alpha, score)
+    return top_neurons(counts, k, sums)
 
 
 def stability_select(acts: torch.Tensor, alpha: float = 0.4, beta: float = 0.4, score: str = "positive") -> torch.Tensor:
@@ -112,8 +190,9 @@ def stability_select(acts: torch.Tensor, alpha: float = 0.4, beta: float = 0.4, 
     """
     if acts.dim() != 2 or acts.shape[0] == 0:
         raise ValueError(f"activations must be (tokens>=1, neurons), got shape {tuple(acts.shape)}")
-    counts, sums = core_statistics(acts, alpha, score)
-    return top_neurons(counts, kept_count(beta, acts.shape[1]), sums)
+    check_fraction("beta", beta)
+    check_score(score)
+    return stability_select_layers(acts[None], alpha, beta, score)[0]
 
 
 def frequency_select(frequency: torch.Tensor, k: int, tiebreak: torch.Tensor | None = None) -> torch.Tensor:

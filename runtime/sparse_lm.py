@@ -23,6 +23,7 @@ from .session import CaptureSession, CoreSetSession, Session, stability_selector
 METHODS = ("dense", "stability", "similarity", "auto")
 DEFAULT_LAYERS = (5 / 32, 27 / 32)  # the paper keeps layers 5..26 of 32 sparse; first and last stay dense
 DEFAULT_SCORE = "positive"
+DEFAULT_BETA = 0.4
 GENERATION_KWARGS = ("do_sample", "temperature", "top_k", "top_p", "seed", "stop", "streamer", "on_text", "chat",
                      "return_logits")
 
@@ -89,7 +90,12 @@ class SparseLM:
         self.tokenizer = loaded.tokenizer
         self._active: ContextVar[Session | None] = ContextVar(f"coreinfer_session_{id(self)}", default=None)
         self.adapter = adapters.install(self.model, self._active)
-        self.artifact = artifact
+        self.artifact = None
+        if artifact is not None:  # validated against this model (fingerprint, sizes, layer range) or refused
+            from .artifact import open_for_model
+
+            self.artifact = open_for_model(artifact, self.adapter, self.model.config)
+        self.min_stable_tokens: int | None = None  # method="auto" threshold; None: the artifact's value
         self._takes_logits_to_keep = "logits_to_keep" in self.model.forward.__code__.co_varnames
 
     @classmethod
@@ -190,6 +196,7 @@ class SparseLM:
 
     def _stats(self, method_used, session, layers, beta, alpha, score, prefill_s, n_prompt, extra) -> Stats:
         sparse = isinstance(session, CoreSetSession)
+        beta = extra.get("beta", beta)  # similarity-guided core sets have the artifact's size
         k = kept_count(beta, self.adapter.n_neurons) if sparse else None
         ffn_bytes = sum(
             (session.compact[i] if sparse and i in session.compact else d).nbytes()
@@ -212,6 +219,14 @@ class SparseLM:
             cluster=extra.get("cluster"),
         )
 
+    def default_beta(self, method: str, beta: float | None) -> float:
+        """beta=None: the artifact's kept fraction for artifact methods (its core sets exist at that size), else 0.4."""
+        if beta is not None:
+            return beta
+        if self.artifact is not None and method in ("similarity", "auto"):
+            return float(self.artifact.attrs["beta"])
+        return DEFAULT_BETA
+
     def _validate(self, method, alpha, beta, score, layers) -> range:
         if not isinstance(method, str) or method not in METHODS:
             raise ValueError(f"unknown method {method!r}; choose one of {METHODS}")
@@ -221,7 +236,7 @@ class SparseLM:
         return self.resolve_layers(layers)
 
     # ---- public API -------------------------------------------------------------------------------
-    def generate(self, prompt: str, method: str | None = None, alpha: float = 0.4, beta: float = 0.4, layers=None,
+    def generate(self, prompt: str, method: str | None = None, alpha: float = 0.4, beta: float | None = None, layers=None,
                  max_new_tokens: int = 64, score: str = DEFAULT_SCORE, sparse_prefill: bool = False,
                  session: Session | None = None, method_used: str | None = None,
                  **generation_kwargs) -> GenerateOutput:
@@ -236,9 +251,17 @@ class SparseLM:
         if unknown:
             raise TypeError(f"unknown generation arguments {sorted(unknown)}; supported: {GENERATION_KWARGS}")
         method = method or ("auto" if self.artifact is not None else "stability")
+        beta = self.default_beta(method, beta)
         layers = self._validate(method, alpha, beta, score, layers)
         if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be a positive int, got {max_new_tokens!r}")
+        if session is None and self.device.type == "cuda":  # graph-captured fast path (runtime/cuda/hook.py)
+            from .cuda.hook import fast_generate
+
+            fast = fast_generate(self, prompt, method, alpha, beta, layers, max_new_tokens, score, sparse_prefill,
+                                 generation_kwargs)
+            if fast is not None:
+                return fast
         gk = dict(generation_kwargs)
         stop = gk.pop("stop", None)
         stop = [stop] if isinstance(stop, str) else list(stop or [])
@@ -284,7 +307,7 @@ class SparseLM:
         stats.stop_reason = result.stop_reason
         return GenerateOutput(result.text, result.token_ids, stats, dict(getattr(session, "core_sets", {})), result.logits)
 
-    def score(self, prompt: str, continuation: str, method: str | None = None, alpha: float = 0.4, beta: float = 0.4,
+    def score(self, prompt: str, continuation: str, method: str | None = None, alpha: float = 0.4, beta: float | None = None,
               layers=None, score: str = DEFAULT_SCORE, sparse_prefill: bool = False, chat: bool = False) -> ScoreOutput:
         """Per-token log-probs of ``continuation`` given ``prompt`` (teacher forcing).
 
@@ -294,6 +317,7 @@ class SparseLM:
         if not isinstance(continuation, str) or not continuation:
             raise ValueError("continuation must be a non-empty str")
         method = method or ("auto" if self.artifact is not None else "stability")
+        beta = self.default_beta(method, beta)
         layers = self._validate(method, alpha, beta, score, layers)
         ids = self.encode(prompt, chat=chat)
         cont = self.tokenizer(continuation, add_special_tokens=False)["input_ids"]
@@ -309,7 +333,21 @@ class SparseLM:
 
         ``keep_logprobs=True`` also returns the full (N, V) log-softmax (for KL against another run).
         """
-        self._check_length(ids.shape[1], len(cont))
+        return self.score_choices(ids, [cont], method, alpha, beta, layers, score, prompt, session, method_used,
+                                  sparse_prefill=sparse_prefill, keep_logprobs=keep_logprobs)[0]
+
+    def score_choices(self, ids: torch.Tensor, conts: list[list[int]], method: str, alpha: float, beta: float,
+                      layers: range, score: str = DEFAULT_SCORE, prompt: str = "", session: Session | None = None,
+                      method_used: str | None = None, sparse_prefill: bool = False,
+                      keep_logprobs: bool = False) -> list[ScoreOutput]:
+        """``score_ids`` for several continuations of one prompt (multiple choice): one prefill, so one core set,
+        then each continuation is scored sparse from its own copy of the prompt's KV cache. Same numbers as one
+        ``score_ids`` call per continuation, without re-running the prompt."""
+        import copy
+
+        if not conts or any(not c for c in conts):
+            raise ValueError("scoring needs at least one continuation, each of at least one token")
+        self._check_length(ids.shape[1], max(len(c) for c in conts))
         extra: dict = {}
         if session is None:
             session, method_used, extra = self.core_session(method, ids, prompt, alpha, beta, layers, score, sparse_prefill)
@@ -318,21 +356,26 @@ class SparseLM:
         prefill_s = time.perf_counter() - t0
         if hasattr(session, "prefill_done"):
             session.prefill_done = True
-        all_logits = [logits[-1:]]
-        if len(cont) > 1:
-            tok = self._active.set(session)
-            try:
-                with torch.inference_mode():
-                    rest, _ = self._forward(torch.tensor([cont[:-1]], device=self.device), cache, last_only=False)
-            finally:
-                self._active.reset(tok)
-            all_logits.append(rest)
-        logp = torch.cat(all_logits).float().log_softmax(-1)
-        target = torch.tensor(cont, device=logp.device)
-        stats = self._stats(method_used or method, session, layers, beta, alpha, score, prefill_s, ids.shape[1], extra)
-        stats.new_tokens = len(cont)
-        return ScoreOutput(logp.gather(1, target[:, None])[:, 0].cpu(), list(cont), logp.argmax(-1).tolist(), stats,
-                           dict(getattr(session, "core_sets", {})), logprobs=logp.cpu() if keep_logprobs else None)
+        first = logits[-1:].float().log_softmax(-1)
+        outs = []
+        for cont in conts:
+            logp = [first]
+            if len(cont) > 1:
+                own_cache = cache if len(conts) == 1 else copy.deepcopy(cache)
+                tok = self._active.set(session)
+                try:
+                    with torch.inference_mode():
+                        rest, _ = self._forward(torch.tensor([cont[:-1]], device=self.device), own_cache, last_only=False)
+                finally:
+                    self._active.reset(tok)
+                logp.append(rest.float().log_softmax(-1))
+            lp = torch.cat(logp)
+            target = torch.tensor(cont, device=lp.device)
+            stats = self._stats(method_used or method, session, layers, beta, alpha, score, prefill_s, ids.shape[1], extra)
+            stats.new_tokens = len(cont)
+            outs.append(ScoreOutput(lp.gather(1, target[:, None])[:, 0].cpu(), list(cont), lp.argmax(-1).tolist(), stats,
+                                    dict(getattr(session, "core_sets", {})), logprobs=lp.cpu() if keep_logprobs else None))
+        return outs
 
     def capture(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None,
                 hook: Callable[[int, torch.Tensor], None]) -> torch.Tensor:

@@ -110,3 +110,63 @@ def test_frequency_and_griffin_select():
 def test_jaccard():
     assert jaccard(torch.tensor([1, 2, 3]), torch.tensor([2, 3, 4])) == 0.5
     assert math.isclose(jaccard(torch.tensor([1]), torch.tensor([1])), 1.0)
+
+
+# ------------------------------------------------------------------------------------------------------
+# the sync-free, batched implementation against the previous per-layer one (host sync, torch.sum), kept
+# here as the reference: identical masks, counts and core sets on random inputs, with and without ties
+
+
+def _reference_token_core_mask(acts, alpha, score):
+    s = acts.float() if score == "positive" else acts.float().abs()
+    active = s > 0
+    mean_active = active.sum(dim=1, dtype=torch.float64).mean().item() if s.shape[0] else 0.0
+    k_token = min(s.shape[1], math.ceil(alpha * mean_active))
+    mask = torch.zeros_like(active)
+    if k_token == 0:
+        return mask
+    top = s.sort(dim=1, descending=True, stable=True).indices[:, :k_token]
+    mask.scatter_(1, top, True)
+    return mask & active
+
+
+def _reference_select(acts, alpha, beta, score):
+    mask = _reference_token_core_mask(acts, alpha, score)
+    counts = mask.sum(dim=0, dtype=torch.int64)
+    sums = (acts.double() if score == "positive" else acts.double().abs()).sum(dim=0)
+    order = torch.arange(acts.shape[1])
+    order = order[torch.sort(sums[order], descending=True, stable=True).indices]
+    order = order[torch.sort(counts.double()[order], descending=True, stable=True).indices]
+    return counts, sums, order[:kept_count(beta, acts.shape[1])].sort().values
+
+
+@pytest.mark.parametrize("score", ["positive", "magnitude"])
+@pytest.mark.parametrize("ties", [False, True])
+def test_batched_sync_free_selection_equals_reference(score, ties):
+    from coreinfer.runtime.selection import stability_select_layers
+
+    g = torch.Generator().manual_seed(11 + ties)
+    for L, T, I in [(3, 17, 64), (2, 40, 301), (1, 1, 9)]:
+        acts = torch.randn(L, T, I, generator=g)
+        if ties:  # coarse values: many equal scores, exact zeros, equal counts and sums
+            acts = (acts * 2).round() / 2
+            acts[:, :, : I // 4] = 0.5
+        for alpha in (0.1, 0.4, 1.0):
+            for beta in (0.1, 0.4, 0.9):
+                sets = stability_select_layers(acts, alpha, beta, score)
+                for li in range(L):
+                    counts, sums, want = _reference_select(acts[li], alpha, beta, score)
+                    assert torch.equal(token_core_mask(acts[li], alpha, score), _reference_token_core_mask(acts[li], alpha, score))
+                    c, s = core_statistics(acts[li], alpha, score)
+                    assert torch.equal(c, counts)
+                    assert torch.allclose(s, sums, rtol=1e-12, atol=1e-12)
+                    assert torch.equal(sets[li], want)
+                    assert torch.equal(stability_select(acts[li], alpha, beta, score), want)
+
+
+def test_ordered_token_sum_adds_tokens_in_order():
+    from coreinfer.runtime.selection import ordered_token_sum
+
+    x = torch.tensor([[1e16], [1.0], [-1e16], [1.0]], dtype=torch.float64)  # order-sensitive in float64
+    want = ((1e16 + 1.0) - 1e16) + 1.0
+    assert ordered_token_sum(x).tolist() == [want]

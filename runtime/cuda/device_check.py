@@ -1,0 +1,517 @@
+"""One GPU session's worth of work in one command: tests, correctness on a real model, the benchmark.
+
+    python -m coreinfer.runtime.cuda.device_check --out DIR [--smollm2 PATH.gguf] [--models a,b,...]
+
+1. ``pytest tests/runtime/test_cuda_fastpath.py`` including the ``gpu`` tests (log in DIR/pytest.log);
+2. greedy decoding on the real SmolLM2-135M (prompts below): the fast path vs the eager ``SparseLM`` path,
+   dense and sparse (beta 0.4, the paper's sparse layers and all layers): same tokens, same core sets;
+3. the benchmark suite (``bench.run_suite``), written to DIR/results.json after each model, and the table
+   to DIR/table.md. Everything is logged to stdout; the table is printed last.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+PROMPTS = [
+    "The capital of France is",
+    "Write a short poem about the sea.",
+    "Explain why the sky is blue in two sentences.",
+    "List three uses of a paperclip:",
+    "def fibonacci(n):",
+]
+
+
+@contextlib.contextmanager
+def _eager_only():
+    old = os.environ.get("COREINFER_FAST")
+    os.environ["COREINFER_FAST"] = "0"
+    try:
+        yield
+    finally:
+        if old is None:
+            del os.environ["COREINFER_FAST"]
+        else:
+            os.environ["COREINFER_FAST"] = old
+
+
+def greedy_check(gguf: str, new_tokens: int = 48, log=print, device: str = "cuda",
+                 dtypes=("float32", "bfloat16")) -> dict:
+    """Greedy decoding of the chat-formatted PROMPTS by the eager SparseLM path and by the fast path, same
+    model, same settings: identical tokens? identical core sets? And, teacher-forced along the eager
+    tokens, how often the fast path's top-1 agrees, and by how much it prefers its own token where not
+    (a near-tie in bf16 rounding shows as a tiny gap)."""
+    from ..loading import load_model
+    from ..selection import jaccard
+    from ..sparse_lm import SparseLM
+    from .fastlm import FastLM, FastWeights
+
+    out = {"model": "SmolLM2-135M-Instruct (real weights, GGUF Q4_1 de-quantised)", "new_tokens": new_tokens,
+           "configs": []}
+    for dtype in dtypes:
+        lm = SparseLM(load_model(gguf, device=device, dtype=dtype))
+        weights = FastWeights.from_hf(lm.model, adapter=lm.adapter)
+        eos = sorted(lm._eos_ids())
+        n = lm.adapter.n_layers
+        for label, beta, layers in (("dense", None, None), ("sparse beta=0.4, paper layers", 0.4, lm.resolve_layers(None)),
+                                    ("sparse beta=0.4, all layers", 0.4, range(n))):
+            fast = FastLM(weights, max_seq_len=256, kept_fraction=beta, sparse_layers=layers)
+            rows = []
+            for p in PROMPTS:
+                ids = lm.encode(p, chat=True)[0]
+                with _eager_only():  # SparseLM.generate would otherwise answer through the fast path on CUDA
+                    if beta is None:
+                        ref = lm.generate(p, method="dense", max_new_tokens=new_tokens, chat=True)
+                    else:
+                        ref = lm.generate(p, method="stability", beta=beta, layers=layers, max_new_tokens=new_tokens,
+                                          chat=True)
+                assert ref.stats.decode_tokens_per_s < 200 or len(ref.token_ids) < 3, "reference ran the fast path"
+                got = fast.generate(ids, new_tokens, eos_token_id=eos)
+                toks = [t for t in got.tokens if t not in eos]
+                first_diff = next((i for i, (a, b) in enumerate(zip(toks, ref.token_ids)) if a != b),
+                                  None if len(toks) == len(ref.token_ids) else min(len(toks), len(ref.token_ids)))
+                same_sets = jac = None
+                if beta is not None:
+                    same_sets = sum(torch.equal(got.core_sets[i].cpu(), ref.core_sets[i].cpu()) for i in got.core_sets)
+                    jac = sum(jaccard(got.core_sets[i].cpu(), ref.core_sets[i].cpu()) for i in got.core_sets) / len(got.core_sets)
+                agree, max_gap = None, None
+                if ref.token_ids:
+                    forced, _ = fast.forced_logits(ids, ref.token_ids[:-1])
+                    target = torch.tensor(ref.token_ids, device=forced.device)
+                    top = forced.argmax(-1)
+                    agree = (top == target).float().mean().item()
+                    gap = forced.gather(1, top[:, None])[:, 0] - forced.gather(1, target[:, None])[:, 0]
+                    max_gap = gap.max().item()
+                rows.append({"prompt": p, "match": toks == ref.token_ids, "first_diff": first_diff, "n_fast": len(toks),
+                             "n_eager": len(ref.token_ids), "identical_core_sets": same_sets, "core_set_jaccard": jac,
+                             "forced_top1_agreement": agree, "forced_max_logit_gap": max_gap,
+                             "text_fast": lm.tokenizer.decode(toks), "text_eager": ref.text})
+            cfg = {"dtype": dtype, "config": label, "matches": sum(r["match"] for r in rows), "prompts": len(rows),
+                   "forced_top1_agreement": sum(r["forced_top1_agreement"] or 0 for r in rows) / len(rows), "rows": rows}
+            out["configs"].append(cfg)
+            log(f"[smollm2 greedy {dtype}] {label}: {cfg['matches']}/{cfg['prompts']} identical; first diffs "
+                f"{[r['first_diff'] for r in rows]}; lengths {[r['n_eager'] for r in rows]}; identical core-set layers "
+                f"{[r['identical_core_sets'] for r in rows]}; forced top-1 agreement {cfg['forced_top1_agreement']:.3f}, "
+                f"max gap {max((r['forced_max_logit_gap'] or 0) for r in rows):.3f}")
+            del fast
+        if dtype == "bfloat16":  # eager SparseLM decode speed on the same GPU, for reference
+            with _eager_only():
+                t = lm.generate(PROMPTS[1], method="stability", beta=0.4, max_new_tokens=new_tokens, chat=True)
+            out["eager_sparselm_decode_tok_s_bf16"] = t.stats.decode_tokens_per_s
+        del lm, weights
+    return out
+
+
+def bf16_error_calibration(spec: str, n_prompt: int = 256, n_cont: int = 16, log=print) -> dict:
+    """How far is bf16 from float32 at all? Teacher-forced logits of a float32 model (the truth) against
+    (a) Hugging Face's own bf16 forward and (b) our bf16 fast path (dense and beta=0.4 with the float32
+    path's core sets): relative L2 error per position, max over positions."""
+    from . import bench
+    from .fastlm import FastLM, FastWeights
+
+    model, _ = bench.build_shape_model(spec, torch.float32)
+    vocab = model.get_input_embeddings().weight.shape[0]
+    g = torch.Generator().manual_seed(7)
+    ids, cont = torch.randint(0, vocab, (n_prompt,), generator=g), torch.randint(0, vocab, (n_cont,), generator=g)
+    x = torch.cat([ids, cont]).view(1, -1).cuda()
+
+    def rel(a, b):
+        return ((a - b).norm(dim=-1) / b.norm(dim=-1)).max().item()
+
+    with torch.inference_mode():
+        truth = model(input_ids=x).logits[0, n_prompt - 1:].float()
+    w32 = FastWeights.from_hf(model)
+    _, core = FastLM(w32, max_seq_len=x.shape[1] + 1, kept_fraction=0.4, cuda_graph=False,
+                     compile_elementwise=False, attention="sdpa").forced_logits(ids, cont)
+    truth_sparse, _ = FastLM(w32, max_seq_len=x.shape[1] + 1, kept_fraction=0.4, cuda_graph=False,
+                             compile_elementwise=False, attention="sdpa").forced_logits(ids, cont, core_sets=core)
+    del w32
+    model = model.to(torch.bfloat16)
+    with torch.inference_mode():
+        hf16 = model(input_ids=x).logits[0, n_prompt - 1:].float()
+    w16 = FastWeights.from_hf(model)
+    ours, _ = FastLM(w16, max_seq_len=x.shape[1] + 1).forced_logits(ids, cont)
+    ours_sparse, _ = FastLM(w16, max_seq_len=x.shape[1] + 1, kept_fraction=0.4).forced_logits(ids, cont, core_sets=core)
+    out = {"model": spec, "hf_bf16_vs_fp32": rel(hf16, truth), "fast_bf16_dense_vs_fp32": rel(ours, truth),
+           "fast_bf16_sparse_vs_fp32_sparse": rel(ours_sparse, truth_sparse),
+           "hf_bf16_argmax_agree": (hf16.argmax(-1) == truth.argmax(-1)).float().mean().item(),
+           "fast_bf16_argmax_agree": (ours.argmax(-1) == truth.argmax(-1)).float().mean().item()}
+    log(f"[bf16 calibration] {out}")
+    del model, w16
+    torch.cuda.empty_cache()
+    return out
+
+
+def gemv_microbench(log=print) -> list[dict]:
+    """cuBLAS (F.linear / matmul, as the decode step calls it) vs the Triton GEMV on Llama-3.1-8B's decode
+    shapes at kept fraction 0.4: 32 distinct matrices per shape (no L2 reuse), replayed in a CUDA graph."""
+    import torch.nn.functional as F
+
+    from . import kernels
+
+    H, kp = 4096, 5760
+    shapes = {"qkv": (6144, H), "o": (H, H), "gate_up_c": (2 * kp, H), "down_c_T": (H, kp), "gate_up_dense": (28672, H),
+              "down_dense_T": (H, 14336)}
+    rows = []
+    bw = None
+    from .bench import copy_bandwidth
+
+    bw = copy_bandwidth()
+    for name, (n, k) in shapes.items():
+        ws = [torch.randn(n, k, device="cuda", dtype=torch.bfloat16) * 0.02 for _ in range(32)]
+        x = torch.randn(k, device="cuda", dtype=torch.bfloat16)
+        outs = [torch.empty(n, device="cuda", dtype=torch.bfloat16) for _ in range(32)]
+        ref = F.linear(x.view(1, -1), ws[0]).view(-1).float()
+        variants = {"cublas_linear": lambda i: F.linear(x.view(1, 1, -1), ws[i])}
+        if name in ("down_c_T", "down_dense_T"):  # what the step does today: a (1,k) @ W_t (k, H)
+            wts = [w.t().contiguous() for w in ws]
+            variants["cublas_matmul_t"] = lambda i: torch.matmul(x.view(1, 1, -1), wts[i])
+        for bn, bk, wp, st in ((4, 512, 4, 3), (8, 512, 4, 3), (8, 256, 4, 4), (16, 256, 8, 3), (2, 1024, 4, 3),
+                               (4, 1024, 8, 3), (8, 128, 4, 4), (16, 128, 4, 4), (32, 128, 8, 4)):
+            if k % bk == 0:
+                variants[f"triton_bn{bn}_bk{bk}_w{wp}_s{st}"] = (lambda bn, bk, wp, st: lambda i: kernels.gemv(
+                    ws[i], x, outs[i], bn, bk, wp, st))(bn, bk, wp, st)
+        for vname, fn in variants.items():
+            try:
+                got = fn(0).reshape(-1).float()
+                err = ((got - ref).norm() / ref.norm()).item()
+                s = torch.cuda.Stream()
+                s.wait_stream(torch.cuda.current_stream())
+                with torch.cuda.stream(s):
+                    for i in range(32):
+                        fn(i)
+                torch.cuda.current_stream().wait_stream(s)
+                g = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(g):
+                    for i in range(32):
+                        fn(i)
+                g.replay()
+                torch.cuda.synchronize()
+                ts = []
+                for _ in range(10):
+                    a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                    a.record()
+                    g.replay()
+                    b.record()
+                    b.synchronize()
+                    ts.append(a.elapsed_time(b) / 32 * 1e3)
+                ts.sort()
+                us = ts[len(ts) // 2]
+                gbs = n * k * 2 / (us * 1e-6) / 1e9
+                rows.append({"shape": name, "n": n, "k": k, "variant": vname, "us": us, "gb_s": gbs,
+                             "pct_copy_bw": 100 * gbs * 1e9 / bw, "rel_err": err})
+                log(f"[gemv] {name:14s} {vname:28s} {us:7.1f} us {gbs:7.0f} GB/s rel_err {err:.1e}")
+            except Exception as e:
+                rows.append({"shape": name, "variant": vname, "error": repr(e)})
+                log(f"[gemv] {name} {vname} FAILED {e!r}")
+        torch.cuda.empty_cache()
+    return rows
+
+
+def _graph_time_us(fn, n: int, reps: int = 10) -> float:
+    """Median µs of one call of ``fn(i)``, i over n inputs, replayed in a CUDA graph (no launch gaps)."""
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        for i in range(n):
+            fn(i)
+    torch.cuda.current_stream().wait_stream(s)
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        for i in range(n):
+            fn(i)
+    g.replay()
+    torch.cuda.synchronize()
+    ts = []
+    for _ in range(reps):
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record()
+        g.replay()
+        b.record()
+        b.synchronize()
+        ts.append(a.elapsed_time(b) / n * 1e3)
+    return sorted(ts)[len(ts) // 2]
+
+
+def _event_ms(fn, reps: int = 10) -> float:
+    for _ in range(2):
+        fn()
+    ts = []
+    for _ in range(reps):
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record()
+        fn()
+        b.record()
+        b.synchronize()
+        ts.append(a.elapsed_time(b))
+    return sorted(ts)[len(ts) // 2]
+
+
+def gather_free_microbench(log=print) -> dict:
+    """Llama-3.1-8B shapes, bf16, kept fraction 0.4: (1) the sync-free selection of 32 layers x 256 tokens
+    (whole call and per kernel; identical to the CPU definition on 4 layers), (2) the gather-free decode's
+    indexed GEMVs (core rows read in place) against the contiguous compact ones they replace, 32 distinct
+    matrices per shape (no L2 reuse), replayed in a CUDA graph."""
+    import torch.nn.functional as F
+
+    from ..selection import kept_count, layer_statistics, stability_select_layers
+    from . import kernels, select_kernels
+    from .bench import copy_bandwidth
+
+    out: dict = {"bandwidth_gb_s": copy_bandwidth() / 1e9}
+    L, T, I, H = 32, 256, 14336, 4096
+    k = kept_count(0.4, I)
+    g = torch.Generator(device="cuda").manual_seed(0)
+    acts = torch.randn(L, T, I, device="cuda", dtype=torch.bfloat16, generator=g)
+    acts = F.silu(acts) * torch.randn(L, T, I, device="cuda", dtype=torch.bfloat16, generator=g)  # SwiGLU-like
+    sel = {"select_ms": _event_ms(lambda: stability_select_layers(acts, 0.4, 0.4, "positive"))}
+    for bc, wp in ((64, 2), (128, 4), (256, 4), (512, 8)):
+        sel[f"stats_ms_block{bc}_w{wp}"] = _event_ms(lambda: select_kernels.layer_statistics(acts, 0.4, "positive", bc, wp))
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(5):
+            stability_select_layers(acts, 0.4, 0.4, "positive")
+        torch.cuda.synchronize()
+    sel["kernels_us"] = {e.key[:60]: round(getattr(e, "self_device_time_total", 0.0) / 5, 1) for e in prof.key_averages()
+                         if getattr(e, "self_device_time_total", 0.0) > 0}
+    sub = acts[:4]
+    c_g, s_g = layer_statistics(sub, 0.4, "positive")
+    c_c, s_c = layer_statistics(sub.cpu(), 0.4, "positive")
+    sel["identical_to_cpu_4_layers"] = bool(torch.equal(c_g.cpu(), c_c) and torch.equal(s_g.cpu(), s_c) and torch.equal(
+        stability_select_layers(sub, 0.4, 0.4).cpu(), stability_select_layers(sub.cpu(), 0.4, 0.4)))
+    sel["sync_free"] = True
+    out["selection"] = sel
+    log(f"[select] {sel}")
+    del acts, sub
+    torch.cuda.empty_cache()
+
+    rows = []
+    n_mat = 32
+    idxs = [torch.randperm(I, device="cuda")[:k].sort().values.to(torch.int32) for _ in range(n_mat)]
+    x = torch.randn(H, device="cuda", dtype=torch.bfloat16)
+    # gate||up: full (2I, H) read at the core rows vs contiguous compact (2k, H)
+    gu = [torch.randn(2 * I, H, device="cuda", dtype=torch.bfloat16) * 0.02 for _ in range(n_mat)]
+    y = [torch.empty(k, device="cuda", dtype=torch.bfloat16) for _ in range(n_mat)]
+    ref = F.silu(gu[0][idxs[0].long()].float() @ x.float()) * (gu[0][I + idxs[0].long()].float() @ x.float())
+    kernels.gemv(gu[0], x, y[0], gated=True, act=kernels.ACT_SILU, idx=idxs[0])
+    err = ((y[0].float() - ref).norm() / ref.norm()).item()
+    us = _graph_time_us(lambda i: kernels.gemv(gu[i], x, y[i], gated=True, act=kernels.ACT_SILU, idx=idxs[i]), n_mat)
+    rows.append({"shape": "gate_up indexed (core rows of 28672x4096)", "us": us, "gb_s": 2 * k * H * 2 / us / 1e3, "rel_err": err})
+    del gu
+    torch.cuda.empty_cache()
+    cu = [torch.randn(2 * k, H, device="cuda", dtype=torch.bfloat16) * 0.02 for _ in range(n_mat)]
+    us = _graph_time_us(lambda i: kernels.gemv(cu[i], x, y[i], gated=True, act=kernels.ACT_SILU), n_mat)
+    rows.append({"shape": "gate_up compact contiguous 11468x4096", "us": us, "gb_s": 2 * k * H * 2 / us / 1e3})
+    del cu
+    torch.cuda.empty_cache()
+    # down: x (k,) @ down_t[idx] (k, H) vs the compact (H, k) GEMV of the gathered build and cuBLAS a @ W_t
+    dt = [torch.randn(I, H, device="cuda", dtype=torch.bfloat16) * 0.02 for _ in range(n_mat)]
+    a = torch.randn(k, device="cuda", dtype=torch.bfloat16)
+    yo = [torch.empty(H, device="cuda", dtype=torch.bfloat16) for _ in range(n_mat)]
+    ref = a.float() @ dt[0][idxs[0].long()].float()
+    part = torch.empty(16, H, device="cuda", dtype=torch.float32)
+    for cfg in [(32, 64, 1, 4, 4), (32, 128, 1, 4, 3), (32, 128, 1, 8, 4), (64, 64, 2, 4, 4), (64, 128, 2, 4, 3),
+                (64, 64, 4, 4, 4), (128, 32, 4, 4, 4), (128, 64, 4, 8, 3), (128, 32, 8, 4, 4), (256, 32, 8, 8, 3),
+                (256, 16, 16, 8, 4), (64, 32, 4, 2, 4)]:
+        try:
+            kernels.gemv_rows(dt[0], a, yo[0], idxs[0], None, part, config=cfg)
+            err = ((yo[0].float() - ref).norm() / ref.norm()).item()
+            us = _graph_time_us(lambda i: kernels.gemv_rows(dt[i], a, yo[i], idxs[i], None, part, config=cfg), n_mat)
+            rows.append({"shape": f"down indexed rows of (14336x4096)^T cfg={cfg}", "us": us, "gb_s": k * H * 2 / us / 1e3,
+                         "rel_err": err, "split": kernels.gemv_rows_split(H, k, cfg)})
+        except Exception as e:  # recorded
+            rows.append({"shape": f"down cfg={cfg}", "error": repr(e)})
+    del dt
+    torch.cuda.empty_cache()
+    dc = [torch.randn(H, k, device="cuda", dtype=torch.bfloat16) * 0.02 for _ in range(n_mat)]
+    us = _graph_time_us(lambda i: kernels.gemv(dc[i], a, yo[i]), n_mat)
+    rows.append({"shape": "down compact contiguous (4096, 5734), gathered build's kernel", "us": us, "gb_s": k * H * 2 / us / 1e3})
+    dct = [m.t().contiguous() for m in dc]
+    del dc
+    us = _graph_time_us(lambda i: torch.matmul(a.view(1, -1), dct[i]), n_mat)
+    rows.append({"shape": "down compact transposed (5734, 4096), cuBLAS a @ W_t", "us": us, "gb_s": k * H * 2 / us / 1e3})
+    del dct
+    torch.cuda.empty_cache()
+    for r in rows:
+        log(f"[gemv] {r}")
+    out["gemv"] = rows
+    return out
+
+
+def tune_gemv_rows(log=print) -> dict:
+    """The gather-free decode's down product (compact activation x core rows of the (I, H) transposed down
+    projection), Llama-3.1-8B shape, bf16, kept fraction 0.4: every ``kernels.GEMV_ROWS_CANDIDATES`` config,
+    32 distinct matrices and core sets (no L2 reuse), replayed in a CUDA graph; the fastest is used."""
+    from ..selection import kept_count
+    from . import kernels
+
+    I, H = 14336, 4096
+    k = kept_count(0.4, I)
+    n_mat = 32
+    dt = [torch.randn(I, H, device="cuda", dtype=torch.bfloat16) * 0.02 for _ in range(n_mat)]
+    idxs = [torch.randperm(I, device="cuda")[:k].sort().values.to(torch.int32) for _ in range(n_mat)]
+    a = torch.randn(k, device="cuda", dtype=torch.bfloat16)
+    ys = [torch.empty(H, device="cuda", dtype=torch.bfloat16) for _ in range(n_mat)]
+    ref = a.float() @ dt[0][idxs[0].long()].float()
+    part = torch.empty(512, H, device="cuda", dtype=torch.float32)
+    rows = []
+    for cfg in kernels.GEMV_ROWS_CANDIDATES:
+        try:
+            ys[0].fill_(float("nan"))
+            kernels.gemv_rows(dt[0], a, ys[0], idxs[0], None, part, config=cfg)
+            err = ((ys[0].float() - ref).norm() / ref.norm()).item()
+            us = _graph_time_us(lambda i: kernels.gemv_rows(dt[i], a, ys[i], idxs[i], None, part, config=cfg), n_mat)
+            rows.append({"config": list(cfg), "us": us, "gb_s": k * H * 2 / us / 1e3, "rel_err": err,
+                         "split": kernels.gemv_rows_split(H, k, cfg)})
+        except Exception as e:  # recorded, never hidden
+            rows.append({"config": list(cfg), "error": repr(e)})
+        log(f"[tune gemv_rows] {rows[-1]}")
+    del dt
+    torch.cuda.empty_cache()
+    ok = [r for r in rows if "error" not in r and r["rel_err"] < 1e-2]
+    best = min(ok, key=lambda r: r["us"]) if ok else None
+    return {"k": k, "rows": rows, "best": None if best is None else best["config"]}
+
+
+def selection_profile(log=print) -> dict:
+    """The sync-free selection of Llama-3.1-8B's 32 layers x 256 tokens (bf16, SwiGLU-like activations):
+    event-timed median of the whole ``stability_select_layers`` call, and GPU time per kernel (profiler)."""
+    import torch.nn.functional as F
+    from torch.profiler import ProfilerActivity, profile
+
+    from ..selection import stability_select_layers
+
+    g = torch.Generator(device="cuda").manual_seed(0)
+    shape = (32, 256, 14336)
+    acts = F.silu(torch.randn(shape, device="cuda", dtype=torch.bfloat16, generator=g)) * torch.randn(
+        shape, device="cuda", dtype=torch.bfloat16, generator=g)
+    out = {"select_ms_event_median": _event_ms(lambda: stability_select_layers(acts, 0.4, 0.4, "positive"), reps=20)}
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(5):
+            stability_select_layers(acts, 0.4, 0.4, "positive")
+        torch.cuda.synchronize()
+    out["kernel_us"] = {e.key[:60]: round(getattr(e, "self_device_time_total", 0.0) / 5, 1) for e in prof.key_averages()
+                        if getattr(e, "self_device_time_total", 0.0) > 0}
+    log(f"[selection profile] {out}")
+    del acts
+    torch.cuda.empty_cache()
+    return out
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--out", default=os.environ.get("OUT", "gpu-out"))
+    ap.add_argument("--smollm2", default=None, help="path of SmolLM2-135M-Instruct.Q4_1.gguf")
+    ap.add_argument("--models", default=None, help="comma-separated (default: the suite)")
+    ap.add_argument("--new-tokens", type=int, default=128)
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--skip-tests", action="store_true")
+    ap.add_argument("--skip-greedy", action="store_true")
+    ap.add_argument("--gemv", action="store_true", help="GEMV micro-benchmark only")
+    ap.add_argument("--gather-free", action="store_true", help="selection + indexed-GEMV micro-benchmark only")
+    ap.add_argument("--calibrate", default=None, help="comma-separated shapes for the bf16-vs-fp32 calibration only")
+    args = ap.parse_args(argv)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    t0 = time.perf_counter()
+
+    def log(s):
+        print(f"[{time.perf_counter() - t0:6.1f}s] {s}", flush=True)
+
+    if not args.skip_tests:
+        r = subprocess.run([sys.executable, "-m", "pytest", "-q", "-m", "gpu or not gpu", "-p", "no:cacheprovider",
+                            "tests/runtime/test_cuda_fastpath.py"], capture_output=True, text=True)
+        (out / "pytest.log").write_text(r.stdout + r.stderr)
+        log("pytest: " + (r.stdout.strip().splitlines() or ["(no output)"])[-1])
+
+    from . import bench
+
+    report: dict = {}
+    if args.gather_free:
+        (out / "gather_free.json").write_text(json.dumps(gather_free_microbench(log=log), indent=1, default=str))
+        return 0
+    if args.gemv:
+        (out / "gemv.json").write_text(json.dumps(gemv_microbench(log=log), indent=1))
+        return 0
+    if args.calibrate:
+        cal = []
+        for spec in args.calibrate.split(","):
+            try:
+                cal.append(bf16_error_calibration(spec, log=log))
+            except Exception as err:
+                cal.append({"model": spec, "error": repr(err)})
+                log(f"calibration {spec} FAILED {err!r}")
+        (out / "calibration.json").write_text(json.dumps(cal, indent=1))
+        return 0
+    if args.smollm2 and not args.skip_greedy:
+        try:
+            report["greedy_check"] = greedy_check(args.smollm2, log=log)
+        except Exception as err:
+            import traceback
+
+            report["greedy_check"] = {"error": repr(err), "traceback": traceback.format_exc()}
+            log(f"greedy check FAILED: {err!r}")
+        (out / "greedy.json").write_text(json.dumps(report["greedy_check"], indent=1, default=str))
+
+    models = [m for m in (",".join(bench.SUITE) if args.models is None else args.models).split(",") if m]
+    if not models:
+        log("done (no models)")
+        return 0
+    labels = {}
+    specs = []
+    for m in models:
+        if m == "smollm2-135m":
+            if args.smollm2:
+                labels[args.smollm2] = m
+                specs.append(args.smollm2)
+            else:
+                specs.append("smollm2-135m-shape")
+        else:
+            specs.append(m)
+
+    def save(result):
+        for mm in result["models"]:
+            mm["model"] = labels.get(mm["model"], mm["model"])
+        (out / "results.json").write_text(json.dumps(result, indent=1, default=str))
+
+    tuning = tune_gemv_rows(log=log)
+    try:
+        tuning["selection_profile"] = selection_profile(log=log)
+    except Exception as err:  # recorded, never hidden
+        tuning["selection_profile"] = {"error": repr(err)}
+    rows_config = tuple(tuning["best"]) if tuning["best"] else None
+    log(f"gather-free down GEMV config: {rows_config}")
+    result = bench.run_suite(specs, new_tokens=args.new_tokens, repeats=args.repeats, log=log, on_model=save,
+                             rows_config=rows_config)
+    result["gemv_rows_tuning"] = tuning
+    save(result)
+    save(result)
+    table = bench.format_table(result)
+    (out / "table.md").write_text(table + "\n")
+    log("done")
+    for m in result["models"]:
+        for r in m.get("rows", []):
+            if "profile" in r:
+                print(f"profile {m['model']} {r['path']} beta={r.get('beta')}: {json.dumps(r['profile'])}")
+        if "check" in m:
+            print(f"check {m['model']}: {json.dumps(m['check'])}")
+    if "greedy_check" in report and "configs" in report["greedy_check"]:
+        for c in report["greedy_check"]["configs"]:
+            print(f"greedy SmolLM2 {c['dtype']} {c['config']}: {c['matches']}/{c['prompts']} identical, "
+                  f"teacher-forced top-1 agreement {c['forced_top1_agreement']:.3f}")
+    print(table)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,856 @@
+"""Fast batch-1 decoding with a compact core FFN: static KV cache, one-token step in a CUDA graph.
+
+gpt-fast style: ``FastWeights`` holds one model's weights in decode-friendly layouts (fused q||k||v,
+fused gate||up; the rest shared with the model), built from a Hugging Face model through the FFN
+adapter. ``FastLM`` adds, for one kept fraction ``beta``:
+
+* a static KV cache of ``max_seq_len`` positions;
+* per sparse layer, the core neurons chosen at prefill from the prompt's own activations: all sparse
+  layers' activations are kept (n_sparse, T, I) and ranked in one batched, sync-free call of
+  ``selection.stability_select_layers`` (the one selection implementation). With the Triton GEMVs (CUDA
+  default) the decode is gather-free: the kernels read the core rows of gate||up and of a row-major (I, H)
+  copy of the down projection in place, by index, from one fixed-address index buffer, so the per-prompt
+  "gather" is writing k indices per layer. With cuBLAS GEMVs (and on CPU) the core rows are gathered into
+  preallocated compact buffers (zero-padded to a multiple of ``PAD``). Either way nothing the captured
+  CUDA graph reads moves, so one graph of the decode step stays valid for every prompt;
+* the decode step (embed -> layers -> lm_head -> argmax -> feed back) captured once in a CUDA graph:
+  the whole decode loop is ``graph.replay()`` with no host work or synchronisation in between. On CUDA
+  its pieces are Triton kernels (``kernels.py``: split-KV attention with RoPE and the cache write, the
+  matrix-vector products with the FFN activation fused) and ``torch.compile``d element-wise fusions.
+
+Prefill runs eagerly (dense FFN: the prompt's activations choose the core set); the first new token
+comes from the prefill's logits, every later one from the compact FFN, as in CoreInfer.
+
+One ``FastLM`` instance decodes ONE prompt at a time: its KV cache and compact buffers are instance
+state that a call fills and reads; each public call holds the instance's lock for its whole duration.
+Each call's core sets and timings are returned in a per-call ``FastGeneration``.
+
+On CPU (or with ``cuda_graph=False``) the same step runs eagerly: that is how the tests compare it,
+in float32, with the Hugging Face model itself.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+
+from .. import adapters
+from ..ffn import FFNWeights, activation_fn
+from ..selection import check_fraction, check_score, kept_count, stability_select_layers
+
+SUPPORTED = ("llama", "mistral", "qwen2", "opt")
+PAD = 64  # compact FFN slots are padded to a multiple of this (see FastLM.__init__)
+DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+
+class FastPathError(ValueError):
+    """Bad input to the fast path (unsupported model, dtype, device, or a request that does not fit)."""
+
+
+# --------------------------------------------------------------------------------------------------
+# device / dtype checks
+
+
+def check_device_dtype(device: torch.device | str, dtype: torch.dtype) -> torch.device:
+    """Validate that ``device`` exists and supports ``dtype``; clear errors, never a silent fallback."""
+    dev = torch.device(device)
+    if dtype not in DTYPES:
+        raise FastPathError(f"dtype {dtype} is not supported by the fast path; use one of {[str(d) for d in DTYPES]}")
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise FastPathError(
+                f"a CUDA device was asked for ({dev}) but torch.cuda.is_available() is False "
+                f"(torch {torch.__version__}, built for CUDA {torch.version.cuda}); run on a GPU machine or use device='cpu'"
+            )
+        index = dev.index if dev.index is not None else torch.cuda.current_device()
+        if index >= torch.cuda.device_count():
+            raise FastPathError(f"{dev} was asked for but only {torch.cuda.device_count()} CUDA device(s) exist")
+        if dtype == torch.bfloat16 and not torch.cuda.is_bf16_supported(including_emulation=False):
+            name = torch.cuda.get_device_name(index)
+            raise FastPathError(f"{name} has no native bfloat16 support (compute capability < 8.0); use dtype=torch.float16")
+    elif dev.type != "cpu":
+        raise FastPathError(f"device {dev} is not supported by the fast path (cuda or cpu)")
+    return dev
+
+
+# --------------------------------------------------------------------------------------------------
+# element-wise pieces of the step (pure functions; compiled into fused kernels for the CUDA decode step)
+
+
+def rms_norm(x: torch.Tensor, w: torch.Tensor, eps: float) -> torch.Tensor:
+    """Llama RMSNorm exactly as Hugging Face computes it (float32 statistics, weight in model dtype)."""
+    h = x.float()
+    h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)
+    return w * h.to(x.dtype)
+
+
+def add_rms_norm(x: torch.Tensor, y: torch.Tensor, w: torch.Tensor, eps: float):
+    s = x + y
+    return s, rms_norm(s, w, eps)
+
+
+def layer_norm(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor, eps: float) -> torch.Tensor:
+    return F.layer_norm(x, (x.shape[-1],), w, b, eps)
+
+
+def add_layer_norm(x: torch.Tensor, y: torch.Tensor, w: torch.Tensor, b: torch.Tensor, eps: float):
+    s = x + y
+    return s, layer_norm(s, w, b, eps)
+
+
+def _rotate_half(x: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+
+
+def rope(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
+    """q (1, nh, T, hd), k (1, nkv, T, hd), cos/sin (T, hd): Hugging Face's rotate-half RoPE."""
+    return q * cos + _rotate_half(q) * sin, k * cos + _rotate_half(k) * sin
+
+
+def gated_act(gu: torch.Tensor, act: str) -> torch.Tensor:
+    """act(gate) * up from a fused gate||up output (..., 2k)."""
+    g, u = gu.chunk(2, dim=-1)
+    if act == "drelu":
+        return F.relu(g) * F.relu(u)
+    return activation_fn(act)(g) * u
+
+
+def mlp_act(h: torch.Tensor, act: str) -> torch.Tensor:
+    return activation_fn(act)(h)
+
+
+def argmax(logits: torch.Tensor) -> torch.Tensor:
+    return logits.argmax(-1, keepdim=True)
+
+
+class _Ops:
+    """The element-wise functions one FastLM uses: eager, or torch.compile'd (fused) for the decode step."""
+
+    def __init__(self, compiled: bool):
+        self.compiled = compiled
+        fns = dict(rms_norm=rms_norm, add_rms_norm=add_rms_norm, layer_norm=layer_norm, add_layer_norm=add_layer_norm,
+                   rope=rope, gated_act=gated_act, mlp_act=mlp_act, argmax=argmax)
+        if compiled:
+            # one specialisation per shape (models x kept fractions): allow more than dynamo's default 8
+            cfg = torch._dynamo.config
+            for knob in ("recompile_limit", "cache_size_limit"):
+                if hasattr(cfg, knob):
+                    setattr(cfg, knob, max(getattr(cfg, knob), 256))
+        for name, fn in fns.items():
+            setattr(self, name, torch.compile(fn, dynamic=False, fullgraph=True) if compiled else fn)
+
+
+# --------------------------------------------------------------------------------------------------
+# weights
+
+
+@dataclass
+class LayerWeights:
+    norm1_w: torch.Tensor
+    norm1_b: torch.Tensor | None
+    qkv_w: torch.Tensor  # (nh*hd + 2*nkv*hd, H)
+    qkv_b: torch.Tensor | None
+    o_w: torch.Tensor  # (H, nh*hd)
+    o_b: torch.Tensor | None
+    norm2_w: torch.Tensor
+    norm2_b: torch.Tensor | None
+    ffn_kind: str  # gated | drelu | mlp
+    up_w: torch.Tensor  # gated/drelu: (2I, H) gate||up ; mlp: fc1 (I, H)
+    up_b: torch.Tensor | None  # mlp: fc1 bias (I,)
+    down: torch.Tensor  # (H, I): the model's own down projection (fc2 for OPT), shared, not copied
+    down_b: torch.Tensor | None
+    down_t: torch.Tensor | None = None  # (I, H) row-major copy for the gather-free sparse decode (built on demand)
+
+    def tensors(self):
+        return [t for t in (self.norm1_w, self.norm1_b, self.qkv_w, self.qkv_b, self.o_w, self.o_b, self.norm2_w,
+                            self.norm2_b, self.up_w, self.up_b, self.down, self.down_b) if t is not None]
+
+
+def _nbytes(ts) -> int:
+    return sum(t.numel() * t.element_size() for t in ts if t is not None)
+
+
+@dataclass
+class FastWeights:
+    """One model's weights in decode layouts. Built once; shared by any number of ``FastLM`` instances."""
+
+    family: str  # "llama" (llama/mistral/qwen2) | "opt"
+    model_type: str
+    act: str
+    layers: list[LayerWeights]
+    embed: torch.Tensor  # (V, H)
+    pos_embed: torch.Tensor | None  # OPT learned positions (P + 2, H)
+    final_w: torch.Tensor
+    final_b: torch.Tensor | None
+    lm_head: torch.Tensor  # (V, H)
+    n_heads: int
+    n_kv_heads: int
+    head_dim: int
+    hidden: int
+    n_neurons: int
+    eps: float
+    sliding_window: int | None
+    max_positions: int
+    rope_fn: object | None  # positions (S,) -> (cos, sin) each (S, hd); None for OPT
+    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False, compare=False)
+
+    @property
+    def device(self) -> torch.device:
+        return self.embed.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.embed.dtype
+
+    @property
+    def vocab(self) -> int:
+        return self.lm_head.shape[0]
+
+    # ---- construction
+
+    @classmethod
+    def from_hf(cls, model, adapter: "adapters.ModelAdapter | None" = None) -> "FastWeights":
+        """Copy ``model``'s weights into decode layouts (same device and dtype as the model).
+
+        FFN weights come from ``adapter.dense`` (the runtime's FFN adapter); without an adapter they are
+        read the same way without touching the model. Copies: fused q||k||v and fused gate||up (two
+        thirds of the FFN); embeddings, norms, o/down projections and lm_head are shared with the model.
+        """
+        config = adapters._text_config(model.config)
+        model_type = getattr(config, "model_type", None)
+        if model_type not in SUPPORTED:
+            raise FastPathError(f"the fast path supports model types {SUPPORTED}, got {model_type!r}; use the eager path")
+        dtype = model.get_input_embeddings().weight.dtype
+        device = model.get_input_embeddings().weight.device
+        check_device_dtype(device, dtype)
+        fam = adapters._family(config)
+        if adapter is None:
+            kind, act = adapters._activation_name(config, fam)
+            ffns = [adapters._layer_weights(layer, fam, kind, act) for layer in adapters._decoder_layers(model, fam)]
+        else:
+            ffns, act = list(adapter.dense), adapter.act
+        if model_type == "opt":
+            return cls._from_opt(model, config, ffns, act)
+        return cls._from_llama(model, config, ffns, act, model_type)
+
+    @classmethod
+    def _from_llama(cls, model, config, ffns: list[FFNWeights], act: str, model_type: str) -> "FastWeights":
+        inner = model.model
+        if model_type == "qwen2" and getattr(config, "use_sliding_window", False):
+            raise FastPathError("qwen2 with use_sliding_window=True is not supported by the fast path")
+        window = getattr(config, "sliding_window", None) if model_type == "mistral" else None
+        n_heads = config.num_attention_heads
+        n_kv = getattr(config, "num_key_value_heads", None) or n_heads
+        head_dim = getattr(config, "head_dim", None) or config.hidden_size // n_heads
+        layers = []
+        with torch.no_grad():
+            for layer, ffn in zip(inner.layers, ffns):
+                at = layer.self_attn
+                if hasattr(at, "q_norm"):
+                    raise FastPathError(f"{model_type} attention with q/k norms is not supported by the fast path")
+                qkv_w = torch.cat([at.q_proj.weight, at.k_proj.weight, at.v_proj.weight], 0).contiguous()
+                biases = [at.q_proj.bias, at.k_proj.bias, at.v_proj.bias]
+                qkv_b = torch.cat(biases, 0).contiguous() if biases[0] is not None else None
+                layers.append(LayerWeights(
+                    norm1_w=layer.input_layernorm.weight.detach(), norm1_b=None, qkv_w=qkv_w, qkv_b=qkv_b,
+                    o_w=at.o_proj.weight.detach(), o_b=None if at.o_proj.bias is None else at.o_proj.bias.detach(),
+                    norm2_w=layer.post_attention_layernorm.weight.detach(), norm2_b=None, **_ffn_layout(ffn)))
+        rotary = inner.rotary_emb
+        emb = inner.embed_tokens.weight.detach()
+
+        def rope_fn(positions: torch.Tensor):
+            with torch.no_grad():
+                cos, sin = rotary(emb[:1], positions.view(1, -1))
+            return cos[0].to(emb.dtype).contiguous(), sin[0].to(emb.dtype).contiguous()
+
+        return cls("llama", model_type, act, layers, emb, None, inner.norm.weight.detach(), None,
+                   model.lm_head.weight.detach(), n_heads, n_kv, head_dim, config.hidden_size, ffns[0].n_neurons,
+                   float(config.rms_norm_eps), window, int(config.max_position_embeddings), rope_fn)
+
+    @classmethod
+    def _from_opt(cls, model, config, ffns: list[FFNWeights], act: str) -> "FastWeights":
+        dec = model.model.decoder
+        if dec.project_in is not None or dec.project_out is not None:
+            raise FastPathError("OPT with word_embed_proj_dim != hidden_size (project_in/out) is not supported by the fast path")
+        if not config.do_layer_norm_before or dec.final_layer_norm is None:
+            raise FastPathError("OPT with post-layer-norm (do_layer_norm_before=False, e.g. opt-350m) is not supported by the fast path")
+        n_heads = config.num_attention_heads
+        head_dim = config.hidden_size // n_heads
+        layers = []
+        with torch.no_grad():
+            for layer, ffn in zip(dec.layers, ffns):
+                at = layer.self_attn
+                ws = [at.q_proj.weight, at.k_proj.weight, at.v_proj.weight]
+                bs = [at.q_proj.bias, at.k_proj.bias, at.v_proj.bias]
+                layers.append(LayerWeights(
+                    norm1_w=layer.self_attn_layer_norm.weight.detach(), norm1_b=layer.self_attn_layer_norm.bias.detach(),
+                    qkv_w=torch.cat(ws, 0).contiguous(), qkv_b=torch.cat(bs, 0).contiguous() if bs[0] is not None else None,
+                    o_w=at.out_proj.weight.detach(), o_b=None if at.out_proj.bias is None else at.out_proj.bias.detach(),
+                    norm2_w=layer.final_layer_norm.weight.detach(), norm2_b=layer.final_layer_norm.bias.detach(),
+                    **_ffn_layout(ffn)))
+        eps = float(dec.layers[0].self_attn_layer_norm.eps)
+        return cls("opt", "opt", act, layers, dec.embed_tokens.weight.detach(), dec.embed_positions.weight.detach(),
+                   dec.final_layer_norm.weight.detach(), dec.final_layer_norm.bias.detach(), model.lm_head.weight.detach(),
+                   n_heads, n_heads, head_dim, config.hidden_size, ffns[0].n_neurons, eps, None,
+                   int(config.max_position_embeddings), None)
+
+    def ensure_down_t(self, layers) -> None:
+        """Build the (I, H) row-major copy of the down projection of ``layers`` (once; kept for all FastLMs):
+        the gather-free sparse decode reads its core rows in place (8 KB contiguous each for H = 4096)."""
+        with self._lock:
+            for li in layers:
+                lw = self.layers[li]
+                if lw.down_t is None:
+                    lw.down_t = lw.down.t().contiguous()
+
+    def down_t_bytes(self) -> int:
+        return _nbytes([lw.down_t for lw in self.layers])
+
+    # ---- accounting
+
+    def attention_bytes(self) -> int:
+        return sum(_nbytes([lw.norm1_w, lw.norm1_b, lw.qkv_w, lw.qkv_b, lw.o_w, lw.o_b, lw.norm2_w, lw.norm2_b])
+                   for lw in self.layers)
+
+    def ffn_bytes(self, k: int | None = None, sparse_layers=None) -> int:
+        """FFN weight bytes one token reads: all I neurons, or k core neurons in ``sparse_layers`` (default all)."""
+        total = 0
+        sparse = range(len(self.layers)) if sparse_layers is None else sparse_layers
+        for li, lw in enumerate(self.layers):
+            full = _nbytes([lw.up_w, lw.up_b, lw.down])
+            frac = k / self.n_neurons if (k is not None and li in sparse) else 1.0
+            total += int(round(full * frac)) + _nbytes([lw.down_b])
+        return total
+
+    def bytes_per_token(self, k: int | None = None, sparse_layers=None) -> int:
+        """Weight bytes read by one decode step: attention + FFN (dense, or k core neurons in the sparse
+        layers) + final norm + lm_head + one embedding row (+ one position row for OPT). KV cache not counted."""
+        row = self.embed.shape[1] * self.embed.element_size()
+        pos_row = row if self.pos_embed is not None else 0
+        return (self.attention_bytes() + self.ffn_bytes(k, sparse_layers)
+                + _nbytes([self.final_w, self.final_b, self.lm_head]) + row + pos_row)
+
+
+def _ffn_layout(ffn: FFNWeights) -> dict:
+    if ffn.kind == "mlp":
+        return dict(ffn_kind="mlp", up_w=ffn.fc1.contiguous(), up_b=None if ffn.fc1_bias is None else ffn.fc1_bias.contiguous(),
+                    down=ffn.down.contiguous(), down_b=ffn.down_bias)
+    if ffn.gate_up is not None:
+        gate_up = ffn.gate_up.contiguous()
+    else:
+        gate_up = torch.cat([ffn.gate, ffn.up], 0).contiguous()
+    return dict(ffn_kind=ffn.kind, up_w=gate_up, up_b=None, down=ffn.down.contiguous(), down_b=ffn.down_bias)
+
+
+# --------------------------------------------------------------------------------------------------
+# the model
+
+
+@dataclass
+class FastGeneration:
+    """What one call produced: new token ids, the per-layer core sets it chose, and its timings (ms)."""
+
+    tokens: list[int]
+    core_sets: dict[int, torch.Tensor]  # sparse layer -> sorted neuron indices (empty when dense)
+    timings: dict = field(default_factory=dict)
+
+
+class FastLM:
+    """Static-cache batch-1 decoder over ``FastWeights`` with compact core-FFN buffers (see module doc).
+
+    kept_fraction=None decodes with the dense FFN (the dense fast path). ``sparse_layers`` (default: all)
+    are the layers that decode with ``kept_count(kept_fraction, I)`` core neurons; the others stay dense.
+    """
+
+    def __init__(self, weights: FastWeights, *, max_seq_len: int = 1024, kept_fraction: float | None = None,
+                 alpha: float = 0.4, score: str = "positive", sparse_layers: range | None = None,
+                 cuda_graph: bool | None = None, compile_elementwise: bool | None = None,
+                 attention: str | None = None, gemv: str | None = None, rows_config: tuple | None = None):
+        w = weights
+        self.w = w
+        on_cuda = w.device.type == "cuda"
+        check_device_dtype(w.device, w.dtype)
+        if cuda_graph is None:
+            cuda_graph = on_cuda
+        if compile_elementwise is None:
+            compile_elementwise = on_cuda
+        if cuda_graph and not on_cuda:
+            raise FastPathError("cuda_graph=True needs the weights on a CUDA device")
+        if not isinstance(max_seq_len, int) or max_seq_len < 2:
+            raise FastPathError(f"max_seq_len must be an int >= 2, got {max_seq_len!r}")
+        if w.pos_embed is not None and max_seq_len > w.max_positions:
+            raise FastPathError(f"max_seq_len {max_seq_len} exceeds the model's {w.max_positions} learned positions")
+        self.max_seq_len = max_seq_len
+        self.cache_len = -(-max_seq_len // 16) * 16  # slots (multiple of 16 for aligned attention masks)
+        self.alpha = check_fraction("alpha", alpha)
+        self.score = check_score(score)
+        self.kept_fraction = None if kept_fraction is None else check_fraction("kept_fraction", kept_fraction)
+        self.k = None if kept_fraction is None else kept_count(self.kept_fraction, w.n_neurons)
+        n_layers = len(w.layers)
+        if sparse_layers is None:
+            sparse_layers = range(n_layers)
+        if not isinstance(sparse_layers, range) or not (0 <= sparse_layers.start and sparse_layers.stop <= n_layers):
+            raise FastPathError(f"sparse_layers must be a range within 0:{n_layers}, got {sparse_layers!r}")
+        self.sparse_layers = sparse_layers if self.k is not None else range(0)
+        self.cuda_graph = cuda_graph
+        self.attention = self._pick_attention(attention, on_cuda)
+        self.gemv = self._pick_gemv(gemv, on_cuda)
+        self.ops = _Ops(compile_elementwise)
+        self._lock = threading.Lock()
+        dev, dt = w.device, w.dtype
+        shape = (1, w.n_kv_heads, self.cache_len, w.head_dim)
+        self.k_cache = [torch.zeros(shape, device=dev, dtype=dt) for _ in w.layers]
+        self.v_cache = [torch.zeros(shape, device=dev, dtype=dt) for _ in w.layers]
+        if w.rope_fn is not None:
+            self.cos, self.sin = w.rope_fn(torch.arange(self.cache_len, device=dev))
+        self._attn = None
+        if self.attention == "triton":
+            from .kernels import DecodeAttention
+
+            self._attn = DecodeAttention(w.n_heads, w.n_kv_heads, w.head_dim, self.cache_len, dev, w.sliding_window)
+        # Sparse layers, two ways of decoding with the core neurons only:
+        # * gather-free (``indexed``: Triton GEMVs): the kernels read the core rows of gate||up (or fc1) and of
+        #   the row-major transposed down projection in place, by index, from one fixed-address index buffer
+        #   (n_sparse, k); per prompt the "gather" is writing k indices per layer;
+        # * gathered (cuBLAS GEMVs, and CPU): compact FFN buffers at fixed addresses, refilled per prompt by
+        #   index_select(out=...). The k neuron slots are padded to a multiple of PAD with zero rows (zero in,
+        #   zero out: the function is unchanged), so cuBLAS picks its aligned fast GEMV kernels.
+        self.indexed = self.k is not None and self.gemv == "triton" and all(
+            self._kernel_act(w.layers[li]) is not None for li in self.sparse_layers)
+        self.k_pad = None if self.k is None else -(-self.k // PAD) * PAD
+        self.c_up, self.c_up_b, self.c_down = [None] * n_layers, [None] * n_layers, [None] * n_layers
+        self._idx = self._partial = None
+        self.rows_config = rows_config  # the down GEMV's kernel config (None: kernels.GEMV_ROWS_CONFIG)
+        if self.indexed:
+            from .kernels import gemv_rows_split
+
+            w.ensure_down_t(self.sparse_layers)
+            self._idx = torch.zeros(len(self.sparse_layers), self.k, dtype=torch.int32, device=dev)
+            split = gemv_rows_split(w.hidden, self.k, rows_config)
+            self._partial = torch.empty(split, w.hidden, device=dev, dtype=torch.float32) if split > 1 else None
+        for li in (self.sparse_layers if not self.indexed else ()):
+            lw = w.layers[li]
+            rows = 2 * self.k_pad if lw.ffn_kind != "mlp" else self.k_pad
+            self.c_up[li] = torch.zeros(rows, w.hidden, device=dev, dtype=dt)
+            self.c_up_b[li] = None if lw.up_b is None else torch.zeros(self.k_pad, device=dev, dtype=dt)
+            self.c_down[li] = torch.zeros(w.hidden, self.k_pad, device=dev, dtype=dt)  # (H, kp) like the model's
+        # static step state
+        self._tok = torch.zeros(1, dtype=torch.long, device=dev)
+        self._pos = torch.zeros(1, dtype=torch.long, device=dev)
+        self._step = torch.zeros(1, dtype=torch.long, device=dev)
+        self._out = torch.zeros(self.cache_len, dtype=torch.long, device=dev)
+        self._slots = torch.arange(self.cache_len, device=dev)
+        self._graph = None
+        self._graph_logits = None
+
+    def _pick_attention(self, attention: str | None, on_cuda: bool) -> str:
+        """"triton": two Triton launches per layer (RoPE + cache write + split-KV attention; CUDA only);
+        "sdpa": the same step from PyTorch ops. Default: triton where it can run."""
+        if attention not in (None, "triton", "sdpa"):
+            raise FastPathError(f"attention must be 'triton' or 'sdpa', got {attention!r}")
+        if attention == "sdpa":
+            return "sdpa"
+        why = None
+        if not on_cuda:
+            why = "needs a CUDA device"
+        else:
+            try:
+                from . import kernels
+            except ImportError as err:
+                why = f"triton is not importable ({err})"
+            else:
+                if not kernels.supported(self.w.head_dim):
+                    why = f"head_dim {self.w.head_dim} is not a power of two >= 16"
+        if why is None:
+            return "triton"
+        if attention == "triton":
+            raise FastPathError(f"attention='triton' {why}; use attention='sdpa'")
+        return "sdpa"
+
+    def _pick_gemv(self, gemv: str | None, on_cuda: bool) -> str:
+        """"triton": the decode step's matrix-vector products by ``kernels.gemv`` (gate/up fused with the
+        activation; sparse layers read their core rows in place); "torch": F.linear (cuBLAS) on gathered
+        compact buffers. Default: triton on CUDA. (Off CUDA only under Triton's interpreter, for the checks.)"""
+        if gemv not in (None, "triton", "torch"):
+            raise FastPathError(f"gemv must be 'triton' or 'torch', got {gemv!r}")
+        if gemv == "torch" or (gemv is None and not on_cuda):
+            return "torch"
+        if not on_cuda and os.environ.get("TRITON_INTERPRET") != "1":
+            raise FastPathError("gemv='triton' needs a CUDA device; use gemv='torch'")
+        try:
+            from . import kernels  # noqa: F401
+        except ImportError as err:
+            if gemv == "triton":
+                raise FastPathError(f"gemv='triton' needs triton ({err}); use gemv='torch'") from err
+            return "torch"
+        return "triton"
+
+    # ---- accounting
+
+    def bytes_per_token(self) -> int:
+        return self.w.bytes_per_token(self.k, self.sparse_layers)
+
+    def kept_fraction_overall(self) -> float:
+        """FFN neurons used per decoded token / all FFN neurons of the model."""
+        n, i = len(self.w.layers), self.w.n_neurons
+        k = self.k if self.k is not None else i
+        return (len(self.sparse_layers) * k + (n - len(self.sparse_layers)) * i) / (n * i)
+
+    def buffer_bytes(self) -> int:
+        """KV cache + compact FFN buffers (padding included) or index buffer (the shared (I, H) down copy of
+        the gather-free path is ``FastWeights.down_t_bytes``)."""
+        return _nbytes(self.k_cache + self.v_cache + self.c_up + self.c_up_b + self.c_down + [self._idx, self._partial])
+
+    # ---- input checks
+
+    def _check_request(self, input_ids, n_new: int) -> torch.Tensor:
+        ids = torch.as_tensor(input_ids)
+        if ids.dim() == 2:
+            if ids.shape[0] != 1:
+                raise FastPathError(f"the fast path decodes batch 1; got input_ids of shape {tuple(ids.shape)}")
+            ids = ids[0]
+        if ids.dim() != 1 or ids.numel() == 0:
+            raise FastPathError(f"input_ids must be a non-empty 1-D sequence (or shape (1, T)), got shape {tuple(ids.shape)}")
+        if ids.dtype.is_floating_point or ids.dtype == torch.bool:
+            raise FastPathError(f"input_ids must be integer token ids, got dtype {ids.dtype}")
+        if not isinstance(n_new, int) or n_new < 1:
+            raise FastPathError(f"max_new_tokens must be an int >= 1, got {n_new!r}")
+        lo, hi = int(ids.min()), int(ids.max())
+        if lo < 0 or hi >= self.w.vocab:
+            raise FastPathError(f"token ids must be in [0, {self.w.vocab}), got range [{lo}, {hi}]")
+        if ids.numel() + n_new > self.max_seq_len:
+            raise FastPathError(
+                f"prompt ({ids.numel()} tokens) + max_new_tokens ({n_new}) = {ids.numel() + n_new} exceeds the static "
+                f"KV cache of max_seq_len={self.max_seq_len}; build FastLM with a larger max_seq_len or shorten the request")
+        return ids.to(self.w.device, torch.long)
+
+    # ---- forward pieces
+
+    def _embed(self, ids: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+        x = F.embedding(ids.view(1, -1), self.w.embed)
+        if self.w.pos_embed is not None:
+            x = x + F.embedding((pos + 2).view(1, -1), self.w.pos_embed)  # OPT's position offset
+        return x
+
+    def _norm(self, x, wt, b, ops=None):
+        ops = ops or _EAGER
+        return ops.rms_norm(x, wt, self.w.eps) if b is None else ops.layer_norm(x, wt, b, self.w.eps)
+
+    def _add_norm(self, x, y, wt, b, ops):
+        return ops.add_rms_norm(x, y, wt, self.w.eps) if b is None else ops.add_layer_norm(x, y, wt, b, self.w.eps)
+
+    def _qkv(self, lw: LayerWeights, h: torch.Tensor, cos, sin, ops):
+        w = self.w
+        T = h.shape[1]
+        qkv = F.linear(h, lw.qkv_w, lw.qkv_b)
+        nq, nk = w.n_heads * w.head_dim, w.n_kv_heads * w.head_dim
+        q = qkv[..., :nq].view(1, T, w.n_heads, w.head_dim).transpose(1, 2)
+        k = qkv[..., nq:nq + nk].view(1, T, w.n_kv_heads, w.head_dim).transpose(1, 2)
+        v = qkv[..., nq + nk:].view(1, T, w.n_kv_heads, w.head_dim).transpose(1, 2)
+        if w.family == "opt":
+            q = q * (w.head_dim ** -0.5)  # OPT scales q after the projection (as Hugging Face does)
+        else:
+            q, k = ops.rope(q, k, cos, sin)
+        return q, k, v
+
+    def _scale(self) -> float:
+        return 1.0 if self.w.family == "opt" else self.w.head_dim ** -0.5
+
+    def _ffn_dense(self, lw: LayerWeights, h: torch.Tensor, out: torch.Tensor | None = None):
+        """Dense FFN for the prefill: returns the output; the intermediate activation (1, T, I) is written into
+        ``out`` where given (the same kernel, another address)."""
+        if lw.ffn_kind == "mlp":
+            a = mlp_act(F.linear(h, lw.up_w, lw.up_b), self.w.act)
+            if out is not None:
+                a = out.copy_(a)
+        else:
+            g, u = F.linear(h, lw.up_w).chunk(2, dim=-1)
+            if lw.ffn_kind == "drelu":
+                g, u = F.relu(g), F.relu(u)
+            else:
+                g = activation_fn(self.w.act)(g)
+            a = torch.mul(g, u, out=out) if out is not None else g * u
+        return F.linear(a, lw.down, lw.down_b)
+
+    def _prefill_forward(self, ids: torch.Tensor):
+        """Dense forward of the prompt at positions 0..T-1: fills the KV cache; returns (last logits, acts)."""
+        w = self.w
+        T = ids.numel()
+        pos = torch.arange(T, device=w.device)
+        x = self._embed(ids, pos)
+        cos = sin = None
+        if w.rope_fn is not None:
+            cos, sin = self.cos[:T], self.sin[:T]
+        mask = None
+        if w.sliding_window is not None and T > w.sliding_window:
+            i = pos.view(-1, 1)
+            mask = (pos.view(1, -1) <= i) & (pos.view(1, -1) > i - w.sliding_window)
+        # the sparse layers' activations, stacked (n_sparse, T, I) for the one batched selection
+        acts = torch.empty(len(self.sparse_layers), T, w.n_neurons, device=w.device, dtype=w.dtype) \
+            if self.k is not None else None
+        for li, lw in enumerate(self.w.layers):
+            h = self._norm(x, lw.norm1_w, lw.norm1_b)
+            q, k, v = self._qkv(lw, h, cos, sin, _EAGER)
+            self.k_cache[li][:, :, :T].copy_(k)
+            self.v_cache[li][:, :, :T].copy_(v)
+            o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None, scale=self._scale(),
+                                               enable_gqa=w.n_kv_heads != w.n_heads)
+            o = F.linear(o.transpose(1, 2).reshape(1, T, -1), lw.o_w, lw.o_b)
+            x = x + o
+            h = self._norm(x, lw.norm2_w, lw.norm2_b)
+            sparse = li in self.sparse_layers
+            y = self._ffn_dense(lw, h, acts[li - self.sparse_layers.start].view(1, T, -1) if sparse else None)
+            x = x + y
+        h = self._norm(x[:, -1:], w.final_w, w.final_b)
+        return F.linear(h, w.lm_head)[0, -1], acts
+
+    def _stack_core_sets(self, core_sets: dict[int, torch.Tensor]) -> torch.Tensor:
+        if sorted(core_sets) != list(self.sparse_layers):
+            raise FastPathError(f"need one core set per sparse layer {list(self.sparse_layers)}, got layers {sorted(core_sets)}")
+        for li, idx in core_sets.items():
+            if idx.numel() != self.k:
+                raise FastPathError(f"layer {li}: core set has {idx.numel()} neurons, the buffers hold {self.k}")
+        return torch.stack([core_sets[li].to(self.w.device, torch.long).view(-1) for li in self.sparse_layers])
+
+    def _gather(self, sets: torch.Tensor) -> None:
+        """Make the decode use core sets ``sets`` (n_sparse, k): write the index buffer (gather-free path) or
+        gather the compact buffers."""
+        if self.indexed:
+            self._idx.copy_(sets)
+            return
+        I, k, kp = self.w.n_neurons, self.k, self.k_pad
+        for j, li in enumerate(self.sparse_layers):
+            lw = self.w.layers[li]
+            idx = sets[j]
+            # rows [k, kp) of each part stay zero (allocated so, never written)
+            if lw.ffn_kind == "mlp":
+                torch.index_select(lw.up_w, 0, idx, out=self.c_up[li][:k])
+                if lw.up_b is not None:
+                    torch.index_select(lw.up_b, 0, idx, out=self.c_up_b[li][:k])
+            else:
+                torch.index_select(lw.up_w, 0, idx, out=self.c_up[li][:k])  # gate rows
+                torch.index_select(lw.up_w, 0, idx + I, out=self.c_up[li][kp:kp + k])  # up rows
+            self.c_down[li][:, :k].copy_(lw.down.index_select(1, idx))  # columns of down
+
+    def _decode_step(self) -> torch.Tensor:
+        """One token at position ``_pos`` from token ``_tok``: fixed shapes and addresses (graph-capturable).
+
+        Writes the next token into ``_tok`` and ``_out[_step]``, advances ``_pos`` and ``_step``; returns logits.
+        """
+        w, ops = self.w, self.ops
+        pos = self._pos
+        x = self._embed(self._tok, pos)
+        cos = sin = mask = None
+        if self.attention == "sdpa":
+            if w.rope_fn is not None:
+                cos, sin = self.cos.index_select(0, pos), self.sin.index_select(0, pos)
+            valid = self._slots <= pos
+            if w.sliding_window is not None:
+                valid = valid & (self._slots > pos - w.sliding_window)
+            mask = valid.view(1, 1, 1, -1)
+        g = w.n_heads // w.n_kv_heads
+        first = w.layers[0]
+        h = ops.rms_norm(x, first.norm1_w, w.eps) if first.norm1_b is None else ops.layer_norm(x, first.norm1_w, first.norm1_b, w.eps)
+        for li, lw in enumerate(w.layers):
+            if self._attn is not None:  # fused RoPE + cache write + split-KV attention (kernels.py)
+                qkv = self._linear(lw.qkv_w, h, lw.qkv_b).view(-1)
+                o = torch.empty(w.n_heads * w.head_dim, device=qkv.device, dtype=qkv.dtype)
+                rope = w.rope_fn is not None
+                self._attn(qkv, self.cos if rope else None, self.sin if rope else None, self.k_cache[li],
+                           self.v_cache[li], pos, o, w.head_dim ** -0.5)
+            else:
+                q, k, v = self._qkv(lw, h, cos, sin, ops)
+                self.k_cache[li].index_copy_(2, pos, k)
+                self.v_cache[li].index_copy_(2, pos, v)
+                # GQA for one query token: the g query heads of a kv head become g query rows
+                o = F.scaled_dot_product_attention(q.reshape(1, w.n_kv_heads, g, w.head_dim), self.k_cache[li],
+                                                   self.v_cache[li], attn_mask=mask, scale=self._scale())
+            o = self._linear(lw.o_w, o.reshape(1, 1, -1), lw.o_b)
+            x, h = self._add_norm(x, o, lw.norm2_w, lw.norm2_b, ops)
+            if self.indexed and li in self.sparse_layers:  # core rows read in place (kernels.py)
+                from .kernels import gemv_rows
+
+                idx = self._idx[li - self.sparse_layers.start]
+                a = self._ffn_up(lw, lw.up_w, lw.up_b, h, idx)
+                y = torch.empty(w.hidden, device=h.device, dtype=h.dtype)
+                y = gemv_rows(lw.down_t, a.view(-1), y, idx, lw.down_b, self._partial, self.rows_config).view(1, 1, -1)
+            else:
+                compact = self.c_up[li] is not None
+                up_w = self.c_up[li] if compact else lw.up_w
+                up_b = (self.c_up_b[li] if compact else lw.up_b) if lw.up_b is not None else None
+                down = self.c_down[li] if compact else lw.down
+                a = self._ffn_up(lw, up_w, up_b, h)
+                y = self._linear(down, a, lw.down_b)
+            if li + 1 < len(w.layers):
+                nxt = w.layers[li + 1]
+                x, h = self._add_norm(x, y, nxt.norm1_w, nxt.norm1_b, ops)
+            else:
+                x, h = self._add_norm(x, y, w.final_w, w.final_b, ops)
+        logits = self._linear(w.lm_head, h, None).view(-1)
+        nxt_tok = ops.argmax(logits)
+        self._out.index_copy_(0, self._step, nxt_tok)
+        self._tok.copy_(nxt_tok)
+        self._pos.add_(1)
+        self._step.add_(1)
+        return logits
+
+    def _linear(self, weight: torch.Tensor, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        """x (1, 1, K) @ weight (N, K)^T + bias -> (1, 1, N): Triton GEMV or cuBLAS (``self.gemv``)."""
+        if self.gemv == "triton":
+            from .kernels import gemv
+
+            out = torch.empty(weight.shape[0], device=x.device, dtype=x.dtype)
+            return gemv(weight, x.reshape(-1), out, bias).view(1, 1, -1)
+        return F.linear(x, weight, bias)
+
+    def _kernel_act(self, lw: LayerWeights):
+        """The GEMV kernel's code of this layer's FFN activation, or None where the kernel lacks it."""
+        from .kernels import ACT_CODES
+
+        return ACT_CODES.get("relu" if lw.ffn_kind == "drelu" else self.w.act)
+
+    def _ffn_up(self, lw: LayerWeights, up_w: torch.Tensor, up_b: torch.Tensor | None, h: torch.Tensor,
+                idx: torch.Tensor | None = None) -> torch.Tensor:
+        """The FFN's intermediate activation for one token: gate/up (or fc1) and the activation, fused into
+        one GEMV kernel where the activation is one the kernel has; with ``idx`` only the core neurons', read
+        from the full matrices in place."""
+        if self.gemv == "triton":
+            from .kernels import gemv
+
+            code = self._kernel_act(lw)
+            if code is not None:
+                gated = lw.ffn_kind != "mlp"
+                n = (up_w.shape[0] // 2 if gated else up_w.shape[0]) if idx is None else idx.numel()
+                out = torch.empty(n, device=h.device, dtype=h.dtype)
+                return gemv(up_w, h.reshape(-1), out, up_b, gated=gated, act=code,
+                            act_up=lw.ffn_kind == "drelu", idx=idx).view(1, 1, -1)
+            if idx is not None:
+                raise FastPathError(f"no fused kernel for activation {self.w.act!r}")  # excluded by self.indexed
+        if lw.ffn_kind == "mlp":
+            return self.ops.mlp_act(self._linear(up_w, h, up_b), self.w.act)
+        return self.ops.gated_act(self._linear(up_w, h, None), "drelu" if lw.ffn_kind == "drelu" else self.w.act)
+
+    def _ensure_graph(self) -> None:
+        if not self.cuda_graph or self._graph is not None:
+            return
+        saved = [t.clone() for t in (self._tok, self._pos, self._step)]
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):
+            for _ in range(3):  # warm-up: compiles the fused element-wise kernels, cuBLAS handles
+                self._decode_step()
+        torch.cuda.current_stream().wait_stream(stream)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            logits = self._decode_step()
+        torch.cuda.synchronize()
+        for t, s in zip((self._tok, self._pos, self._step), saved):
+            t.copy_(s)
+        self._graph, self._graph_logits = graph, logits
+
+    def _run_step(self) -> torch.Tensor:
+        if self._graph is not None:
+            self._graph.replay()
+            return self._graph_logits
+        return self._decode_step()
+
+    def warmup(self) -> None:
+        """Capture the decode graph now (otherwise the first call does it)."""
+        with self._lock, torch.inference_mode():
+            self._ensure_graph()
+
+    # ---- public calls (each holds the instance lock throughout)
+
+    def _start(self, ids: torch.Tensor, timings: dict, sync: bool, core_sets=None):
+        dev_sync = torch.cuda.synchronize if (sync and self.w.device.type == "cuda") else (lambda: None)
+        self._ensure_graph()
+        dev_sync()
+        t0 = time.perf_counter()
+        logits, acts = self._prefill_forward(ids)
+        dev_sync()
+        t1 = time.perf_counter()
+        chosen: dict[int, torch.Tensor] = {}
+        if self.k is not None:
+            # all sparse layers at once, on the device, no host synchronisation (selection.py)
+            if core_sets is None:
+                sets = stability_select_layers(acts, self.alpha, self.kept_fraction, self.score)
+            else:
+                sets = self._stack_core_sets(core_sets)
+            chosen = {li: sets[j] for j, li in enumerate(self.sparse_layers)}
+            dev_sync()
+            t2 = time.perf_counter()
+            self._gather(sets)
+            dev_sync()
+            t3 = time.perf_counter()
+        else:
+            t2 = t3 = t1
+        del acts
+        first = logits.argmax().view(1)
+        T = ids.numel()
+        self._tok.copy_(first)
+        self._pos.fill_(T)
+        self._step.fill_(1)
+        self._out[0:1].copy_(first)
+        if sync:
+            timings.update(prefill_ms=(t1 - t0) * 1e3, select_ms=(t2 - t1) * 1e3, gather_ms=(t3 - t2) * 1e3)
+        return logits, chosen, t0
+
+    def generate(self, input_ids, max_new_tokens: int, eos_token_id: int | list[int] | None = None,
+                 timing: bool = False, core_sets: dict[int, torch.Tensor] | None = None) -> FastGeneration:
+        """Greedy decoding of up to ``max_new_tokens`` new tokens (stops after an EOS when given).
+
+        ``core_sets`` (sparse layer -> indices) skips the selection and uses these sets (for checks against a reference).
+        With ``timing=True`` the phases are separated by device synchronisations and reported in ms.
+        """
+        with self._lock, torch.inference_mode():
+            ids = self._check_request(input_ids, max_new_tokens)
+            timings: dict = {}
+            dev_sync = torch.cuda.synchronize if self.w.device.type == "cuda" else (lambda: None)
+            _, chosen, t0 = self._start(ids, timings, timing, core_sets)
+            eos = set([eos_token_id] if isinstance(eos_token_id, int) else (eos_token_id or []))
+            first = int(self._out[0])
+            if timing:
+                timings["ttft_ms"] = (time.perf_counter() - t0) * 1e3
+            n_done = 1
+            t_dec = time.perf_counter()
+            if first not in eos:
+                chunk = 16 if eos else max_new_tokens
+                while n_done < max_new_tokens:
+                    n = min(chunk, max_new_tokens - n_done)
+                    for _ in range(n):
+                        self._run_step()
+                    n_done += n
+                    if eos and any(t in eos for t in self._out[n_done - n:n_done].tolist()):
+                        break
+            dev_sync()
+            if timing:
+                timings["decode_ms"] = (time.perf_counter() - t_dec) * 1e3
+                timings["decode_steps"] = n_done - 1
+            tokens = self._out[:n_done].tolist()
+            for i, t in enumerate(tokens):
+                if t in eos:
+                    tokens = tokens[:i + 1]
+                    break
+            return FastGeneration(tokens, chosen, timings)
+
+    def forced_logits(self, input_ids, continuation, core_sets: dict[int, torch.Tensor] | None = None):
+        """Teacher-forced logits: the prefill's last-position logits, then one decode step per token of
+        ``continuation`` (fed regardless of what the model predicts). Returns (float32 (1+n, V), core sets)."""
+        cont = [int(t) for t in torch.as_tensor(continuation).view(-1).tolist()]
+        with self._lock, torch.inference_mode():
+            ids = self._check_request(input_ids, len(cont) + 1)
+            logits, chosen, _ = self._start(ids, {}, False, core_sets)
+            rows = [logits.float().clone()]
+            for t in cont:
+                self._tok.fill_(t)
+                rows.append(self._run_step().float().clone())
+            return torch.stack(rows), chosen
+
+
+_EAGER = _Ops(False)

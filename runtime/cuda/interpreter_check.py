@@ -1,0 +1,147 @@
+"""The decode-attention kernels vs plain PyTorch on CPU, through Triton's interpreter.
+
+    TRITON_INTERPRET=1 python -m coreinfer.runtime.cuda.interpreter_check     (run by tests/runtime/test_cuda_fastpath.py)
+"""
+
+import os
+
+assert os.environ.get("TRITON_INTERPRET") == "1"
+
+import torch  # noqa: E402
+
+from coreinfer.runtime.cuda import kernels  # noqa: E402  (import after the interpreter switch)
+
+
+def rot(x):
+    h = x.shape[-1] // 2
+    return torch.cat([-x[..., h:], x[..., :h]], -1)
+
+
+torch.manual_seed(0)
+S = 80
+for nh, nkv, hd, window, rope, pos in [(4, 2, 16, None, True, 70), (4, 4, 32, None, False, 63), (6, 2, 16, 5, True, 64),
+                                      (4, 2, 16, None, True, 0), (4, 1, 16, 100, True, 79)]:
+    qkv = torch.randn(nh * hd + 2 * nkv * hd)
+    kc, vc = torch.randn(1, nkv, S, hd), torch.randn(1, nkv, S, hd)
+    cos, sin = torch.randn(S, hd), torch.randn(S, hd)
+    kc0, vc0 = kc.clone(), vc.clone()
+    out = torch.full((nh * hd,), float("nan"))
+    attn = kernels.DecodeAttention(nh, nkv, hd, S, "cpu", window)
+    attn(qkv, cos if rope else None, sin if rope else None, kc, vc, torch.tensor([pos]), out, hd ** -0.5)
+    q = qkv[:nh * hd].view(nh, hd)
+    k = qkv[nh * hd:(nh + nkv) * hd].view(nkv, hd)
+    v = qkv[(nh + nkv) * hd:].view(nkv, hd)
+    if rope:
+        q, k = q * cos[pos] + rot(q) * sin[pos], k * cos[pos] + rot(k) * sin[pos]
+    kc0[0, :, pos], vc0[0, :, pos] = k, v
+    g = nh // nkv
+    lo = 0 if window is None else max(0, pos - window + 1)
+    ref = torch.cat([((kc0[0, h // g, lo:pos + 1] @ q[h]) * hd ** -0.5).softmax(0) @ vc0[0, h // g, lo:pos + 1]
+                     for h in range(nh)])
+    assert (out - ref).abs().max().item() < 1e-5, (out - ref).abs().max()
+    assert torch.equal(kc, kc0) and torch.equal(vc, vc0)  # wrote exactly the new row, nothing else
+    print("ok")
+
+# the decode GEMV: plain, bias + ReLU (OPT fc1), gated SiLU (gate||up), dReLU; K a multiple of the block or not
+import torch.nn.functional as F  # noqa: E402
+
+for n, k in [(20, 64), (7, 576), (9, 2100)]:
+    w, x, b = torch.randn(2 * n, k), torch.randn(k), torch.randn(2 * n)
+    top = w[:n].contiguous()
+    for got_fn, want in [
+        (lambda o: kernels.gemv(top, x, o), top @ x),
+        (lambda o: kernels.gemv(top, x, o, b[:n], act=kernels.ACT_RELU), F.relu(top @ x + b[:n])),
+        (lambda o: kernels.gemv(w, x, o, gated=True, act=kernels.ACT_SILU), F.silu(w[:n] @ x) * (w[n:] @ x)),
+        (lambda o: kernels.gemv(w, x, o, gated=True, act=kernels.ACT_RELU, act_up=True), F.relu(w[:n] @ x) * F.relu(w[n:] @ x)),
+    ]:
+        out = torch.full((n,), float("nan"))
+        got_fn(out)
+        assert ((out - want).norm() / want.norm()).item() < 1e-5, ((out - want).norm() / want.norm())
+print("gemv ok")
+
+# the gather-free sparse decode's GEMVs: core rows read in place by index (gate||up, fc1 + bias), and the
+# vector times indexed rows of the transposed down projection (one launch, or split + ordered sum)
+for n_all, k, h in [(50, 13, 64), (40, 7, 576), (300, 130, 96)]:
+    gu, x = torch.randn(2 * n_all, h), torch.randn(h)
+    idx = torch.randperm(n_all)[:k].sort().values.to(torch.int32)
+    il = idx.long()
+    out = torch.full((k,), float("nan"))
+    kernels.gemv(gu, x, out, gated=True, act=kernels.ACT_SILU, idx=idx)
+    want = F.silu(gu[il] @ x) * (gu[n_all + il] @ x)
+    assert ((out - want).norm() / want.norm()).item() < 1e-5
+    fc1, b = gu[:n_all].contiguous(), torch.randn(n_all)
+    kernels.gemv(fc1, x, out, b, act=kernels.ACT_RELU, idx=idx)
+    want = F.relu(fc1[il] @ x + b[il])
+    assert ((out - want).norm() / want.norm()).item() < 1e-5
+    down_t, a, bias = torch.randn(n_all, h), torch.randn(k), torch.randn(h)
+    for config in [(32, 16, 1, 4, 2), (64, 8, 3, 4, 2), (16, 4, 8, 4, 2), (4096, 2, 16, 4, 2)]:
+        split = kernels.gemv_rows_split(h, k, config)
+        part = torch.full((split, h), float("nan"))
+        for bb in (None, bias):
+            out = torch.full((h,), float("nan"))
+            kernels.gemv_rows(down_t, a, out, idx, bb, part, config=config)
+            want = a @ down_t[il] + (0 if bb is None else bb)
+            assert ((out - want).norm() / want.norm()).item() < 1e-5, (config, split)
+    out = torch.full((h,), float("nan"))
+    kernels.gemv_rows(down_t[:k].contiguous(), a, out, None, None, torch.empty(8, h), config=(32, 4, 2, 4, 2))
+    assert ((out - a @ down_t[:k]).norm() / (a @ down_t[:k]).norm()).item() < 1e-5
+print("gemv_rows passed")
+
+# the core-set statistics kernels vs selection.py's PyTorch definition: counts and float64 sums bit-identical
+from coreinfer.runtime import selection  # noqa: E402
+from coreinfer.runtime.cuda import select_kernels  # noqa: E402
+
+for dtype in (torch.float32, torch.bfloat16, torch.float16):
+    for score in ("positive", "magnitude"):
+        for L, T, I in [(3, 9, 50), (2, 5, 33), (1, 1, 8), (2, 6, 130)]:
+            a = torch.randn(L, T, I).to(dtype)
+            a[0] = (a[0] * 2).round() / 2  # many exact ties, zeros
+            a[-1, :, : I // 3] = 0.5  # a block of equal scores
+            a[-1, -1] = -1.0  # a token with no active neuron
+            for alpha in (0.05, 0.4, 1.0):
+                c1, s1 = select_kernels.layer_statistics(a, alpha, score)
+                s = selection.neuron_scores(a.float(), score)
+                c2 = selection._token_core_mask3(s, alpha).sum(1)
+                assert torch.equal(c1, c2), (dtype, score, L, T, I, alpha)
+                assert torch.equal(s1, selection.ordered_token_sum(s)), (dtype, score, L, T, I, alpha)
+g = torch.Generator().manual_seed(2)
+for L, I, T in [(3, 40, 6), (2, 300, 100), (1, 9, 1)]:
+    counts = torch.randint(0, T + 1, (L, I), generator=g)
+    sums = torch.randn(L, I, generator=g, dtype=torch.float64)
+    sums[0] = (sums[0] * 2).round() / 2  # ties on the sum (and on the count): the index decides
+    sums[-1, : I // 2] = 0.0
+    if L > 2:
+        sums[1] = -sums[1].abs()
+    for k in sorted({1, I // 3, I // 2, I - 1, I}):
+        if k >= 1:
+            got = select_kernels.top_neurons(counts, sums, k, T)
+            assert torch.equal(got, selection.top_neurons(counts, k, sums)), (L, I, T, k)
+    a = torch.randn(L, T, I).to(torch.bfloat16)
+    assert torch.equal(select_kernels.select(a, 0.4, "positive", max(1, I // 3)),
+                       selection.stability_select_layers(a, 0.4, max(1, I // 3) / I))
+print("select_kernels passed")
+
+# the gather-free decode end to end (tiny models, float32, CPU): gemv="triton" reads the core rows in place,
+# gemv="torch" decodes from gathered compact buffers; same core sets -> same logits
+import transformers  # noqa: E402
+
+from coreinfer.runtime.cuda.fastlm import FastLM, FastWeights  # noqa: E402
+
+for family in ("llama", "opt"):
+    torch.manual_seed(3)
+    common = dict(hidden_size=64, num_hidden_layers=3, num_attention_heads=4, vocab_size=97, max_position_embeddings=128)
+    cfg = (transformers.LlamaConfig(intermediate_size=160, num_key_value_heads=2, **common) if family == "llama"
+           else transformers.OPTConfig(ffn_dim=160, word_embed_proj_dim=64, do_layer_norm_before=True, **common))
+    cfg._attn_implementation = "sdpa"
+    model = transformers.AutoModelForCausalLM.from_config(cfg).eval()
+    w = FastWeights.from_hf(model)
+    g = torch.Generator().manual_seed(5)
+    prompt, cont = torch.randint(0, 97, (15,), generator=g), torch.randint(0, 97, (5,), generator=g)
+    idx_lm = FastLM(w, max_seq_len=32, kept_fraction=0.3, sparse_layers=range(1, 3), gemv="triton")
+    assert idx_lm.indexed and idx_lm.c_up[1] is None
+    got, core = idx_lm.forced_logits(prompt, cont)
+    ref, core_ref = FastLM(w, max_seq_len=32, kept_fraction=0.3, sparse_layers=range(1, 3)).forced_logits(prompt, cont)
+    assert all(torch.equal(core[i], core_ref[i]) for i in core)
+    err = (got - ref).abs().max().item()
+    assert err < 1e-4, (family, err)
+print("indexed decode passed")

@@ -1,0 +1,204 @@
+"""Core-neuron statistics of all sparse layers of one prompt in three Triton launches, no host sync.
+
+``selection.layer_statistics`` calls this for CUDA tensors; it computes exactly what the PyTorch
+definition there computes (``tests/runtime`` check both on random inputs with ties, on CPU through
+Triton's interpreter). For activations ``acts`` (L, T, I) (any float dtype) and score ``s`` (the value, or
+its magnitude):
+
+1. ``_active_kernel``, one program per (layer, token): the token's number of active neurons (s > 0);
+   then PyTorch, on the device: k_token per layer = ``selection.token_k`` (ceil(alpha * mean)).
+2. ``_threshold_kernel``, one program per (layer, token): the token's k_token-th largest score as an
+   integer key (the bits of a positive float order like its value), by bisection on the key bits
+   (15 steps for bf16, 18 for fp16, 31 for fp32), and where several neurons share that score, the index of
+   the last one still taken (a stable sort takes equal scores lowest index first). Stored: (key, last index).
+   A token with at most k_token active neurons takes all of them.
+3. ``_column_kernel``, one program per (layer, block of neurons): walks the tokens in order 0..T-1, adds
+   ``s`` in float64 (the same order as ``selection.ordered_token_sum``, so the sums are bit-identical) and
+   counts the tokens whose mask holds the neuron: key > threshold, or key == threshold and index <= last.
+
+Each launch reads the activations once: ~3 x L x T x I x 2 bytes in all (bf16). Then ``_top_kernel``, one
+program per layer, picks the kept neurons by (count desc, sum desc, index asc) without sorting and writes
+them in ascending order (``select``: the whole ``stability_select_layers`` on the device).
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+SCORE_POSITIVE, SCORE_MAGNITUDE = 0, 1
+_SHIFT = {torch.bfloat16: 16, torch.float16: 13, torch.float32: 0}  # zero low bits of a widened key
+
+
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def available(acts: torch.Tensor) -> bool:
+    return acts.dtype in _SHIFT and acts.shape[-1] < 2 ** 20
+
+
+@triton.jit
+def _key(v, SCORE: tl.constexpr):
+    """Integer key of a score: its float32 bits where the score is > 0 (monotone in the value), else 0."""
+    s = v.to(tl.float32)
+    if SCORE == 1:
+        s = tl.abs(s)
+    return tl.where(s > 0, s.to(tl.int32, bitcast=True), 0)
+
+
+@triton.jit
+def _active_kernel(a_ptr, n_ptr, I, BLOCK: tl.constexpr, SCORE: tl.constexpr):
+    row = tl.program_id(0).to(tl.int64)
+    cols = tl.arange(0, BLOCK)
+    v = tl.load(a_ptr + row * I + cols, mask=cols < I, other=0.0)
+    tl.store(n_ptr + row, tl.sum((_key(v, SCORE) > 0).to(tl.int32), axis=0))
+
+
+@triton.jit
+def _threshold_kernel(a_ptr, n_ptr, k_ptr, thr_ptr, last_ptr, T, I,
+                      BLOCK: tl.constexpr, SCORE: tl.constexpr, SHIFT: tl.constexpr, NBITS: tl.constexpr):
+    row = tl.program_id(0).to(tl.int64)
+    layer = row // T
+    cols = tl.arange(0, BLOCK)
+    v = tl.load(a_ptr + row * I + cols, mask=cols < I, other=0.0)
+    key = _key(v, SCORE) >> SHIFT  # exact: the low SHIFT bits of a widened bf16/fp16 value are zero
+    k = tl.load(k_ptr + layer).to(tl.int32)
+    n_active = tl.load(n_ptr + row)
+    # largest t with #(key >= t) >= k, built bit by bit from the top
+    thr = 0
+    for b in tl.static_range(NBITS):
+        cand = thr | (1 << (NBITS - 1 - b))
+        c = tl.sum((key >= cand).to(tl.int32), axis=0)
+        thr = tl.where(c >= k, cand, thr)
+    n_gt = tl.sum((key > thr).to(tl.int32), axis=0)
+    eq = (key == thr).to(tl.int32)
+    rank_eq = tl.cumsum(eq, axis=0)  # 1-based rank among the equal keys, by index
+    last = tl.max(tl.where((eq > 0) & (rank_eq <= k - n_gt), cols, -1), axis=0)
+    take_all = n_active <= k  # every active neuron is core (this covers k == 0: no active neuron)
+    thr = tl.where(take_all, 0, thr)
+    last = tl.where(take_all, -1, last)
+    tl.store(thr_ptr + row, thr)
+    tl.store(last_ptr + row, last)
+
+
+@triton.jit
+def _column_step(a_row, thr_ptr, last_ptr, cols, ok, cnt, acc, SCORE: tl.constexpr, SHIFT: tl.constexpr):
+    v = tl.load(a_row, mask=ok, other=0.0).to(tl.float32)
+    s = v
+    if SCORE == 1:
+        s = tl.abs(v)
+    acc += s.to(tl.float64)
+    key = tl.where(s > 0, s.to(tl.int32, bitcast=True), 0) >> SHIFT
+    thr = tl.load(thr_ptr)
+    last = tl.load(last_ptr)
+    core = (key > thr) | ((key == thr) & (cols <= last) & (key > 0))
+    return cnt + core.to(tl.int32), acc
+
+
+@triton.jit
+def _column_kernel(a_ptr, thr_ptr, last_ptr, cnt_ptr, sum_ptr, T, I,
+                   BLOCK_C: tl.constexpr, SCORE: tl.constexpr, SHIFT: tl.constexpr, INTERPRET: tl.constexpr):
+    layer = tl.program_id(0).to(tl.int64)
+    cols = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+    ok = cols < I
+    cnt = tl.zeros([BLOCK_C], dtype=tl.int32)
+    acc = tl.zeros([BLOCK_C], dtype=tl.float64)
+    base = a_ptr + layer * T * I + cols
+    row0 = layer * T
+    if INTERPRET:  # Triton's interpreter cannot bound a for loop by a run-time int (numpy 2); same steps
+        t = 0
+        while t < T:
+            cnt, acc = _column_step(base + t * I, thr_ptr + row0 + t, last_ptr + row0 + t, cols, ok, cnt, acc,
+                                    SCORE, SHIFT)
+            t += 1
+    else:  # tokens strictly in order (the float64 sum's order is part of the definition)
+        for t in range(0, T):
+            cnt, acc = _column_step(base + t * I, thr_ptr + row0 + t, last_ptr + row0 + t, cols, ok, cnt, acc,
+                                    SCORE, SHIFT)
+    tl.store(cnt_ptr + layer * I + cols, cnt, mask=ok)
+    tl.store(sum_ptr + layer * I + cols, acc, mask=ok)
+
+
+def _row_warps(block: int) -> int:
+    return max(4, min(16, block // 1024))
+
+
+def layer_statistics(acts: torch.Tensor, alpha: float, score: str, block_c: int = 128,
+                     col_warps: int = 4, as_int64: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+    """(counts (L, I) int64, sums (L, I) float64) of ``acts`` (L, T, I); see the module doc."""
+    from ..selection import token_k
+
+    a = acts.contiguous()
+    L, T, I = a.shape
+    code = SCORE_MAGNITUDE if score == "magnitude" else SCORE_POSITIVE
+    shift = _SHIFT[a.dtype]
+    block = triton.next_power_of_2(I)
+    warps = _row_warps(block)
+    dev = a.device
+    n_active = torch.empty(L * T, dtype=torch.int32, device=dev)
+    _active_kernel[(L * T,)](a, n_active, I, BLOCK=block, SCORE=code, num_warps=warps)
+    k_tok = token_k(n_active.view(L, T), T, alpha, I)
+    thr = torch.empty(L * T, dtype=torch.int32, device=dev)
+    last = torch.empty(L * T, dtype=torch.int32, device=dev)
+    _threshold_kernel[(L * T,)](a, n_active, k_tok, thr, last, T, I, BLOCK=block, SCORE=code, SHIFT=shift,
+                                NBITS=31 - shift, num_warps=warps)
+    counts = torch.empty(L, I, dtype=torch.int32, device=dev)
+    sums = torch.empty(L, I, dtype=torch.float64, device=dev)
+    _column_kernel[(L, triton.cdiv(I, block_c))](a, thr, last, counts, sums, T, I, BLOCK_C=block_c, SCORE=code,
+                                                 SHIFT=shift, INTERPRET=_interpreting(), num_warps=col_warps)
+    return (counts.to(torch.int64) if as_int64 else counts), sums
+
+
+@triton.jit
+def _top_kernel(cnt_ptr, sum_ptr, out_ptr, I, K, BLOCK: tl.constexpr, CBITS: tl.constexpr):
+    """One program per layer: the K best neurons by (count desc, float64 sum desc, index asc), written in
+    ascending index order; = ``selection.top_neurons(counts, K, sums)`` without sorting: the K-th best count
+    by bisection, then among the neurons with that count the R-th best sum (bisection on its order-preserving
+    int64 key), then the lowest indices among full ties; the output positions come from a prefix sum."""
+    layer = tl.program_id(0).to(tl.int64)
+    cols = tl.arange(0, BLOCK)
+    ok = cols < I
+    c = tl.load(cnt_ptr + layer * I + cols, mask=ok, other=-1)  # padding never selected (counts >= 0)
+    thr_c = 0
+    for b in tl.static_range(CBITS):
+        cand = thr_c | (1 << (CBITS - 1 - b))
+        thr_c = tl.where(tl.sum((c >= cand).to(tl.int32), axis=0) >= K, cand, thr_c)
+    above = c > thr_c
+    r = K - tl.sum(above.to(tl.int32), axis=0)  # >= 1 neurons still to take among count == thr_c
+    eq = c == thr_c
+    bits = tl.load(sum_ptr + layer * I + cols, mask=ok, other=0.0).to(tl.int64, bitcast=True)
+    key = bits ^ ((bits >> 63) & 0x7FFFFFFFFFFFFFFF)  # signed int64, same order as the float64 (no -0.0, NaN)
+    neg_min = -9223372036854775807 - 1
+    base = tl.where(tl.sum((eq & (key >= 0)).to(tl.int32), axis=0) >= r, 0, neg_min)
+    for b in tl.static_range(63):
+        cand = base | (1 << (62 - b))
+        base = tl.where(tl.sum((eq & (key >= cand)).to(tl.int32), axis=0) >= r, cand, base)
+    better = eq & (key > base)
+    r2 = r - tl.sum(better.to(tl.int32), axis=0)
+    tie = eq & (key == base)
+    sel = above | better | (tie & (tl.cumsum(tie.to(tl.int32), axis=0) <= r2))
+    pos = tl.cumsum(sel.to(tl.int32), axis=0) - 1
+    tl.store(out_ptr + layer * K + pos, cols.to(tl.int64), mask=sel)
+
+
+def top_neurons(counts: torch.Tensor, sums: torch.Tensor, k: int, max_count: int) -> torch.Tensor:
+    """(L, k) int64 ascending: per row the k best neurons by (count desc, sum desc, index asc); the counts
+    lie in [0, max_count] (the number of tokens)."""
+    L, I = counts.shape
+    if not 1 <= k <= I:
+        raise ValueError(f"k must be in [1, {I}], got {k}")
+    out = torch.empty(L, k, dtype=torch.int64, device=counts.device)
+    block = triton.next_power_of_2(I)
+    _top_kernel[(L,)](counts.to(torch.int32).contiguous(), sums.to(torch.float64).contiguous(), out, I, k,
+                      BLOCK=block, CBITS=max(1, int(max_count).bit_length()), num_warps=_row_warps(block))
+    return out
+
+
+def select(acts: torch.Tensor, alpha: float, score: str, k: int) -> torch.Tensor:
+    """``selection.stability_select_layers`` of ``acts`` (L, T, I): four launches and a few tiny ops."""
+    counts, sums = layer_statistics(acts, alpha, score, as_int64=False)
+    return top_neurons(counts, sums, k, acts.shape[1])

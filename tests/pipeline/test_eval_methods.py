@@ -1,0 +1,220 @@
+"""Selection methods of the evaluation on a tiny random Llama (float32, no download)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from coreinfer.pipeline.evaluate import methods as MM
+from coreinfer.pipeline.evaluate.runner import EvalError, _check_not_dense
+from coreinfer.runtime.selection import griffin_select, kept_count, token_topk_mask
+from coreinfer.runtime.session import CoreSetSession
+
+PROMPT = "Paris is the capital of France and Berlin is"
+CONT = " the capital of Germany. Two plus two equals four."
+
+
+@pytest.fixture(scope="module")
+def lm_ref(tiny_llama):
+    return tiny_llama
+
+
+def _ctx(lm, **kw):
+    return MM.MethodContext(lm, lm.resolve_layers("1:3"), 0.4, 0, **kw)
+
+
+def _ids(lm):
+    return lm.encode(PROMPT), lm.tokenizer(CONT, add_special_tokens=False)["input_ids"]
+
+
+def test_dense_scores_match_plain_transformers_forward(lm_ref):
+    lm, reference = lm_ref
+    ids, cont = _ids(lm)
+    run = MM.MethodRun("dense", 1.0, None, _ctx(lm))
+    session, _ = run.session("x")
+    out = lm.score_ids(ids, cont, run.runtime_method(), 0.4, 1.0, lm.resolve_layers("1:3"), session=session)
+    full = torch.cat([ids, torch.tensor([cont])], dim=1)
+    with torch.no_grad():
+        logits = reference(input_ids=full).logits[0].float().log_softmax(-1)
+    n = ids.shape[1]
+    expected = logits[n - 1:n - 1 + len(cont)].gather(1, torch.tensor(cont)[:, None])[:, 0]
+    torch.testing.assert_close(out.token_logprobs, expected, atol=1e-5, rtol=1e-5)
+    assert out.greedy_ids == logits[n - 1:n - 1 + len(cont)].argmax(-1).tolist()
+
+
+def test_oracle_token_at_kept_one_equals_dense(lm_ref):
+    lm, _ = lm_ref
+    ids, cont = _ids(lm)
+    layers = lm.resolve_layers("1:3")
+    dense = lm.score_ids(ids, cont, "dense", 0.4, 1.0, layers, keep_logprobs=True)
+    run = MM.MethodRun("oracle-token", 1.0, None, _ctx(lm))
+    session, tracker = run.session("x")
+    out = lm.score_ids(ids, cont, "stability", 0.4, 1.0, layers, session=session, keep_logprobs=True)
+    assert torch.equal(out.logprobs, dense.logprobs)
+    assert tracker.fraction == 1.0
+    g_dense = lm.generate(PROMPT, "dense", max_new_tokens=8)
+    session, _ = run.session("x")
+    g = lm.generate(PROMPT, "stability", beta=1.0, max_new_tokens=8, session=session, method_used="oracle-token")
+    assert g.token_ids == g_dense.token_ids
+
+
+def test_oracle_token_below_one_is_sparse_and_differs(lm_ref):
+    lm, _ = lm_ref
+    ids, cont = _ids(lm)
+    layers = lm.resolve_layers("1:3")
+    dense = lm.score_ids(ids, cont, "dense", 0.4, 1.0, layers)
+    run = MM.MethodRun("oracle-token", 0.3, None, _ctx(lm))
+    session, tracker = run.session("x")
+    out = lm.score_ids(ids, cont, "stability", 0.4, 0.3, layers, session=session)
+    n = lm.adapter.n_neurons
+    assert tracker.fraction == pytest.approx(kept_count(0.3, n) / n)
+    assert not torch.equal(out.token_logprobs, dense.token_logprobs)
+    cost = run.cost(out.stats, tracker)
+    assert cost["kept_sparse"] == pytest.approx(kept_count(0.3, n) / n)
+    assert cost["ffn_bytes_per_token"] < dense.stats.ffn_bytes_per_token
+
+
+def test_token_topk_mask_counts():
+    acts = torch.tensor([[1.0, -5.0, 2.0, 0.5], [0.0, 0.1, -0.2, 3.0]])
+    m = token_topk_mask(acts, 2, "magnitude")
+    assert m.tolist() == [[False, True, True, False], [False, False, True, True]]
+    assert token_topk_mask(acts, 4).all()
+    with pytest.raises(ValueError):
+        token_topk_mask(acts, 0)
+
+
+def test_griffin_and_random_sessions(lm_ref):
+    lm, _ = lm_ref
+    ids, cont = _ids(lm)
+    ctx = _ctx(lm)
+    layers = ctx.layers
+    n = lm.adapter.n_neurons
+    k = kept_count(0.5, n)
+    # griffin: the session's core sets are griffin_select of the prompt's own activations
+    run = MM.MethodRun("griffin", 0.5, None, ctx)
+    session, _ = run.session("a")
+    out = lm.score_ids(ids, cont, "stability", 0.4, 0.5, layers, session=session)
+    captured = {}
+    lm.capture(ids, None, lambda i, a: captured.__setitem__(i, a[0]))
+    for i in layers:
+        assert torch.equal(session.core_sets[i], griffin_select(captured[i], 0.5))
+    assert out.stats.neurons_per_layer == k
+    # random: seeded per item, same size
+    r1, _ = MM.MethodRun("random", 0.5, None, ctx).session("item-1")
+    r2, _ = MM.MethodRun("random", 0.5, None, ctx).session("item-1")
+    r3, _ = MM.MethodRun("random", 0.5, None, ctx).session("item-2")
+    assert all(torch.equal(r1.core_sets[i], r2.core_sets[i]) for i in layers)
+    assert any(not torch.equal(r1.core_sets[i], r3.core_sets[i]) for i in layers)
+    assert all(len(r1.core_sets[i]) == k for i in layers)
+
+
+def test_svd_predictor_full_rank_is_exact_and_calibration_hits_target(lm_ref):
+    lm, _ = lm_ref
+    ctx = _ctx(lm)
+    w = lm.adapter.dense[1]
+    full = MM.SVDPredictor.from_gate(w.gate, rank=10_000)
+    x = torch.randn(5, w.gate.shape[1])
+    torch.testing.assert_close(full.predict(x), x @ w.gate.t(), atol=1e-4, rtol=1e-4)
+    predictors = MM.build_predictors(lm, ctx.layers, rank=8)
+    prompts = ["The quick brown fox jumps over the lazy dog.", "Two plus two equals four; three times five is fifteen.",
+               "Write a short poem about the sea and the wind in the evening."]
+    profile = MM.compute_profile(lm, prompts, ctx.layers, 0.4, predictors)
+    ctx.profile, ctx.predictors = profile, predictors
+    # on the calibration prompts themselves the thresholds keep the target fraction
+    run = MM.MethodRun("svd-predictor", 0.3, None, ctx)
+    session, tracker = run.session("x")
+    session.prefill_done = True
+    token = lm._active.set(session)
+    try:
+        with torch.inference_mode():
+            for p in prompts:
+                lm.model(input_ids=lm.encode(p), use_cache=False)
+    finally:
+        lm._active.reset(token)
+    assert tracker.fraction == pytest.approx(0.3, abs=0.03)
+    # static hot set from the profile: the most frequent token-core neurons
+    sets = MM.MethodContext(lm, ctx.layers, 0.4, 0, static_source="profile", profile=profile).static_core_sets(0.25)
+    n = lm.adapter.n_neurons
+    for i in ctx.layers:
+        assert len(sets[i]) == kept_count(0.25, n)
+        top = profile.counts[i][sets[i]].min()
+        rest = torch.ones(n, dtype=torch.bool)
+        rest[sets[i]] = False
+        assert top >= profile.counts[i][rest].max()
+    # the profile round-trips through its cache file
+    import os
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as d:
+        path = os.path.join(d, "p.npz")
+        profile.save(path)
+        back = MM.Profile.load(path)
+        assert back.threshold(1, 0.3) == pytest.approx(profile.threshold(1, 0.3))
+        assert torch.equal(back.counts[2], profile.counts[2])
+
+
+def test_methods_needing_an_artifact_or_unknown_fail_clearly():
+    with pytest.raises(MM.MethodError, match="needs --artifact"):
+        MM.check_methods(["similarity"], have_artifact=False)
+    with pytest.raises(MM.MethodError, match="static.*--artifact"):
+        MM.check_methods(["static"], have_artifact=False)
+    MM.check_methods(["static"], have_artifact=False, static_source="profile")
+    with pytest.raises(MM.MethodError, match="unknown method 'bogus'"):
+        MM.check_methods(["dense", "bogus"], have_artifact=False)
+
+
+def test_never_silently_dense(lm_ref):
+    lm, _ = lm_ref
+    run = MM.MethodRun("stability", 0.4, "positive", _ctx(lm))
+    with pytest.raises(EvalError, match="dense"):
+        _check_not_dense(run, {"kept_sparse": 1.0, "method_used": "stability"})
+    with pytest.raises(EvalError, match="fell back to dense"):
+        _check_not_dense(run, {"kept_sparse": 0.4, "method_used": "dense"})
+    # a stats object without core sets is refused when costed as sparse
+    ids, cont = _ids(lm)
+    dense = lm.score_ids(ids, cont, "dense", 0.4, 1.0, lm.resolve_layers("1:3"))
+    with pytest.raises(RuntimeError, match="without core sets"):
+        run.cost(dense.stats, None)
+
+
+def test_method_grid():
+    grid = MM.method_configs(["dense", "stability", "griffin"], [0.2, 0.5], ["positive", "magnitude"])
+    assert grid == [("dense", 1.0, None), ("stability", 0.2, "positive"), ("stability", 0.2, "magnitude"),
+                    ("stability", 0.5, "positive"), ("stability", 0.5, "magnitude"), ("griffin", 0.2, None),
+                    ("griffin", 0.5, None)]
+    with pytest.raises(ValueError, match=r"\(0, 1\]"):
+        MM.MethodRun("griffin", 1.5, None, None)
+
+
+def test_core_set_session_for_static_from_artifact_layers_mismatch(lm_ref):
+    lm, _ = lm_ref
+
+    class FakeArtifact:
+        layer_range = (2, 3)
+        arrays = {}
+
+    ctx = MM.MethodContext(lm, lm.resolve_layers("1:3"), 0.4, 0, artifact=FakeArtifact())
+    with pytest.raises(MM.MethodError, match="covers layers"):
+        ctx.static_core_sets(0.4)
+    assert isinstance(MM.MethodRun("griffin", 0.4, None, ctx).session("x")[0], CoreSetSession)
+
+
+def test_static_from_artifact_follows_the_pipeline_hot_set_rule(lm_ref):
+    lm, _ = lm_ref
+    import numpy as np
+
+    n = lm.adapter.n_neurons
+    rng = np.random.default_rng(0)
+    core = np.round(rng.random((2, n)), 1).astype(np.float32)  # many ties
+    freq = rng.random((2, n)).astype(np.float32)
+
+    class Art:
+        layer_range = (1, 3)
+        arrays = {"core_frequency": core, "frequency": freq}
+
+    ctx = MM.MethodContext(lm, lm.resolve_layers("1:3"), 0.4, 0, artifact=Art())
+    sets = ctx.static_core_sets(0.25)
+    k = kept_count(0.25, n)
+    for i in (1, 2):
+        order = sorted(range(n), key=lambda j: (-core[i - 1, j], -freq[i - 1, j], j))
+        assert sets[i].tolist() == sorted(order[:k])
