@@ -65,7 +65,7 @@ class CorpusConfig:
 class ProfileConfig:
     alpha: float = 0.4  # token-wise core fraction
     beta: float = 0.4  # per-prompt sentence-wise core fraction (statistics for clustering/coresets)
-    score: str = "positive"
+    score: str = "magnitude"
     layer_start: int = 0
     layer_end: Optional[int] = None  # null: all layers
     chunk_prompts: int = 64  # prompts per zarr chunk

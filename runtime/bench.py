@@ -15,6 +15,7 @@ import time
 import torch
 
 from .selection import kept_count
+from .sparse_lm import DEFAULT_SCORE
 
 BENCH_PROMPT = (
     "Summarise the following passage in two sentences. The history of the city begins with a small "
@@ -29,7 +30,7 @@ def _one_run(lm, method: str, beta: float, layers, n_new: int) -> dict:
     """Prefill + decode exactly n_new tokens (no EOS stop) and time each part."""
     ids = lm.encode(BENCH_PROMPT)
     lay = lm.resolve_layers(layers)
-    session, used, _ = lm.core_session(method, ids, BENCH_PROMPT, 0.4, beta, lay, "positive")
+    session, used, _ = lm.core_session(method, ids, BENCH_PROMPT, 0.4, beta, lay, DEFAULT_SCORE)
     if lm.device.type == "cuda":
         torch.cuda.synchronize()
     t0 = time.perf_counter()

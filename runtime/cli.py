@@ -96,7 +96,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--beta", type=float, default=None,
                    help="kept fraction of FFN neurons in sparse layers (default: the artifact's with --artifact, else 0.4)")
     g.add_argument("--alpha", type=float, default=0.4, help="token-wise core fraction of active neurons")
-    g.add_argument("--score", default="positive", choices=["positive", "magnitude"])
+    g.add_argument("--score", default="magnitude", choices=["positive", "magnitude"],
+                   help="token-wise score: |a| (default, measured best) or the paper's positive-only rule")
     g.add_argument("--layers", default=None, help="sparse layers 'start:stop' or fractions '0.15:0.85'")
     g.add_argument("--max-new-tokens", type=int, default=64)
     g.add_argument("--chat", action="store_true", help="wrap the prompt in the tokenizer's chat template")

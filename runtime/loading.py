@@ -102,7 +102,8 @@ def resolve_dtype(dtype, device: torch.device) -> torch.dtype:
     return dtype
 
 
-def _sha256(path: Path) -> str:
+def file_sha256(path: Path) -> str:
+    """sha256 of a file, read in blocks (GGUF cache keys, data-set identities in evaluation results)."""
     h = hashlib.sha256()
     with open(path, "rb") as f:
         for block in iter(lambda: f.read(1 << 22), b""):
@@ -114,7 +115,7 @@ def _converted_gguf(path: Path) -> Path:
     """Folder holding the GGUF model converted to safetensors; built once, atomically."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    target = _cache_root() / "converted" / _sha256(path)[:20]
+    target = _cache_root() / "converted" / file_sha256(path)[:20]
     if (target / "config.json").exists():
         return target
     target.parent.mkdir(parents=True, exist_ok=True)

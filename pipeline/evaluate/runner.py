@@ -37,7 +37,7 @@ class EvalConfig:
     methods: list[str] = field(default_factory=lambda: ["dense", "stability", "griffin", "random", "oracle-token",
                                                          "svd-predictor"])
     kept: list[float] = field(default_factory=lambda: [0.2, 0.4, 0.6, 0.8])
-    scores: list[str] = field(default_factory=lambda: ["positive"])
+    scores: list[str] = field(default_factory=lambda: ["magnitude"])  # the runtime default (measured best)
     tasks: list[str] = field(default_factory=lambda: ["agreement", "wikitext"])
     limit: int | None = None  # items per task (None: all)
     task_limits: dict[str, int] = field(default_factory=dict)  # per-task override of limit

@@ -19,13 +19,14 @@ Tasks:
 from __future__ import annotations
 
 import csv
-import hashlib
 import json
 import os
 import random
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+from coreinfer.runtime.loading import file_sha256  # noqa: F401  (re-exported: results record data hashes)
 
 import torch
 
@@ -55,14 +56,6 @@ def repo_root() -> Path:
 def data_dir() -> Path:
     env = os.environ.get("COREINFER_DATA")
     return Path(env) if env else repo_root().parent / "shared" / "data"
-
-
-def file_sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def _require(path: Path, what: str) -> Path:

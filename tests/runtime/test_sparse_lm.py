@@ -33,9 +33,11 @@ def test_core_sets_come_from_prompt_prefill(lm, tokenizer):
     captured = {}
     ids = lm.encode(PROMPT)
     lm.capture(ids, None, lambda layer, acts: captured.setdefault(layer, acts[0].clone()))
-    out = lm.generate(PROMPT, beta=0.3, alpha=0.5, layers="0:4", max_new_tokens=2)
-    for layer in range(4):
-        assert torch.equal(out.core_sets[layer], stability_select(captured[layer], alpha=0.5, beta=0.3))
+    for score in ("positive", "magnitude"):
+        out = lm.generate(PROMPT, beta=0.3, alpha=0.5, layers="0:4", max_new_tokens=2, score=score)
+        for layer in range(4):
+            assert torch.equal(out.core_sets[layer], stability_select(captured[layer], alpha=0.5, beta=0.3, score=score))
+    assert lm.generate(PROMPT, max_new_tokens=1).stats.score == "magnitude"  # the measured default
 
 
 def test_sparse_decode_uses_only_core_neurons(lm, tokenizer):
