@@ -77,6 +77,12 @@ def _cmd_eval(argv: list[str]) -> int:
     return eval_main(argv)
 
 
+def _cmd_lm_eval(argv: list[str]) -> int:
+    from coreinfer.pipeline.evaluate.lm_eval_adapter import main as lm_eval_main  # registers --model coreinfer
+
+    return lm_eval_main(argv)
+
+
 def _cmd_pipeline(argv: list[str]) -> int:
     from coreinfer.pipeline.cli import main as pipeline_main
 
@@ -119,6 +125,9 @@ def build_parser() -> argparse.ArgumentParser:
     b.set_defaults(func=_cmd_bench)
 
     sub.add_parser("eval", help="quality evaluation (coreinfer eval --help)", add_help=False)
+    sub.add_parser("lm-eval", help="lm-evaluation-harness with the coreinfer model registered: "
+                   "coreinfer lm-eval --model coreinfer --model_args model=...,method=...,beta=... --tasks ...",
+                   add_help=False)
     sub.add_parser("pipeline", help="run a calibration pipeline stage (coreinfer pipeline --help)", add_help=False)
     return parser
 
@@ -128,6 +137,8 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     if argv and argv[0] == "eval":
         return _cmd_eval(argv[1:])
+    if argv and argv[0] == "lm-eval":
+        return _cmd_lm_eval(argv[1:])
     if argv and argv[0] == "pipeline":
         return _cmd_pipeline(argv[1:])
     args = build_parser().parse_args(argv)
