@@ -20,7 +20,7 @@ How each request type is served (the sparse FFN is applied to every scored or ge
                        every later token is scored sparse (``rolling_prefix=0`` refuses rolling requests)
 
 model_args: model, method (dense, stability, similarity, auto, static, griffin, random, oracle-token),
-alpha, beta (the kept fraction), layers, score (positive | magnitude), artifact, seed, dtype, device,
+alpha, beta (the kept fraction), layers, score (magnitude (default) | positive), artifact, seed, dtype, device,
 max_gen_toks, rolling_prefix.
 """
 
@@ -44,6 +44,8 @@ except ImportError:  # lm-eval is an optional extra
         return lambda cls: cls
 
 
+from coreinfer.runtime.sparse_lm import DEFAULT_SCORE
+
 from . import methods as MM
 
 ADAPTER_METHODS = ("dense", "stability", "similarity", "auto", "static", "griffin", "random", "oracle-token")
@@ -63,7 +65,7 @@ class CoreInferLM(LM):
     """A ``SparseLM`` behind lm-eval's LM interface; one request at a time (batch size 1)."""
 
     def __init__(self, model: str = "smollm2-135m", method: str = "stability", alpha: float = 0.4, beta: float = 0.4,
-                 layers: str | None = None, score: str = "positive", artifact: str | None = None, seed: int = 0,
+                 layers: str | None = None, score: str = DEFAULT_SCORE, artifact: str | None = None, seed: int = 0,
                  dtype: str | None = None, device: str | None = None, max_gen_toks: int = 256,
                  rolling_prefix: int = 64, lm=None, **_harness_kwargs):
         _require_lm_eval()

@@ -60,7 +60,7 @@ def test_core_sets_are_the_runtime_selection_on_real_tokens(lm, tmp_path):
         lm.capture(ids, None, lambda layer, a: acts.__setitem__(layer, a[0].clone()))
         assert int(prof["n_tokens"][i]) == ids.shape[1]
         for layer, a in acts.items():
-            expect = stability_select(a, 0.4, 0.4, "positive")
+            expect = stability_select(a, 0.4, 0.4, prof.attrs["score"])
             assert np.flatnonzero(core[i, layer]).tolist() == expect.tolist()
             active[layer] += (a > 0).sum(0).numpy()
     np.testing.assert_array_equal(prof["active_count"][...], active)  # padding never counted

@@ -323,7 +323,7 @@ def test_hook_answers_like_sparselm_eager(family, tokenizer):
     prompt = "Write a short poem about the sea and the wind"
     for method, layers in (("dense", None), ("stability", "1:3"), ("stability", "0:4")):
         lay = lm.resolve_layers(layers)
-        ref = lm.generate(prompt, method=method, beta=0.3, layers=layers, max_new_tokens=10)
+        ref = lm.generate(prompt, method=method, beta=0.3, layers=layers, max_new_tokens=10, score="positive")
         got = fast_generate(lm, prompt, method, 0.4, 0.3, lay, 10, "positive", False, {}, force=True)
         assert got is not None
         assert got.token_ids == ref.token_ids and got.text == ref.text
