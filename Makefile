@@ -27,13 +27,17 @@ $(STAMP): pyproject.toml Makefile
 
 install: $(STAMP)
 
-# The main job on the embedded defaults: build the calibration artifact, then generate with it.
+# The main job on the embedded defaults: build the calibration artifact, then generate with it,
+# and the dense model's answer beside it so the quality cost is in plain view.
+PROMPT := Explain in two sentences why the sky is blue.
 run: install
 	$(BIN)/dvc repro
-	$(BIN)/coreinfer generate "Explain in two sentences why the sky is blue." --chat \
-	    --artifact artifacts/smollm2-135m/coreneurons.zarr --max-new-tokens 48
+	@echo "--- sparse (method auto, calibration artifact) ---"
+	$(BIN)/coreinfer generate "$(PROMPT)" --chat --artifact artifacts/smollm2-135m/coreneurons.zarr --max-new-tokens 48
+	@echo "--- dense (every FFN neuron) ---"
+	$(BIN)/coreinfer generate "$(PROMPT)" --chat --method dense --max-new-tokens 48
 
-# The whole suite but GPU-only tests (real-model tests included; ~10 min on 2 cores).
+# The whole suite but GPU-only tests (real-model tests included; about 5 min on 2 cores).
 test: install
 	$(BIN)/python -m pytest -m "not gpu" $(PYTEST_ARGS)
 

@@ -242,6 +242,18 @@ def _graph_time_us(fn, n: int, reps: int = 10) -> float:
     return sorted(ts)[len(ts) // 2]
 
 
+def _kernel_us(fn, reps: int = 5) -> dict[str, float]:
+    """Mean device time per call of each CUDA kernel ``fn`` launches, from the torch profiler (µs)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(reps):
+            fn()
+        torch.cuda.synchronize()
+    return {e.key[:60]: round(getattr(e, "self_device_time_total", 0.0) / reps, 1) for e in prof.key_averages()
+            if getattr(e, "self_device_time_total", 0.0) > 0}
+
+
 def _event_ms(fn, reps: int = 10) -> float:
     for _ in range(2):
         fn()
@@ -276,14 +288,7 @@ def gather_free_microbench(log=print) -> dict:
     sel = {"select_ms": _event_ms(lambda: stability_select_layers(acts, 0.4, 0.4, "positive"))}
     for bc, wp in ((64, 2), (128, 4), (256, 4), (512, 8)):
         sel[f"stats_ms_block{bc}_w{wp}"] = _event_ms(lambda: select_kernels.layer_statistics(acts, 0.4, "positive", bc, wp))
-    from torch.profiler import ProfilerActivity, profile
-
-    with profile(activities=[ProfilerActivity.CUDA]) as prof:
-        for _ in range(5):
-            stability_select_layers(acts, 0.4, 0.4, "positive")
-        torch.cuda.synchronize()
-    sel["kernels_us"] = {e.key[:60]: round(getattr(e, "self_device_time_total", 0.0) / 5, 1) for e in prof.key_averages()
-                         if getattr(e, "self_device_time_total", 0.0) > 0}
+    sel["kernels_us"] = _kernel_us(lambda: stability_select_layers(acts, 0.4, 0.4, "positive"))
     sub = acts[:4]
     c_g, s_g = layer_statistics(sub, 0.4, "positive")
     c_c, s_c = layer_statistics(sub.cpu(), 0.4, "positive")
@@ -387,7 +392,6 @@ def selection_profile(log=print) -> dict:
     """The sync-free selection of Llama-3.1-8B's 32 layers x 256 tokens (bf16, SwiGLU-like activations):
     event-timed median of the whole ``stability_select_layers`` call, and GPU time per kernel (profiler)."""
     import torch.nn.functional as F
-    from torch.profiler import ProfilerActivity, profile
 
     from ..selection import stability_select_layers
 
@@ -396,12 +400,7 @@ def selection_profile(log=print) -> dict:
     acts = F.silu(torch.randn(shape, device="cuda", dtype=torch.bfloat16, generator=g)) * torch.randn(
         shape, device="cuda", dtype=torch.bfloat16, generator=g)
     out = {"select_ms_event_median": _event_ms(lambda: stability_select_layers(acts, 0.4, 0.4, "positive"), reps=20)}
-    with profile(activities=[ProfilerActivity.CUDA]) as prof:
-        for _ in range(5):
-            stability_select_layers(acts, 0.4, 0.4, "positive")
-        torch.cuda.synchronize()
-    out["kernel_us"] = {e.key[:60]: round(getattr(e, "self_device_time_total", 0.0) / 5, 1) for e in prof.key_averages()
-                        if getattr(e, "self_device_time_total", 0.0) > 0}
+    out["kernel_us"] = _kernel_us(lambda: stability_select_layers(acts, 0.4, 0.4, "positive"))
     log(f"[selection profile] {out}")
     del acts
     torch.cuda.empty_cache()
