@@ -75,6 +75,10 @@ def decode_loop(step: Callable[[int], torch.Tensor], first_logits: torch.Tensor,
         out.token_ids.append(token)
         if streamer is not None:
             streamer.put(torch.tensor([token]))
+        if not stop and on_text is None:  # nothing looks at the text mid-stream: decode once at the end
+            if i + 1 < max_new_tokens:
+                logits = step(token)
+            continue
         text = tokenizer.decode(out.token_ids, skip_special_tokens=True)
         hit = min((text.find(s) for s in stop if s in text), default=-1)
         if hit >= 0:
@@ -86,6 +90,8 @@ def decode_loop(step: Callable[[int], torch.Tensor], first_logits: torch.Tensor,
             emitted = len(text) - hold
         if i + 1 < max_new_tokens:
             logits = step(token)
+    if not stop and on_text is None:
+        out.text = tokenizer.decode(out.token_ids, skip_special_tokens=True)
     if on_text is not None and len(out.text) > emitted:
         on_text(out.text[emitted:])
     if streamer is not None:

@@ -191,6 +191,8 @@ class SparseLM:
                 logits, cache = self._forward(ids, None, last_only)
                 if isinstance(session, CoreSetSession):
                     session.freeze(self.adapter.dense)
+                if hasattr(session, "prefill_done"):  # per-token baselines switch on after the prompt
+                    session.prefill_done = True
         finally:
             self._active.reset(token)
         return logits, cache
@@ -280,8 +282,6 @@ class SparseLM:
         t0 = time.perf_counter()
         logits, cache = self._run_prefill(session, ids, last_only=True)
         prefill_s = time.perf_counter() - t0
-        if hasattr(session, "prefill_done"):
-            session.prefill_done = True
         if streamer is not None:
             streamer.put(ids[0].cpu())
 
@@ -355,8 +355,6 @@ class SparseLM:
         t0 = time.perf_counter()
         logits, cache = self._run_prefill(session, ids, last_only=True)
         prefill_s = time.perf_counter() - t0
-        if hasattr(session, "prefill_done"):
-            session.prefill_done = True
         first = logits[-1:].float().log_softmax(-1)
         outs = []
         for cont in conts:
