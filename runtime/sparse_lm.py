@@ -17,13 +17,11 @@ import torch
 from . import adapters
 from .decode import DecodeResult, Sampling, decode_loop
 from .loading import DEFAULT_MODEL, LoadedModel, load_model
-from .selection import check_fraction, check_score, kept_count
+from .selection import DEFAULT_SCORE, check_fraction, check_score, kept_count
 from .session import CaptureSession, CoreSetSession, Session, stability_selector
 
 METHODS = ("dense", "stability", "similarity", "auto")
 DEFAULT_LAYERS = (5 / 32, 27 / 32)  # the paper keeps layers 5..26 of 32 sparse; first and last stay dense
-# |a| beats the paper's positive-only rule at every kept fraction on both real models (docs/quality.md)
-DEFAULT_SCORE = "magnitude"
 DEFAULT_BETA = 0.4
 GENERATION_KWARGS = ("do_sample", "temperature", "top_k", "top_p", "seed", "stop", "streamer", "on_text", "chat",
                      "return_logits")

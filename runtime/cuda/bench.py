@@ -169,14 +169,16 @@ def hf_generate_bench(model, ids: torch.Tensor, new_tokens: int, repeats: int) -
 
 
 def fast_bench(weights, ids: torch.Tensor, new_tokens: int, repeats: int, kept_fraction, sparse_layers=None,
-               cuda_graph=True, compile_elementwise=True, label=None, attention=None, gemv=None, rows_config=None) -> dict:
+               cuda_graph=True, compile_elementwise=True, label=None, attention=None, gemv=None, rows_config=None,
+               options: dict | None = None) -> dict:
+    """``options``: further ``FastLM`` keyword arguments (pdl, fused_norm, gemv_config)."""
     from .fastlm import FastLM
 
     torch.cuda.reset_peak_memory_stats()
     t0 = time.perf_counter()
     fast = FastLM(weights, max_seq_len=ids.numel() + new_tokens, kept_fraction=kept_fraction, sparse_layers=sparse_layers,
                   cuda_graph=cuda_graph, compile_elementwise=compile_elementwise, attention=attention, gemv=gemv,
-                  rows_config=rows_config)
+                  rows_config=rows_config, **(options or {}))
     fast.warmup()
     setup_s = time.perf_counter() - t0
     fast.generate(ids, new_tokens, timing=True)  # warm-up
@@ -191,6 +193,7 @@ def fast_bench(weights, ids: torch.Tensor, new_tokens: int, repeats: int, kept_f
            "peak_mem_gb": torch.cuda.max_memory_allocated() / 1e9, "bytes_per_token": fast.bytes_per_token(),
            "fast_buffers_gb": fast.buffer_bytes() / 1e9, "setup_s": setup_s, "cuda_graph": cuda_graph,
            "compiled_elementwise": compile_elementwise, "attention": fast.attention, "gemv": fast.gemv,
+           "pdl": fast.pdl, "fused_norm": fast.fused_norm, "gemv_config": fast.gemv_config,
            "gather_free": fast.indexed, "down_t_gb": weights.down_t_bytes() / 1e9,
            "tokens": runs[0].tokens}
     row["select_gather_pct_prefill"] = 100 * (med["select_ms"] + med["gather_ms"]) / med["prefill_ms"]
@@ -203,6 +206,10 @@ def _kernel_class(name: str) -> str:
         return "matmul"
     if any(s in n for s in ("fmha", "attention", "flash", "attn")):
         return "attention"
+    if "residual_rms" in n or "split_sum" in n:
+        return "residual_norm"
+    if "argmax" in n:
+        return "argmax"
     if "triton" in n:
         return "fused_elementwise"
     if "index" in n or "scatter" in n or "gather" in n:
@@ -313,7 +320,7 @@ def _free():
 
 def bench_model(spec: str, dtype: torch.dtype, betas, new_tokens: int, repeats: int, bandwidth: float,
                 layers=None, check: bool = True, profile: bool = False, ablation: bool = False, log=print,
-                rows_config=None) -> dict:
+                rows_config=None, options: dict | None = None) -> dict:
     from .fastlm import FastWeights
 
     t0 = time.perf_counter()
@@ -343,18 +350,25 @@ def bench_model(spec: str, dtype: torch.dtype, betas, new_tokens: int, repeats: 
     del model
     _free()
     res["bandwidth_gb_s"] = bandwidth / 1e9
-    configs = [(None, True, True, None, None, None)] + [(b, True, True, None, None, None) for b in betas]
+    opts = dict(options or {})
+    plain = {**opts, "pdl": False, "fused_norm": False}
+    configs = [(None, True, True, None, None, None, opts)] + [(b, True, True, None, None, None, opts) for b in betas]
     if ablation:  # what each piece is worth, at kept fraction 0.4, removed one after the other
-        configs += [(None, True, True, None, "torch", "fast-dense-cublas-gemv"),
-                    (0.4, True, True, None, "torch", "fast-sparse-cublas-gemv"),
-                    (0.4, True, True, "sdpa", "torch", "fast-sparse-cublas-sdpa-attention"),
-                    (0.4, True, False, "sdpa", "torch", "fast-sparse-cublas-sdpa-unfused"),
-                    (0.4, False, False, "sdpa", "torch", "fast-sparse-eager-no-graph")]
-    for beta, graph, comp, attention, gemv, label in configs:
+        configs += [(None, True, True, None, None, "fast-dense-no-pdl-unfused-norm", plain),
+                    (0.4, True, True, None, None, "fast-sparse-no-pdl", {**opts, "pdl": False}),
+                    (0.4, True, True, None, None, "fast-sparse-no-pdl-unfused-norm", plain),
+                    (None, True, True, None, "torch", "fast-dense-cublas-gemv", {}),
+                    (0.4, True, True, None, "torch", "fast-sparse-cublas-gemv", {}),
+                    (0.4, True, True, "sdpa", "torch", "fast-sparse-cublas-sdpa-attention", {}),
+                    (0.4, True, False, "sdpa", "torch", "fast-sparse-cublas-sdpa-unfused", {}),
+                    (0.4, False, False, "sdpa", "torch", "fast-sparse-eager-no-graph", {})]
+    for beta, graph, comp, attention, gemv, label, extra in configs:
+        if gemv == "torch":
+            extra = {**extra, "pdl": False}
         try:
             row, fast = fast_bench(weights, ids, new_tokens if graph else min(new_tokens, 32), repeats, beta,
                                    sparse_layers, cuda_graph=graph, compile_elementwise=comp, label=label,
-                                   attention=attention, gemv=gemv, rows_config=rows_config)
+                                   attention=attention, gemv=gemv, rows_config=rows_config, options=extra)
         except Exception as err:
             res["rows"].append({"path": label or ("fast-dense" if beta is None else "fast-sparse"), "beta": beta,
                                 "error": repr(err)})
@@ -416,7 +430,7 @@ def environment(bandwidth: float | None = None) -> dict:
 
 def run_suite(models, dtype=torch.bfloat16, betas=(0.2, 0.4, 0.6), new_tokens: int = 128, repeats: int = 3,
               layers=None, check: bool = True, profile_first: bool = True, ablation_first: bool = True,
-              log=print, on_model=None, rows_config=None) -> dict:
+              log=print, on_model=None, rows_config=None, options: dict | None = None) -> dict:
     from .fastlm import check_device_dtype
 
     check_device_dtype("cuda", dtype)
@@ -424,14 +438,14 @@ def run_suite(models, dtype=torch.bfloat16, betas=(0.2, 0.4, 0.6), new_tokens: i
     from .kernels import GEMV_ROWS_CONFIG
 
     result = {"env": environment(bw), "dtype": str(dtype).replace("torch.", ""), "new_tokens": new_tokens,
-              "gemv_rows_config": list(rows_config or GEMV_ROWS_CONFIG),
+              "gemv_rows_config": list(rows_config or GEMV_ROWS_CONFIG), "fast_options": options or {},
               "prompt_tokens": PROMPT_TOKENS, "repeats": repeats, "betas": list(betas), "models": []}
     log(f"env {result['env']}")
     for i, spec in enumerate(models):
         try:
             r = bench_model(spec, dtype, betas, new_tokens, repeats, bw, layers, check=check,
                             profile=profile_first and i == 0, ablation=ablation_first and i == 0, log=log,
-                            rows_config=rows_config)
+                            rows_config=rows_config, options=options)
         except Exception as err:
             import traceback
 

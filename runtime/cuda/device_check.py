@@ -51,7 +51,7 @@ def greedy_check(gguf: str, new_tokens: int = 48, log=print, device: str = "cuda
     tokens, how often the fast path's top-1 agrees, and by how much it prefers its own token where not
     (a near-tie in bf16 rounding shows as a tiny gap)."""
     from ..loading import load_model
-    from ..selection import jaccard
+    from ..selection import DEFAULT_SCORE, jaccard
     from ..sparse_lm import SparseLM
     from .fastlm import FastLM, FastWeights
 
@@ -64,7 +64,7 @@ def greedy_check(gguf: str, new_tokens: int = 48, log=print, device: str = "cuda
         n = lm.adapter.n_layers
         for label, beta, layers in (("dense", None, None), ("sparse beta=0.4, paper layers", 0.4, lm.resolve_layers(None)),
                                     ("sparse beta=0.4, all layers", 0.4, range(n))):
-            fast = FastLM(weights, max_seq_len=256, kept_fraction=beta, sparse_layers=layers)
+            fast = FastLM(weights, max_seq_len=256, kept_fraction=beta, sparse_layers=layers, score=DEFAULT_SCORE)
             rows = []
             for p in PROMPTS:
                 ids = lm.encode(p, chat=True)[0]
@@ -73,7 +73,7 @@ def greedy_check(gguf: str, new_tokens: int = 48, log=print, device: str = "cuda
                         ref = lm.generate(p, method="dense", max_new_tokens=new_tokens, chat=True)
                     else:
                         ref = lm.generate(p, method="stability", beta=beta, layers=layers, max_new_tokens=new_tokens,
-                                          chat=True)
+                                          chat=True, score=DEFAULT_SCORE)
                 assert ref.stats.decode_tokens_per_s < 200 or len(ref.token_ids) < 3, "reference ran the fast path"
                 got = fast.generate(ids, new_tokens, eos_token_id=eos)
                 toks = [t for t in got.tokens if t not in eos]
@@ -388,19 +388,126 @@ def tune_gemv_rows(log=print) -> dict:
     return {"k": k, "rows": rows, "best": None if best is None else best["config"]}
 
 
-def selection_profile(log=print) -> dict:
-    """The sync-free selection of Llama-3.1-8B's 32 layers x 256 tokens (bf16, SwiGLU-like activations):
-    event-timed median of the whole ``stability_select_layers`` call, and GPU time per kernel (profiler)."""
+def tune_threshold(log=print) -> dict:
+    """The selection's per-token threshold search, Llama-3.1-8B shape (32 layers x 256 tokens x 14336, bf16,
+    SwiGLU-like): every (two bits per step, num_warps) variant, event-timed over the whole selection; each must
+    give the default's core sets exactly. The fastest is used."""
     import torch.nn.functional as F
 
-    from ..selection import stability_select_layers
+    from ..selection import DEFAULT_SCORE, kept_count
+    from . import select_kernels
 
     g = torch.Generator(device="cuda").manual_seed(0)
     shape = (32, 256, 14336)
     acts = F.silu(torch.randn(shape, device="cuda", dtype=torch.bfloat16, generator=g)) * torch.randn(
         shape, device="cuda", dtype=torch.bfloat16, generator=g)
-    out = {"select_ms_event_median": _event_ms(lambda: stability_select_layers(acts, 0.4, 0.4, "positive"), reps=20)}
-    out["kernel_us"] = _kernel_us(lambda: stability_select_layers(acts, 0.4, 0.4, "positive"))
+    k = kept_count(0.4, shape[2])
+    want = select_kernels.select(acts, 0.4, DEFAULT_SCORE, k, threshold_config=(False, None, False))
+    rows = []
+    for cfg in [(False, None, False), (False, None, True), (False, 8, True), (False, 32, True), (True, None, True),
+                (False, 4, True)]:
+        try:
+            same = bool(torch.equal(select_kernels.select(acts, 0.4, DEFAULT_SCORE, k, threshold_config=cfg), want))
+            ms = _event_ms(lambda: select_kernels.select(acts, 0.4, DEFAULT_SCORE, k, threshold_config=cfg), reps=20)
+            rows.append({"config": list(cfg), "select_ms": ms, "identical": same})
+        except Exception as err:  # recorded, never hidden
+            rows.append({"config": list(cfg), "error": repr(err)})
+        log(f"[tune threshold] {rows[-1]}")
+    ok = [r for r in rows if "error" not in r and r["identical"]]
+    best = min(ok, key=lambda r: r["select_ms"]) if ok else None
+    out = {"rows": rows, "best": None if best is None else best["config"]}
+    if best is not None:
+        out["kernel_us"] = _kernel_us(lambda: select_kernels.select(acts, 0.4, DEFAULT_SCORE, k,
+                                                                   threshold_config=tuple(best["config"])))
+    del acts
+    torch.cuda.empty_cache()
+    return out
+
+
+def tune_decode(log=print, spec: str = "llama-3.1-8b", new_tokens: int = 128, repeats: int = 2) -> dict:
+    """The decode step's launch and GEMV options on one model shape at kept fraction 0.4 (then dense for the
+    fastest): PDL off/on, residual+RMSNorm fused or not, and Triton GEMV tilings. Median decode tok/s."""
+    from . import bench
+    from .fastlm import FastWeights
+
+    model, tok = bench.build_shape_model(spec, torch.bfloat16)
+    ids = bench.bench_prompt(tok, model.get_input_embeddings().weight.shape[0])
+    weights = FastWeights.from_hf(model)
+    del model
+    # defaults first (kernels.GEMV_CONFIG / GEMV_CONFIG_UP / GEMV_ROWS_CONFIG), then the previous build's
+    variants = [{"pdl": True, "fused_norm": True}, {"pdl": False, "fused_norm": False, "gemv_config": (4, 1024, 8, 3)}] + [
+        {"pdl": True, "fused_norm": True, "gemv_config": c} for c in [(2, 2048, 8, 4), (2, 4096, 4, 3)]]
+    rows = []
+
+    def key(r):
+        return r["decode_tok_s"] if "error" not in r else -1.0
+
+    def run(opts):
+        try:
+            row, fast = bench.fast_bench(weights, ids, new_tokens, repeats, 0.4, rows_config=opts.get("rows_config"),
+                                         options={k: v for k, v in opts.items() if k != "rows_config"})
+            rows.append({"options": {k: (list(v) if isinstance(v, tuple) else v) for k, v in opts.items()},
+                         "decode_tok_s": row["decode_tok_s"], "setup_s": row["setup_s"]})
+            del fast
+        except Exception as err:  # recorded, never hidden
+            rows.append({"options": {k: (list(v) if isinstance(v, tuple) else v) for k, v in opts.items()}, "error": repr(err)})
+        log(f"[tune decode] {rows[-1]}")
+        _free_cuda()
+        return rows[-1]
+
+    for opts in variants:
+        run(opts)
+    # then the gate||up GEMV's own tiling, and the down product's, on top of the best so far
+    base = {k: (tuple(v) if isinstance(v, list) else v) for k, v in max(rows, key=key)["options"].items()}
+    for c in [(1, 4096, 8, 2), (1, 4096, 2, 2), (1, 4096, 4, 3), (2, 4096, 8, 2)]:
+        run({**base, "gemv_config_up": c})
+    base = {k: (tuple(v) if isinstance(v, list) else v) for k, v in max(rows, key=key)["options"].items()}
+    for c in [(2048, 4, 128, 8, 3), (2048, 4, 160, 8, 3), (2048, 4, 192, 8, 3), (1024, 4, 96, 4, 3),
+              (512, 8, 96, 4, 3), (1024, 8, 96, 8, 3), (2048, 2, 128, 8, 3), (4096, 4, 96, 16, 3)]:
+        run({**base, "rows_config": c})
+    ok = [r for r in rows if "error" not in r]
+    best = max(ok, key=lambda r: r["decode_tok_s"]) if ok else None
+    out = {"model": spec, "rows": rows, "best": None if best is None else best["options"]}
+    if best is not None:
+        opts = {k: (tuple(v) if isinstance(v, list) else v) for k, v in best["options"].items()}
+        for o in (opts, {"pdl": False, "fused_norm": False}):
+            row, fast = bench.fast_bench(weights, ids, new_tokens, repeats, None, rows_config=o.get("rows_config"),
+                                         options={k: v for k, v in o.items() if k != "rows_config"})
+            out.setdefault("dense", []).append({"options": str(o), "decode_tok_s": row["decode_tok_s"]})
+            log(f"[tune decode] dense {out['dense'][-1]}")
+            del fast
+            _free_cuda()
+        row, fast = bench.fast_bench(weights, ids, new_tokens, repeats, 0.4, rows_config=opts.get("rows_config"),
+                                     options={k: v for k, v in opts.items() if k != "rows_config"})
+        out["profile_sparse_0.4"] = bench.profile_decode(fast, ids)
+        log(f"[tune decode] profile {out['profile_sparse_0.4']}")
+        del fast
+        _free_cuda()
+    del weights
+    _free_cuda()
+    return out
+
+
+def _free_cuda():
+    import gc
+
+    gc.collect()
+    torch.cuda.empty_cache()
+
+
+def selection_profile(log=print) -> dict:
+    """The sync-free selection of Llama-3.1-8B's 32 layers x 256 tokens (bf16, SwiGLU-like activations):
+    event-timed median of the whole ``stability_select_layers`` call, and GPU time per kernel (profiler)."""
+    import torch.nn.functional as F
+
+    from ..selection import DEFAULT_SCORE, stability_select_layers
+
+    g = torch.Generator(device="cuda").manual_seed(0)
+    shape = (32, 256, 14336)
+    acts = F.silu(torch.randn(shape, device="cuda", dtype=torch.bfloat16, generator=g)) * torch.randn(
+        shape, device="cuda", dtype=torch.bfloat16, generator=g)
+    out = {"select_ms_event_median": _event_ms(lambda: stability_select_layers(acts, 0.4, 0.4, DEFAULT_SCORE), reps=20)}
+    out["kernel_us"] = _kernel_us(lambda: stability_select_layers(acts, 0.4, 0.4, DEFAULT_SCORE))
     log(f"[selection profile] {out}")
     del acts
     torch.cuda.empty_cache()
@@ -419,6 +526,10 @@ def main(argv=None) -> int:
     ap.add_argument("--gemv", action="store_true", help="GEMV micro-benchmark only")
     ap.add_argument("--gather-free", action="store_true", help="selection + indexed-GEMV micro-benchmark only")
     ap.add_argument("--calibrate", default=None, help="comma-separated shapes for the bf16-vs-fp32 calibration only")
+    ap.add_argument("--tune", action="store_true", help="tune the threshold search and the decode options only")
+    ap.add_argument("--options", default=None, help='FastLM options for the suite as JSON, e.g. {"pdl": true}')
+    ap.add_argument("--threshold", default=None, help="threshold-search config as JSON [pairs, warps]")
+    ap.add_argument("--rows-config", default=None, help="gemv_rows config as JSON (skips its tuning)")
     args = ap.parse_args(argv)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -441,6 +552,18 @@ def main(argv=None) -> int:
         return 0
     if args.gemv:
         (out / "gemv.json").write_text(json.dumps(gemv_microbench(log=log), indent=1))
+        return 0
+    if args.threshold:
+        from . import select_kernels
+
+        select_kernels.THRESHOLD_CONFIG = tuple(json.loads(args.threshold))
+        log(f"threshold config {select_kernels.THRESHOLD_CONFIG}")
+    if args.tune:
+        tuning = {"threshold": tune_threshold(log=log)}
+        (out / "tuning.json").write_text(json.dumps(tuning, indent=1, default=str))
+        tuning["decode"] = tune_decode(log=log)
+        (out / "tuning.json").write_text(json.dumps(tuning, indent=1, default=str))
+        log(f"best threshold {tuning['threshold']['best']}, best decode {tuning['decode']['best']}")
         return 0
     if args.calibrate:
         cal = []
@@ -483,15 +606,19 @@ def main(argv=None) -> int:
             mm["model"] = labels.get(mm["model"], mm["model"])
         (out / "results.json").write_text(json.dumps(result, indent=1, default=str))
 
-    tuning = tune_gemv_rows(log=log)
+    if args.rows_config:
+        tuning = {"best": json.loads(args.rows_config), "given": True}
+    else:
+        tuning = tune_gemv_rows(log=log)
     try:
         tuning["selection_profile"] = selection_profile(log=log)
     except Exception as err:  # recorded, never hidden
         tuning["selection_profile"] = {"error": repr(err)}
     rows_config = tuple(tuning["best"]) if tuning["best"] else None
     log(f"gather-free down GEMV config: {rows_config}")
+    options = {k: (tuple(v) if isinstance(v, list) else v) for k, v in json.loads(args.options or "{}").items()}
     result = bench.run_suite(specs, new_tokens=args.new_tokens, repeats=args.repeats, log=log, on_model=save,
-                             rows_config=rows_config)
+                             rows_config=rows_config, options=options)
     result["gemv_rows_tuning"] = tuning
     save(result)
     save(result)

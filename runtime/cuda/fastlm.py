@@ -41,7 +41,7 @@ import torch.nn.functional as F
 
 from .. import adapters
 from ..ffn import FFNWeights, activation_fn
-from ..selection import check_fraction, check_score, kept_count, stability_select_layers
+from ..selection import DEFAULT_SCORE, check_fraction, check_score, kept_count, stability_select_layers
 
 SUPPORTED = ("llama", "mistral", "qwen2", "opt")
 PAD = 64  # compact FFN slots are padded to a multiple of this (see FastLM.__init__)
@@ -369,9 +369,11 @@ class FastLM:
     """
 
     def __init__(self, weights: FastWeights, *, max_seq_len: int = 1024, kept_fraction: float | None = None,
-                 alpha: float = 0.4, score: str = "positive", sparse_layers: range | None = None,
+                 alpha: float = 0.4, score: str = DEFAULT_SCORE, sparse_layers: range | None = None,
                  cuda_graph: bool | None = None, compile_elementwise: bool | None = None,
-                 attention: str | None = None, gemv: str | None = None, rows_config: tuple | None = None):
+                 attention: str | None = None, gemv: str | None = None, rows_config: tuple | None = None,
+                 pdl: bool | None = None, fused_norm: bool | None = None, gemv_config: tuple | None = None,
+                 gemv_config_up: tuple | None = None):
         w = weights
         self.w = w
         on_cuda = w.device.type == "cuda"
@@ -401,6 +403,10 @@ class FastLM:
         self.cuda_graph = cuda_graph
         self.attention = self._pick_attention(attention, on_cuda)
         self.gemv = self._pick_gemv(gemv, on_cuda)
+        self.pdl = self._pick_pdl(pdl)
+        self.fused_norm = self._pick_fused_norm(fused_norm)
+        self.gemv_config = gemv_config  # the Triton GEMV's kernel config (None: kernels.GEMV_CONFIG)
+        self.gemv_config_up = gemv_config_up or gemv_config  # ... of gate||up / fc1 (None: kernels.GEMV_CONFIG_UP)
         self.ops = _Ops(compile_elementwise)
         self._lock = threading.Lock()
         dev, dt = w.device, w.dtype
@@ -413,7 +419,13 @@ class FastLM:
         if self.attention == "triton":
             from .kernels import DecodeAttention
 
-            self._attn = DecodeAttention(w.n_heads, w.n_kv_heads, w.head_dim, self.cache_len, dev, w.sliding_window)
+            self._attn = DecodeAttention(w.n_heads, w.n_kv_heads, w.head_dim, self.cache_len, dev, w.sliding_window,
+                                         pdl=self.pdl)
+        self._scratch = None
+        if self.gemv == "triton":
+            from .kernels import StepScratch
+
+            self._scratch = StepScratch(w.hidden, w.vocab, dev)
         # Sparse layers, two ways of decoding with the core neurons only:
         # * gather-free (``indexed``: Triton GEMVs): the kernels read the core rows of gate||up (or fc1) and of
         #   the row-major transposed down projection in place, by index, from one fixed-address index buffer
@@ -491,6 +503,30 @@ class FastLM:
             return "torch"
         return "triton"
 
+    def _pick_pdl(self, pdl: bool | None) -> bool:
+        """Programmatic dependent launch of the step's Triton kernels (Hopper+): each kernel's first weight loads
+        overlap the previous kernel's tail. Default: on where supported (``COREINFER_PDL=0`` turns it off)."""
+        if pdl is False or (self.gemv != "triton" and self.attention != "triton"):
+            if pdl:
+                raise FastPathError("pdl=True needs the Triton kernels (gemv='triton' or attention='triton')")
+            return False
+        from .kernels import pdl_supported
+
+        ok = pdl_supported(self.w.device)
+        if pdl is None:
+            return ok and os.environ.get("COREINFER_PDL", "1") != "0"
+        if not ok:
+            raise FastPathError("pdl=True needs a CUDA device of compute capability >= 9.0 (Hopper); use pdl=False")
+        return True
+
+    def _pick_fused_norm(self, fused_norm: bool | None) -> bool:
+        """Residual add + RMSNorm (+ the split down product's sum) and argmax + step counters as one Triton
+        launch each. Default: on with the Triton GEMVs for the RMSNorm models (not OPT's LayerNorm)."""
+        ok = self.gemv == "triton" and self.w.family == "llama"
+        if fused_norm and not ok:
+            raise FastPathError("fused_norm=True needs gemv='triton' and an RMSNorm model (llama/mistral/qwen2)")
+        return ok if fused_norm is None else bool(fused_norm)
+
     # ---- accounting
 
     def bytes_per_token(self) -> int:
@@ -542,7 +578,15 @@ class FastLM:
         ops = ops or _EAGER
         return ops.rms_norm(x, wt, self.w.eps) if b is None else ops.layer_norm(x, wt, b, self.w.eps)
 
-    def _add_norm(self, x, y, wt, b, ops):
+    def _add_norm(self, x, y, wt, b, ops, y_bias=None):
+        """(x + y, norm(x + y)). With ``fused_norm``: one Triton launch, where ``y`` may also be the split
+        down product's float32 partial rows (summed in order, + ``y_bias``), or None (norm of x alone)."""
+        if self.fused_norm:
+            from .kernels import residual_rms_norm
+
+            return residual_rms_norm(x, y, wt, self.w.eps, self._scratch, y_bias, self.pdl)
+        if y is None:
+            return x, self._norm(x, wt, b, ops)
         return ops.add_rms_norm(x, y, wt, self.w.eps) if b is None else ops.add_layer_norm(x, y, wt, b, self.w.eps)
 
     def _qkv(self, lw: LayerWeights, h: torch.Tensor, cos, sin, ops):
@@ -656,7 +700,7 @@ class FastLM:
             mask = valid.view(1, 1, 1, -1)
         g = w.n_heads // w.n_kv_heads
         first = w.layers[0]
-        h = ops.rms_norm(x, first.norm1_w, w.eps) if first.norm1_b is None else ops.layer_norm(x, first.norm1_w, first.norm1_b, w.eps)
+        x, h = self._add_norm(x, None, first.norm1_w, first.norm1_b, ops)
         for li, lw in enumerate(w.layers):
             if self._attn is not None:  # fused RoPE + cache write + split-KV attention (kernels.py)
                 qkv = self._linear(lw.qkv_w, h, lw.qkv_b).view(-1)
@@ -679,7 +723,12 @@ class FastLM:
                 idx = self._idx[li - self.sparse_layers.start]
                 a = self._ffn_up(lw, lw.up_w, lw.up_b, h, idx)
                 y = torch.empty(w.hidden, device=h.device, dtype=h.dtype)
-                y = gemv_rows(lw.down_t, a.view(-1), y, idx, lw.down_b, self._partial, self.rows_config).view(1, 1, -1)
+                # fused_norm: the partial rows go unsummed to the residual add + norm below
+                y = gemv_rows(lw.down_t, a.view(-1), y, idx, lw.down_b, self._partial, self.rows_config,
+                              reduce=not self.fused_norm, pdl=self.pdl)
+                y_bias = lw.down_b if y.dim() == 2 else None
+                if y.dim() == 1:
+                    y = y.view(1, 1, -1)
             else:
                 compact = self.c_up[li] is not None
                 up_w = self.c_up[li] if compact else lw.up_w
@@ -687,12 +736,18 @@ class FastLM:
                 down = self.c_down[li] if compact else lw.down
                 a = self._ffn_up(lw, up_w, up_b, h)
                 y = self._linear(down, a, lw.down_b)
+                y_bias = None
             if li + 1 < len(w.layers):
                 nxt = w.layers[li + 1]
-                x, h = self._add_norm(x, y, nxt.norm1_w, nxt.norm1_b, ops)
+                x, h = self._add_norm(x, y, nxt.norm1_w, nxt.norm1_b, ops, y_bias)
             else:
-                x, h = self._add_norm(x, y, w.final_w, w.final_b, ops)
+                x, h = self._add_norm(x, y, w.final_w, w.final_b, ops, y_bias)
         logits = self._linear(w.lm_head, h, None).view(-1)
+        if self._scratch is not None:  # argmax + out[step] = tok + pos/step counters: one launch
+            from .kernels import argmax_step
+
+            argmax_step(logits, self._tok, self._pos, self._step, self._out, self._scratch, self.pdl)
+            return logits
         nxt_tok = ops.argmax(logits)
         self._out.index_copy_(0, self._step, nxt_tok)
         self._tok.copy_(nxt_tok)
@@ -706,7 +761,7 @@ class FastLM:
             from .kernels import gemv
 
             out = torch.empty(weight.shape[0], device=x.device, dtype=x.dtype)
-            return gemv(weight, x.reshape(-1), out, bias).view(1, 1, -1)
+            return gemv(weight, x.reshape(-1), out, bias, pdl=self.pdl, config=self.gemv_config).view(1, 1, -1)
         return F.linear(x, weight, bias)
 
     def _kernel_act(self, lw: LayerWeights):
@@ -721,15 +776,15 @@ class FastLM:
         one GEMV kernel where the activation is one the kernel has; with ``idx`` only the core neurons', read
         from the full matrices in place."""
         if self.gemv == "triton":
-            from .kernels import gemv
+            from .kernels import GEMV_CONFIG_UP, gemv
 
             code = self._kernel_act(lw)
             if code is not None:
                 gated = lw.ffn_kind != "mlp"
                 n = (up_w.shape[0] // 2 if gated else up_w.shape[0]) if idx is None else idx.numel()
                 out = torch.empty(n, device=h.device, dtype=h.dtype)
-                return gemv(up_w, h.reshape(-1), out, up_b, gated=gated, act=code,
-                            act_up=lw.ffn_kind == "drelu", idx=idx).view(1, 1, -1)
+                return gemv(up_w, h.reshape(-1), out, up_b, gated=gated, act=code, act_up=lw.ffn_kind == "drelu",
+                            idx=idx, pdl=self.pdl, config=self.gemv_config_up or GEMV_CONFIG_UP).view(1, 1, -1)
             if idx is not None:
                 raise FastPathError(f"no fused kernel for activation {self.w.act!r}")  # excluded by self.indexed
         if lw.ffn_kind == "mlp":

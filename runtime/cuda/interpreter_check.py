@@ -87,6 +87,38 @@ for n_all, k, h in [(50, 13, 64), (40, 7, 576), (300, 130, 96)]:
     assert ((out - a @ down_t[:k]).norm() / (a @ down_t[:k]).norm()).item() < 1e-5
 print("gemv_rows passed")
 
+# residual add + RMSNorm in one launch (y: none, a vector, or split partial rows + bias; several programs, the
+# last one normalising) and argmax + step counters, each launched twice (the atomic counters reset themselves)
+from coreinfer.runtime.cuda.fastlm import rms_norm  # noqa: E402
+
+for hid, dtype in [(64, torch.float32), (576, torch.float32), (300, torch.bfloat16), (2048, torch.bfloat16)]:
+    scratch = kernels.StepScratch(hid, 1000, "cpu")
+    wn = (1 + 0.1 * torch.randn(hid)).to(dtype)
+    for _ in range(2):
+        x, y, part, b = torch.randn(hid).to(dtype), torch.randn(hid).to(dtype), torch.randn(3, hid), torch.randn(hid).to(dtype)
+        for yy, bias, s_ref in [(None, None, x), (y, None, x + y),
+                                (part, b, x + (part[0] + part[1] + part[2] + b.float()).to(dtype))]:
+            xo, ho = kernels.residual_rms_norm(x, yy, wn, 1e-5, scratch, bias)
+            ref = rms_norm(s_ref, wn, 1e-5).float()
+            if dtype == torch.float32:
+                assert torch.equal(xo, s_ref), (hid, dtype)
+                assert (ho - ref).abs().max().item() < 1e-5, (hid, dtype)
+            else:  # the interpreter rounds float32 -> bf16 by truncation (the GPU rounds to nearest): a few ulps
+                assert ((xo.float() - s_ref.float()).norm() / s_ref.float().norm()).item() < 1e-2, (hid, dtype)
+                assert ((ho.float() - ref).norm() / ref.norm()).item() < 1e-2, (hid, dtype)
+    assert int(scratch.counts.abs().sum()) == 0
+for v in (7, 5000, 128256):
+    scratch = kernels.StepScratch(64, v, "cpu")
+    tok, pos, step, out = torch.zeros(1, dtype=torch.long), torch.tensor([9]), torch.tensor([2]), torch.zeros(8, dtype=torch.long)
+    logits = torch.randn(v).to(torch.bfloat16)
+    logits[v // 3] = logits[v - 1] = logits.max() + 1  # a tie: the first index wins, as torch.argmax
+    kernels.argmax_step(logits, tok, pos, step, out, scratch)
+    assert int(tok) == int(out[2]) == int(torch.argmax(logits)) == v // 3 and int(pos) == 10 and int(step) == 3
+    logits[v - 1] = float("nan")
+    kernels.argmax_step(logits, tok, pos, step, out, scratch)
+    assert int(out[3]) == v - 1 and int(pos) == 11 and int(step) == 4 and int(scratch.counts.abs().sum()) == 0
+print("residual norm + argmax passed")
+
 # the core-set statistics kernels vs selection.py's PyTorch definition: counts and float64 sums bit-identical
 from coreinfer.runtime import selection  # noqa: E402
 from coreinfer.runtime.cuda import select_kernels  # noqa: E402
@@ -99,10 +131,12 @@ for dtype in (torch.float32, torch.bfloat16, torch.float16):
             a[-1, :, : I // 3] = 0.5  # a block of equal scores
             a[-1, -1] = -1.0  # a token with no active neuron
             for alpha in (0.05, 0.4, 1.0):
-                c1, s1 = select_kernels.layer_statistics(a, alpha, score)
                 s = selection.neuron_scores(a.float(), score)
                 c2 = selection._token_core_mask3(s, alpha).sum(1)
-                assert torch.equal(c1, c2), (dtype, score, L, T, I, alpha)
+                # every threshold-search variant (bit pairs, the last tie by bisection or by prefix sum)
+                for cfg in ((False, None, False), (True, None, True), (False, None, True)):
+                    c1, s1 = select_kernels.layer_statistics(a, alpha, score, threshold_config=cfg)
+                    assert torch.equal(c1, c2), (dtype, score, L, T, I, alpha, cfg)
                 assert torch.equal(s1, selection.ordered_token_sum(s)), (dtype, score, L, T, I, alpha)
 g = torch.Generator().manual_seed(2)
 for L, I, T in [(3, 40, 6), (2, 300, 100), (1, 9, 1)]:

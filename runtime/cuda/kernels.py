@@ -1,35 +1,88 @@
-"""Triton kernels of the decode step's attention block: two launches per layer instead of ~7.
+"""Triton kernels of the decode step: attention in one launch per layer, the matrix-vector products, and the
+residual add + RMSNorm and the argmax as one launch each.
 
-For one new token at position ``pos`` (read from device memory, so a captured CUDA graph replays it
-for every position), split-KV ("flash-decoding") attention:
+Attention, for one new token at position ``pos`` (read from device memory, so a captured CUDA graph replays
+it for every position), split-KV ("flash-decoding"): ``_attn_kernel``, one program per (query head, block of
+``BLOCK_S`` cache positions), splits the fused q||k||v projection, applies RoPE (Hugging Face rotate-half) to
+q and the new k, and reduces its block of keys ``[lo, pos]`` to a partial softmax (max, sum, weighted values)
+in float32. The new token's k/v come from registers; the program whose block holds ``pos`` (first query head
+of each kv group) writes them into the static cache. Cache rows ``>= pos`` are never read, so that write
+cannot race. The last program of each head to finish (an atomic counter) merges that head's partials.
 
-* ``_attn_partial_kernel``, one program per (query head, block of ``BLOCK_S`` cache positions): split the
-  fused q||k||v projection, apply RoPE (Hugging Face rotate-half) to q and the new k, and reduce its block
-  of keys ``[lo, pos]`` to a partial softmax (max, sum, weighted values) in float32. The new token's k/v
-  come from registers; the program whose block holds ``pos`` (first query head of each kv group) writes
-  them into the static cache. Cache rows ``>= pos`` are never read, so that write cannot race.
-* ``_attn_combine_kernel``, one program per query head: merges the partials of the blocks up to ``pos``.
+With PDL (programmatic dependent launch, Hopper) each kernel starts while the previous one finishes, issues
+the loads that do not depend on it (weights, earlier cache rows), and waits (``_gdc_enter``) before the rest.
 """
 
 from __future__ import annotations
+
+import os
 
 import torch
 import triton
 import triton.language as tl
 
 
+def pdl_supported(device=None) -> bool:
+    """Programmatic dependent launch (PDL): Hopper (sm_90) and later, never under Triton's interpreter."""
+    if os.environ.get("TRITON_INTERPRET") == "1" or not torch.cuda.is_available():
+        return False
+    return torch.cuda.get_device_capability(device)[0] >= 9
+
+
+def _launch(pdl: bool) -> dict:
+    return {"launch_pdl": True} if pdl else {}
+
+
 @triton.jit
-def _attn_partial_kernel(qkv_ptr, cos_ptr, sin_ptr, kc_ptr, vc_ptr, pos_ptr, m_ptr, l_ptr, acc_ptr,
-                         scale, window, cache_len, n_blocks,
-                         N_KV: tl.constexpr, GROUP: tl.constexpr, HD: tl.constexpr, ROPE: tl.constexpr,
-                         BLOCK_S: tl.constexpr):
+def _gdc_enter(GDC: tl.constexpr):
+    """With PDL (``GDC``) a kernel may start while the previous one still runs: wait here for it to finish (and
+    its writes to be visible), then let the next kernel start. Everything before this call may read only
+    data no kernel of the step writes (weights, core indices); every write comes after it."""
+    if GDC:
+        tl.extra.cuda.gdc_wait()
+        tl.extra.cuda.gdc_launch_dependents()
+
+
+@triton.jit
+def _attn_combine(h, pos, m_ptr, l_ptr, acc_ptr, out_ptr, n_blocks,
+                  HD: tl.constexpr, BLOCK_S: tl.constexpr, NB: tl.constexpr):
+    """Merge head h's partials of the blocks up to ``pos`` into its output (.cg: written by other programs)."""
+    used = pos // BLOCK_S + 1
+    bi = tl.arange(0, NB)
+    ok = bi < used
+    d = tl.arange(0, HD)
+    slot = h * n_blocks + bi
+    mb = tl.load(m_ptr + slot, mask=ok, other=float("-inf"), cache_modifier=".cg")
+    m = tl.max(mb, axis=0)  # finite: the block holding pos scores the new token
+    w = tl.where(ok, tl.exp(mb - m), 0.0)
+    lb = tl.load(l_ptr + slot, mask=ok, other=0.0, cache_modifier=".cg")
+    accb = tl.load(acc_ptr + slot[:, None] * HD + d[None, :], mask=ok[:, None], other=0.0, cache_modifier=".cg")
+    out = tl.sum(w[:, None] * accb, axis=0) / tl.sum(w * lb, axis=0)
+    tl.store(out_ptr + h * HD + d, out.to(out_ptr.dtype.element_ty))
+
+
+@triton.jit
+def _attn_kernel(qkv_ptr, cos_ptr, sin_ptr, kc_ptr, vc_ptr, pos_ptr, m_ptr, l_ptr, acc_ptr, count_ptr, out_ptr,
+                 scale, window, cache_len, n_blocks,
+                 N_KV: tl.constexpr, GROUP: tl.constexpr, HD: tl.constexpr, ROPE: tl.constexpr,
+                 BLOCK_S: tl.constexpr, NB: tl.constexpr, GDC: tl.constexpr):
     h = tl.program_id(0)
     b = tl.program_id(1)
+    # pos and the cache rows < pos were written by earlier steps (and the prefill), never by the kernel this one
+    # may overlap (PDL): they are read before waiting for it
     pos = tl.load(pos_ptr).to(tl.int32)
     start = b * BLOCK_S
     if start <= pos:
         kvh = h // GROUP
         d = tl.arange(0, HD)
+        row = kvh * cache_len * HD
+        lo = tl.where(window > 0, tl.maximum(pos - window + 1, 0), 0)  # sliding window (Mistral): keys > pos - window
+        s_idx = start + tl.arange(0, BLOCK_S)
+        in_cache = (s_idx < pos) & (s_idx >= lo)
+        is_new = s_idx == pos
+        kb = tl.load(kc_ptr + row + s_idx[:, None] * HD + d[None, :], mask=in_cache[:, None], other=0.0).to(tl.float32)
+        vb = tl.load(vc_ptr + row + s_idx[:, None] * HD + d[None, :], mask=in_cache[:, None], other=0.0).to(tl.float32)
+        _gdc_enter(GDC)
         half: tl.constexpr = HD // 2
         partner = (d + half) % HD
         nq = N_KV * GROUP * HD
@@ -45,17 +98,10 @@ def _attn_partial_kernel(qkv_ptr, cos_ptr, sin_ptr, kc_ptr, vc_ptr, pos_ptr, m_p
             q = q * cos + sign * q2 * sin
             k = k * cos + sign * k2 * sin
         k_store = k.to(kc_ptr.dtype.element_ty)
-        row = kvh * cache_len * HD
         if (h % GROUP == 0) & (pos < start + BLOCK_S):
             tl.store(kc_ptr + row + pos * HD + d, k_store)
             tl.store(vc_ptr + row + pos * HD + d, v)
         k = k_store.to(tl.float32)  # attend with the value the cache holds
-        lo = tl.where(window > 0, tl.maximum(pos - window + 1, 0), 0)  # sliding window (Mistral): keys > pos - window
-        s_idx = start + tl.arange(0, BLOCK_S)
-        in_cache = (s_idx < pos) & (s_idx >= lo)
-        is_new = s_idx == pos
-        kb = tl.load(kc_ptr + row + s_idx[:, None] * HD + d[None, :], mask=in_cache[:, None], other=0.0).to(tl.float32)
-        vb = tl.load(vc_ptr + row + s_idx[:, None] * HD + d[None, :], mask=in_cache[:, None], other=0.0).to(tl.float32)
         kb = tl.where(is_new[:, None], k[None, :], kb)
         vb = tl.where(is_new[:, None], v.to(tl.float32)[None, :], vb)
         scores = tl.sum(kb * q[None, :], axis=1) * scale
@@ -67,25 +113,12 @@ def _attn_partial_kernel(qkv_ptr, cos_ptr, sin_ptr, kc_ptr, vc_ptr, pos_ptr, m_p
         tl.store(m_ptr + slot, m_b)
         tl.store(l_ptr + slot, tl.sum(p, axis=0))
         tl.store(acc_ptr + slot * HD + d, tl.sum(p[:, None] * vb, axis=0))
-
-
-@triton.jit
-def _attn_combine_kernel(pos_ptr, m_ptr, l_ptr, acc_ptr, out_ptr, n_blocks,
-                         HD: tl.constexpr, BLOCK_S: tl.constexpr, NB: tl.constexpr):
-    h = tl.program_id(0)
-    pos = tl.load(pos_ptr).to(tl.int32)
-    used = pos // BLOCK_S + 1
-    bi = tl.arange(0, NB)
-    ok = bi < used
-    d = tl.arange(0, HD)
-    slot = h * n_blocks + bi
-    mb = tl.load(m_ptr + slot, mask=ok, other=float("-inf"))
-    m = tl.max(mb, axis=0)  # finite: the block holding pos scores the new token
-    w = tl.where(ok, tl.exp(mb - m), 0.0)
-    lb = tl.load(l_ptr + slot, mask=ok, other=0.0)
-    accb = tl.load(acc_ptr + slot[:, None] * HD + d[None, :], mask=ok[:, None], other=0.0)
-    out = tl.sum(w[:, None] * accb, axis=0) / tl.sum(w * lb, axis=0)
-    tl.store(out_ptr + h * HD + d, out.to(out_ptr.dtype.element_ty))
+        # the last of head h's programs (an atomic counter, reset for the next launch) merges its partials
+        tl.debug_barrier()
+        done = tl.atomic_add(count_ptr + h, 1, sem="acq_rel")
+        if done == pos // BLOCK_S:
+            _attn_combine(h, pos, m_ptr, l_ptr, acc_ptr, out_ptr, n_blocks, HD, BLOCK_S, NB)
+            tl.atomic_xchg(count_ptr + h, 0)
 
 
 MAX_BLOCKS = 256
@@ -106,28 +139,29 @@ def block_size(cache_len: int) -> int:
 class DecodeAttention:
     """Scratch for the partials (fixed addresses: graph-capturable), sized for one FastLM's cache."""
 
-    def __init__(self, n_heads: int, n_kv_heads: int, head_dim: int, cache_len: int, device, window: int | None):
+    def __init__(self, n_heads: int, n_kv_heads: int, head_dim: int, cache_len: int, device, window: int | None,
+                 pdl: bool = False):
         if not supported(head_dim):
             raise ValueError(f"head_dim {head_dim} is not a power of two >= 16")
         self.n_heads, self.n_kv_heads, self.head_dim, self.window = n_heads, n_kv_heads, head_dim, int(window or 0)
+        self.pdl = pdl
         self.block = block_size(cache_len)
         self.n_blocks = triton.cdiv(cache_len, self.block)
         self.m = torch.empty(n_heads * self.n_blocks, device=device, dtype=torch.float32)
         self.l = torch.empty_like(self.m)
         self.acc = torch.empty(n_heads * self.n_blocks * head_dim, device=device, dtype=torch.float32)
+        self.count = torch.zeros(n_heads, device=device, dtype=torch.int32)  # per head, zero between launches
 
     def __call__(self, qkv, cos, sin, k_cache, v_cache, pos, out, scale: float):
         """qkv (nh*hd + 2*nkv*hd,) contiguous; caches (1, nkv, S, hd) contiguous; pos (1,) int64; out (nh*hd,)."""
         rope = cos is not None
         warps = 4 if self.block * self.head_dim <= 8192 else 8
-        _attn_partial_kernel[(self.n_heads, self.n_blocks)](
+        _attn_kernel[(self.n_heads, self.n_blocks)](
             qkv, cos if rope else qkv, sin if rope else qkv, k_cache, v_cache, pos, self.m, self.l, self.acc,
-            scale, self.window, k_cache.shape[2], self.n_blocks,
+            self.count, out, scale, self.window, k_cache.shape[2], self.n_blocks,
             N_KV=self.n_kv_heads, GROUP=self.n_heads // self.n_kv_heads, HD=self.head_dim, ROPE=rope,
-            BLOCK_S=self.block, num_warps=warps)
-        _attn_combine_kernel[(self.n_heads,)](
-            pos, self.m, self.l, self.acc, out, self.n_blocks,
-            HD=self.head_dim, BLOCK_S=self.block, NB=max(2, triton.next_power_of_2(self.n_blocks)), num_warps=4)
+            BLOCK_S=self.block, NB=max(2, triton.next_power_of_2(self.n_blocks)), GDC=self.pdl, num_warps=warps,
+            **_launch(self.pdl))
         return out
 
 
@@ -147,7 +181,8 @@ def _act(y, ACT: tl.constexpr):
 @triton.jit
 def _gemv_kernel(w_ptr, x_ptr, b_ptr, y_ptr, idx_ptr, N, up_off,
                  K: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, HAS_BIAS: tl.constexpr,
-                 GATED: tl.constexpr, ACT: tl.constexpr, ACT_UP: tl.constexpr, HAS_IDX: tl.constexpr):
+                 GATED: tl.constexpr, ACT: tl.constexpr, ACT_UP: tl.constexpr, HAS_IDX: tl.constexpr,
+                 GDC: tl.constexpr):
     """y (N,) = act(W[r] @ x + b[r]) for output slot i reading row r = i, or r = idx[i] with HAS_IDX (the core
     rows of the full matrix, read in place: no gathered copy); with GATED: act(W[r] @ x) * (W[r + up_off] @ x)
     (act on both with ACT_UP: dReLU). W row-major with K columns; float32 accumulation; BLOCK_N slots per program."""
@@ -158,9 +193,19 @@ def _gemv_kernel(w_ptr, x_ptr, b_ptr, y_ptr, idx_ptr, N, up_off,
         rows = tl.load(idx_ptr + slots, mask=row_ok, other=0).to(tl.int64)
     else:
         rows = slots.to(tl.int64)
-    acc = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
-    acc_u = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
-    for k0 in range(0, K, BLOCK_K):
+    # the weights do not depend on the previous kernel: the first block's loads go out before waiting for it
+    cols = tl.arange(0, BLOCK_K)
+    col_ok = cols < K
+    ok = row_ok[:, None] & col_ok[None, :]
+    w = tl.load(w_ptr + rows[:, None] * K + cols[None, :], mask=ok, other=0.0)
+    wu = w
+    if GATED:
+        wu = tl.load(w_ptr + (rows[:, None] + up_off) * K + cols[None, :], mask=ok, other=0.0)
+    _gdc_enter(GDC)
+    xv = tl.load(x_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)
+    acc = w.to(tl.float32) * xv[None, :]
+    acc_u = wu.to(tl.float32) * xv[None, :]
+    for k0 in range(BLOCK_K, K, BLOCK_K):
         cols = k0 + tl.arange(0, BLOCK_K)
         col_ok = cols < K
         xv = tl.load(x_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)
@@ -182,39 +227,64 @@ def _gemv_kernel(w_ptr, x_ptr, b_ptr, y_ptr, idx_ptr, N, up_off,
     tl.store(y_ptr + slots, y.to(y_ptr.dtype.element_ty), mask=row_ok)
 
 
+# (BLOCK_N, BLOCK_K, num_warps, num_stages) of ``gemv``: the fastest in the whole decode step (Llama-3.1-8B
+# shape, kept fraction 0.4, PDL on) of the tilings ``device_check.tune_decode`` tries (runs "tune-2" and
+# "tune-3", docs/benchmarks.md): 2 rows x 2048 columns for qkv / o / lm_head (and dense FFNs); 2 outputs x
+# whole 8 KB rows (gate and up rows of each) for the gate||up product. The best few are within ~1% of each other.
+GEMV_CONFIG = (2, 2048, 8, 4)
+GEMV_CONFIG_UP = (2, 4096, 8, 2)  # gate||up (two rows per output) and fc1
+
+
 def gemv(w: torch.Tensor, x: torch.Tensor, out: torch.Tensor, bias: torch.Tensor | None = None, *,
-         gated: bool = False, act: int = ACT_NONE, act_up: bool = False, idx: torch.Tensor | None = None) -> torch.Tensor:
+         gated: bool = False, act: int = ACT_NONE, act_up: bool = False, idx: torch.Tensor | None = None,
+         pdl: bool = False, config=None) -> torch.Tensor:
     """Batch-1 matrix-vector product for the decode step (measured faster than cuBLAS on these shapes, see
     docs/benchmarks.md). ``w`` (R, K) contiguous, ``x`` (K,), ``out`` (N,). Output i reads row i, or row
     ``idx[i]`` when ``idx`` (N,) is given (and ``bias[idx[i]]``). With ``gated`` the rows are gate||up:
-    R = 2 * (rows of one part) and out = act(gate x) * up x, the up row ``R/2`` after its gate row."""
+    R = 2 * (rows of one part) and out = act(gate x) * up x, the up row ``R/2`` after its gate row.
+    ``pdl``: launched as a programmatic dependent launch (``pdl_supported``)."""
+    bn, bk, warps, stages = config or GEMV_CONFIG
     n = out.numel()
     k = w.shape[1]
     if idx is not None and idx.numel() != n:
         raise ValueError(f"idx has {idx.numel()} entries for {n} outputs")
-    block_k = 1024 if k >= 1024 else max(16, triton.next_power_of_2(k))
-    _gemv_kernel[(triton.cdiv(n, 4),)](w, x, bias if bias is not None else w, out, idx if idx is not None else out,
-                                       n, w.shape[0] // 2 if gated else 0,
-                                       K=k, BLOCK_N=4, BLOCK_K=block_k, HAS_BIAS=bias is not None, GATED=gated,
-                                       ACT=act, ACT_UP=act_up, HAS_IDX=idx is not None, num_warps=8, num_stages=3)
+    block_k = bk if k >= bk else max(16, triton.next_power_of_2(k))
+    _gemv_kernel[(triton.cdiv(n, bn),)](w, x, bias if bias is not None else w, out, idx if idx is not None else out,
+                                        n, w.shape[0] // 2 if gated else 0,
+                                        K=k, BLOCK_N=bn, BLOCK_K=block_k, HAS_BIAS=bias is not None, GATED=gated,
+                                        ACT=act, ACT_UP=act_up, HAS_IDX=idx is not None, GDC=pdl,
+                                        num_warps=warps, num_stages=stages, **_launch(pdl))
     return out
 
 
 @triton.jit
 def _gemv_rows_kernel(w_ptr, idx_ptr, x_ptr, b_ptr, y_ptr, part_ptr,
                       N: tl.constexpr, R: tl.constexpr, PER: tl.constexpr, BLOCK_N: tl.constexpr,
-                      BLOCK_R: tl.constexpr, SPLIT: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_IDX: tl.constexpr):
+                      BLOCK_R: tl.constexpr, SPLIT: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_IDX: tl.constexpr,
+                      GDC: tl.constexpr):
     """y (N,) = sum_j x[j] * W[r_j, :] (+ b) over the R slots j, r_j = idx[j] (or j): a vector times the
     (indexed) rows of a row-major (., N) matrix, e.g. the compact activation times the core rows of the
     transposed down projection. Program (n, s) owns BLOCK_N columns and the s-th of SPLIT runs of PER slots;
-    with SPLIT > 1 it writes a float32 partial row, summed in order by ``_split_sum_kernel``."""
+    with SPLIT > 1 it writes a float32 partial row, summed in order by ``_split_sum_kernel`` (or by
+    ``_residual_rms_kernel``, fused with the residual add and the next RMSNorm)."""
     pid_n = tl.program_id(0)
     pid_s = tl.program_id(1)
     cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     col_ok = cols < N
-    acc = tl.zeros([BLOCK_R, BLOCK_N], dtype=tl.float32)
     start = pid_s * PER
-    for r0 in range(0, PER, BLOCK_R):
+    # the first rows' loads go out before waiting for the previous kernel (the indices are written per prompt,
+    # before the step runs)
+    slots = start + tl.arange(0, BLOCK_R)
+    ok = slots < R
+    if HAS_IDX:
+        rows = tl.load(idx_ptr + slots, mask=ok, other=0).to(tl.int64)
+    else:
+        rows = slots.to(tl.int64)
+    w = tl.load(w_ptr + rows[:, None] * N + cols[None, :], mask=ok[:, None] & col_ok[None, :], other=0.0)
+    _gdc_enter(GDC)
+    xv = tl.load(x_ptr + slots, mask=ok, other=0.0).to(tl.float32)
+    acc = w.to(tl.float32) * xv[:, None]
+    for r0 in range(BLOCK_R, PER, BLOCK_R):
         slots = start + r0 + tl.arange(0, BLOCK_R)
         ok = slots < R
         if HAS_IDX:
@@ -234,7 +304,9 @@ def _gemv_rows_kernel(w_ptr, idx_ptr, x_ptr, b_ptr, y_ptr, part_ptr,
 
 
 @triton.jit
-def _split_sum_kernel(part_ptr, b_ptr, y_ptr, N, SPLIT: tl.constexpr, BLOCK: tl.constexpr, HAS_BIAS: tl.constexpr):
+def _split_sum_kernel(part_ptr, b_ptr, y_ptr, N, SPLIT: tl.constexpr, BLOCK: tl.constexpr, HAS_BIAS: tl.constexpr,
+                      GDC: tl.constexpr):
+    _gdc_enter(GDC)
     cols = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     ok = cols < N
     y = tl.load(part_ptr + cols, mask=ok, other=0.0)
@@ -247,20 +319,23 @@ def _split_sum_kernel(part_ptr, b_ptr, y_ptr, N, SPLIT: tl.constexpr, BLOCK: tl.
 
 # (BLOCK_N, BLOCK_R, SPLIT, num_warps, num_stages) of ``gemv_rows``. BLOCK_N is capped at N's next power
 # of two, so BLOCK_N = 4096 is "whole rows": each program streams whole 8 KB rows (H = 4096) of its share
-# of the core rows and writes one float32 partial row. The default is the fastest of ``GEMV_ROWS_CANDIDATES``
-# measured on the H100 (Llama-3.1-8B's down projection, kept fraction 0.4; device_check.tune_gemv_rows, which
-# the GPU benchmark runs first and whose pick it uses).
-GEMV_ROWS_CONFIG = (2048, 4, 96, 8, 3)  # 23.4 µs = 2.0 TB/s, the fastest in run "suite-3" (docs/benchmarks.md)
+# of the core rows and writes one float32 partial row. Alone (``device_check.tune_gemv_rows``, which the GPU
+# benchmark can run first) split 96 was fastest; inside the PDL step, where the split rows are summed by the
+# fused residual + RMSNorm kernel, split 128 (``device_check.tune_decode``).
+GEMV_ROWS_CONFIG = (2048, 4, 128, 8, 3)  # the fastest in the whole step, run "tune-3" (docs/benchmarks.md)
 GEMV_ROWS_CANDIDATES = ((2048, 4, 64, 8, 3), (1024, 4, 128, 4, 3), (2048, 4, 32, 8, 3), (2048, 8, 64, 16, 3),
                         (2048, 2, 128, 4, 3), (1024, 8, 64, 8, 3), (1024, 4, 64, 4, 4), (2048, 4, 48, 8, 4),
                         (4096, 4, 64, 16, 3), (1024, 2, 256, 4, 3), (512, 8, 64, 4, 3), (2048, 4, 96, 8, 3))
 
 
 def gemv_rows(w: torch.Tensor, x: torch.Tensor, out: torch.Tensor, idx: torch.Tensor | None = None,
-              bias: torch.Tensor | None = None, partial: torch.Tensor | None = None, config=None) -> torch.Tensor:
+              bias: torch.Tensor | None = None, partial: torch.Tensor | None = None, config=None, *,
+              reduce: bool = True, pdl: bool = False) -> torch.Tensor:
     """out (N,) = x (R,) @ W[idx] (R, N) (+ bias): ``w`` (M, N) row-major (e.g. the down projection stored
     transposed, (I, H)), rows ``idx`` (R,) (all of its first R rows without). ``partial`` (SPLIT, N) float32
-    scratch is needed when the config splits the rows (fixed address for graph capture)."""
+    scratch is needed when the config splits the rows (fixed address for graph capture). With
+    ``reduce=False`` a split product returns the partial rows (SPLIT, N) unsummed and without the bias (for
+    ``residual_rms_norm``); an unsplit one returns ``out`` as usual."""
     bn, br, split, warps, stages = config or GEMV_ROWS_CONFIG
     n = out.numel()
     r = x.numel()
@@ -275,10 +350,13 @@ def gemv_rows(w: torch.Tensor, x: torch.Tensor, out: torch.Tensor, idx: torch.Te
     _gemv_rows_kernel[(triton.cdiv(n, bn), split)](
         w, idx if idx is not None else x, x, bias if bias is not None else w, out, partial if split > 1 else out,
         N=n, R=r, PER=per, BLOCK_N=bn, BLOCK_R=br, SPLIT=split, HAS_BIAS=bias is not None, HAS_IDX=idx is not None,
-        num_warps=warps, num_stages=stages)
+        GDC=pdl, num_warps=warps, num_stages=stages, **_launch(pdl))
     if split > 1:
+        if not reduce:
+            return partial.view(-1)[:split * n].view(split, n)
         _split_sum_kernel[(triton.cdiv(n, 128),)](partial, bias if bias is not None else partial, out, n, SPLIT=split,
-                                                  BLOCK=128, HAS_BIAS=bias is not None, num_warps=4)
+                                                  BLOCK=128, HAS_BIAS=bias is not None, GDC=pdl, num_warps=4,
+                                                  **_launch(pdl))
     return out
 
 
@@ -288,3 +366,142 @@ def gemv_rows_split(n: int, r: int, config=None) -> int:
     split = max(1, min(split, triton.cdiv(r, br)))
     per = triton.cdiv(triton.cdiv(r, split), br) * br
     return triton.cdiv(r, per)
+
+
+# --------------------------------------------------------------------------------------------------
+# residual add + RMSNorm, and the step's argmax, as last-program reductions (one launch each, deterministic)
+
+
+@triton.jit
+def _residual_rms_kernel(x_ptr, y_ptr, b_ptr, w_ptr, x_out_ptr, h_out_ptr, ss_ptr, count_ptr, eps,
+                         H: tl.constexpr, H_P2: tl.constexpr, BLOCK: tl.constexpr, NPROG: tl.constexpr,
+                         NP2: tl.constexpr, SPLIT: tl.constexpr, Y_MODE: tl.constexpr, HAS_BIAS: tl.constexpr,
+                         GDC: tl.constexpr):
+    """s = x + y in the model dtype (as PyTorch adds), written to x_out; h_out = w * (s * rsqrt(mean(s^2) + eps))
+    exactly as ``fastlm.rms_norm`` rounds it. y: none (Y_MODE 0), a model-dtype vector (1), or SPLIT float32
+    partial rows of ``gemv_rows`` summed in order (+ bias) and rounded to the model dtype (2), which is what
+    the unfused step stores. Each program owns BLOCK columns and leaves its sum of squares; the last program
+    to finish (an atomic counter, reset for the next launch) adds them in program order and normalises."""
+    pid = tl.program_id(0)
+    _gdc_enter(GDC)
+    cols = pid * BLOCK + tl.arange(0, BLOCK)
+    ok = cols < H
+    x = tl.load(x_ptr + cols, mask=ok, other=0.0)
+    if Y_MODE == 0:
+        s = x.to(x_out_ptr.dtype.element_ty)
+    else:
+        if Y_MODE == 1:
+            y = tl.load(y_ptr + cols, mask=ok, other=0.0).to(tl.float32)
+        else:
+            y = tl.load(y_ptr + cols, mask=ok, other=0.0)
+            for i in range(1, SPLIT):  # fixed order: deterministic
+                y += tl.load(y_ptr + i * H + cols, mask=ok, other=0.0)
+            if HAS_BIAS:
+                y += tl.load(b_ptr + cols, mask=ok, other=0.0).to(tl.float32)
+            y = y.to(x_out_ptr.dtype.element_ty).to(tl.float32)
+        s = (x.to(tl.float32) + y).to(x_out_ptr.dtype.element_ty)
+    tl.store(x_out_ptr + cols, s, mask=ok)
+    sf = s.to(tl.float32)
+    tl.store(ss_ptr + pid, tl.sum(sf * sf, axis=0))
+    tl.debug_barrier()  # every thread's stores before the (one-thread) release below
+    done = tl.atomic_add(count_ptr, 1, sem="acq_rel")  # releases this program's stores, acquires the others'
+    if done == NPROG - 1:
+        p = tl.arange(0, NP2)
+        total = tl.sum(tl.load(ss_ptr + p, mask=p < NPROG, other=0.0, cache_modifier=".cg"), axis=0)
+        rstd = tl.rsqrt(total / H + eps)
+        c = tl.arange(0, H_P2)
+        okc = c < H
+        v = tl.load(x_out_ptr + c, mask=okc, other=0.0, cache_modifier=".cg").to(tl.float32)
+        hn = (v * rstd).to(h_out_ptr.dtype.element_ty).to(tl.float32)
+        wv = tl.load(w_ptr + c, mask=okc, other=0.0).to(tl.float32)
+        tl.store(h_out_ptr + c, (wv * hn).to(h_out_ptr.dtype.element_ty), mask=okc)
+        tl.atomic_xchg(count_ptr, 0)
+
+
+class StepScratch:
+    """Fixed-address scratch of the last-program reductions of one ``FastLM`` (graph-capturable): per-program
+    partial results and the atomic counters (left at zero by every launch)."""
+
+    def __init__(self, hidden: int, vocab: int, device):
+        self.n_ss = triton.next_power_of_2(max(2, triton.cdiv(hidden, RESIDUAL_BLOCK_SPLIT)))
+        self.ss = torch.zeros(self.n_ss, dtype=torch.float32, device=device)
+        self.n_arg = triton.next_power_of_2(max(2, triton.cdiv(vocab, ARGMAX_BLOCK)))
+        self.arg_v = torch.zeros(self.n_arg, dtype=torch.float32, device=device)
+        self.arg_i = torch.zeros(self.n_arg, dtype=torch.int32, device=device)
+        self.counts = torch.zeros(2, dtype=torch.int32, device=device)
+
+
+RESIDUAL_BLOCK, RESIDUAL_BLOCK_SPLIT = 1024, 128  # columns per program: a vector y / partial rows (more parallel)
+ARGMAX_BLOCK = 4096
+
+
+def residual_rms_norm(x: torch.Tensor, y: torch.Tensor | None, weight: torch.Tensor, eps: float, scratch: StepScratch,
+                      bias: torch.Tensor | None = None, pdl: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """(x + y, RMSNorm(x + y) * weight) in one launch: ``y`` None, an (H,) vector of x's dtype, or (SPLIT, H)
+    float32 partial rows from ``gemv_rows(reduce=False)`` (summed in order, + ``bias``)."""
+    h = x.numel()
+    x_out = torch.empty_like(x)
+    h_out = torch.empty_like(x)
+    if y is None:
+        mode, split, block = 0, 1, RESIDUAL_BLOCK
+    elif y.dim() == 2:  # partial rows
+        mode, split, block = 2, y.shape[0], RESIDUAL_BLOCK_SPLIT
+        if y.dtype != torch.float32 or y.shape[1] != h:
+            raise ValueError(f"residual_rms_norm: partial rows must be float32 (SPLIT, {h}), got {y.dtype} {tuple(y.shape)}")
+    else:
+        mode, split, block = 1, 1, RESIDUAL_BLOCK
+        if y.numel() != h or y.dtype != x.dtype:
+            raise ValueError(f"residual_rms_norm: x is {x.dtype} ({h},), y is {y.dtype} {tuple(y.shape)}")
+    if bias is not None and mode != 2:
+        raise ValueError("residual_rms_norm: a bias is added only to partial rows (add it in the GEMV otherwise)")
+    nprog = triton.cdiv(h, block)
+    if nprog > scratch.n_ss:
+        raise ValueError(f"residual_rms_norm: {nprog} programs, scratch for {scratch.n_ss}")
+    _residual_rms_kernel[(nprog,)](x, y if y is not None else x, bias if bias is not None else weight, weight, x_out,
+                                   h_out, scratch.ss, scratch.counts, float(eps), H=h,
+                                   H_P2=triton.next_power_of_2(h), BLOCK=block, NPROG=nprog,
+                                   NP2=triton.next_power_of_2(max(2, nprog)), SPLIT=split, Y_MODE=mode,
+                                   HAS_BIAS=bias is not None, GDC=pdl, num_warps=4, **_launch(pdl))
+    return x_out, h_out
+
+
+@triton.jit
+def _argmax_step_kernel(logits_ptr, v_ptr, i_ptr, count_ptr, tok_ptr, pos_ptr, step_ptr, out_ptr, V,
+                        BLOCK: tl.constexpr, NPROG: tl.constexpr, NP2: tl.constexpr, GDC: tl.constexpr):
+    """The greedy token of ``logits`` (V,) (the first index of the largest value, NaN counting as largest, as
+    ``torch.argmax``), then the step's bookkeeping: out[step] = tok = it, pos += 1, step += 1."""
+    pid = tl.program_id(0)
+    _gdc_enter(GDC)
+    offs = pid * BLOCK + tl.arange(0, BLOCK)
+    v = tl.load(logits_ptr + offs, mask=offs < V, other=float("-inf")).to(tl.float32)
+    v = tl.where(v != v, float("inf"), v)
+    m = tl.max(v, axis=0)
+    big = 2147483647
+    tl.store(v_ptr + pid, m)
+    tl.store(i_ptr + pid, tl.min(tl.where((v == m) & (offs < V), offs, big), axis=0))
+    tl.debug_barrier()
+    done = tl.atomic_add(count_ptr, 1, sem="acq_rel")
+    if done == NPROG - 1:
+        p = tl.arange(0, NP2)
+        pv = tl.load(v_ptr + p, mask=p < NPROG, other=float("-inf"), cache_modifier=".cg")
+        pi = tl.load(i_ptr + p, mask=p < NPROG, other=big, cache_modifier=".cg")
+        best = tl.max(pv, axis=0)
+        tok = tl.min(tl.where(pv == best, pi, big), axis=0).to(tl.int64)
+        step = tl.load(step_ptr)
+        tl.store(out_ptr + step, tok)
+        tl.store(tok_ptr, tok)
+        tl.store(pos_ptr, tl.load(pos_ptr) + 1)
+        tl.store(step_ptr, step + 1)
+        tl.atomic_xchg(count_ptr, 0)
+
+
+def argmax_step(logits: torch.Tensor, tok: torch.Tensor, pos: torch.Tensor, step: torch.Tensor, out: torch.Tensor,
+                scratch: StepScratch, pdl: bool = False) -> None:
+    """out[step] = tok = argmax(logits); pos += 1; step += 1 (all int64 device scalars): one launch."""
+    v = logits.numel()
+    nprog = triton.cdiv(v, ARGMAX_BLOCK)
+    if nprog > scratch.n_arg:
+        raise ValueError(f"argmax_step: {nprog} programs, scratch for {scratch.n_arg}")
+    _argmax_step_kernel[(nprog,)](logits, scratch.arg_v, scratch.arg_i, scratch.counts[1:], tok, pos, step, out, v,
+                                  BLOCK=ARGMAX_BLOCK, NPROG=nprog, NP2=triton.next_power_of_2(max(2, nprog)), GDC=pdl,
+                                  num_warps=8, **_launch(pdl))

@@ -10,6 +10,7 @@ from contextvars import ContextVar
 import torch
 
 from .. import adapters
+from ..selection import DEFAULT_SCORE
 from ..session import CoreSetSession, stability_selector
 
 
@@ -22,7 +23,7 @@ class EagerReference:
         self.adapter = adapters.install(model, self.active)
 
     def forced_logits(self, input_ids, continuation, *, kept_fraction: float | None = None, alpha: float = 0.4,
-                      score: str = "positive", sparse_layers: range | None = None,
+                      score: str = DEFAULT_SCORE, sparse_layers: range | None = None,
                       core_sets: dict[int, torch.Tensor] | None = None):
         """Logits (float32, (1+n, V)) of the prompt's last position and after each continuation token, and the
         core sets used (selected here from the prompt's activations unless ``core_sets`` is given)."""

@@ -161,12 +161,16 @@ def test_attention_kernel_math_in_triton_interpreter():
     assert r.returncode == 0, r.stdout + r.stderr
     assert r.stdout.count("ok") == 6 and "gemv ok" in r.stdout
     # the gather-free decode (indexed GEMVs, end to end on tiny models) and the selection kernels
-    for line in ("gemv_rows passed", "select_kernels passed", "indexed decode passed"):
+    for line in ("gemv_rows passed", "residual norm + argmax passed", "select_kernels passed", "indexed decode passed"):
         assert line in r.stdout, r.stdout + r.stderr
 
 
 def test_triton_attention_refused_on_cpu():
     w = FastWeights.from_hf(_tiny("llama"))
+    with pytest.raises(FastPathError, match="pdl=True needs"):
+        FastLM(w, pdl=True)
+    with pytest.raises(FastPathError, match="fused_norm=True needs"):
+        FastLM(w, fused_norm=True)
     with pytest.raises(FastPathError, match="attention='triton' needs a CUDA device"):
         FastLM(w, attention="triton")
     with pytest.raises(FastPathError, match="gemv='triton' needs a CUDA device"):
@@ -307,6 +311,97 @@ def test_no_gpu_dtype_and_cache_errors_on_cuda():
         fast.generate(_ids(10, 1), max_new_tokens=7)
     with pytest.raises(FastPathError, match="CUDA device"):
         check_device_dtype(f"cuda:{torch.cuda.device_count()}", torch.bfloat16)
+
+
+@pytest.mark.gpu
+@needs_cuda
+@pytest.mark.parametrize("pdl", [False, True])
+def test_cuda_last_program_reductions_match_torch(pdl):
+    """Residual add + RMSNorm over split partial rows and argmax + counters: many programs per launch, the last
+    one finishing the reduction (atomics), back to back (with PDL: overlapping launches), eager and in a graph."""
+    from coreinfer.runtime.cuda import kernels
+    from coreinfer.runtime.cuda.fastlm import rms_norm
+
+    if pdl and not kernels.pdl_supported():
+        pytest.skip("programmatic dependent launch needs compute capability >= 9.0")
+    H, V, dt = 4096, 128256, torch.bfloat16
+    g = torch.Generator(device="cuda").manual_seed(0)
+    scratch = kernels.StepScratch(H, V, "cuda")
+    wn = (1 + 0.1 * torch.randn(H, device="cuda", generator=g)).to(dt)
+    x0 = torch.randn(H, device="cuda", generator=g).to(dt)
+    part = torch.randn(10 * 8, H, device="cuda", generator=g)
+    bias = torch.randn(H, device="cuda", generator=g).to(dt)
+    logits = torch.randn(6, V, device="cuda", generator=g).to(dt)
+    logits[2, 7] = logits[2, 90000] = logits[2].max() + 1  # a tie: the first index, as torch.argmax
+
+    def run():
+        xs, hs = [], []
+        x = x0
+        for i in range(10):
+            x, h = kernels.residual_rms_norm(x, part[8 * i:8 * i + 8], wn, 1e-5, scratch, bias, pdl=pdl)
+            xs.append(x)
+            hs.append(h)
+        x, h = kernels.residual_rms_norm(x, hs[-1], wn, 1e-5, scratch, pdl=pdl)  # a vector y
+        xs.append(x)
+        hs.append(h)
+        tok, pos, step = (torch.zeros(1, dtype=torch.long, device="cuda"), torch.full((1,), 5, device="cuda"),
+                          torch.zeros(1, dtype=torch.long, device="cuda"))
+        out = torch.zeros(8, dtype=torch.long, device="cuda")
+        for row in logits:
+            kernels.argmax_step(row, tok, pos, step, out, scratch, pdl=pdl)
+        return xs, hs, out, pos, step
+
+    xs, hs, out, pos, step = run()
+    x = x0
+    for i in range(11):
+        if i < 10:
+            acc = part[8 * i].clone()
+            for r in range(1, 8):
+                acc += part[8 * i + r]
+            y = (acc + bias.float()).to(dt)
+        else:
+            y = hs[9]
+        x = x + y
+        assert torch.equal(xs[i], x), i
+        ref = rms_norm(x, wn, 1e-5).float()
+        assert ((hs[i].float() - ref).abs() <= ref.abs() * 2 ** -7 + 1e-6).all(), i
+    assert out[:6].tolist() == logits.float().argmax(-1).tolist() and int(out[2]) == 7
+    assert int(pos) == 11 and int(step) == 6 and int(scratch.counts.abs().sum()) == 0
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        run()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        static = run()
+    for _ in range(3):
+        graph.replay()
+        torch.cuda.synchronize()
+        assert all(torch.equal(a, b) for a, b in zip(static[0] + static[1], xs + hs))
+        assert torch.equal(static[2], out)
+
+
+@pytest.mark.gpu
+@needs_cuda
+def test_cuda_fused_pdl_step_equals_plain_step():
+    """The default CUDA step (PDL launches, fused residual+RMSNorm, split down sum folded in, fused argmax) against
+    the same step without them, float32, on a model wide enough for several programs per reduction."""
+    torch.manual_seed(7)
+    cfg = transformers.LlamaConfig(hidden_size=1024, intermediate_size=2048, num_hidden_layers=2, num_attention_heads=8,
+                                   num_key_value_heads=2, vocab_size=5000, max_position_embeddings=256)
+    cfg._attn_implementation = "sdpa"
+    model = transformers.AutoModelForCausalLM.from_config(cfg).cuda().eval()
+    weights = FastWeights.from_hf(model)
+    prompt, cont = _ids(40, 71, 5000), _ids(12, 72, 5000)
+    fused = FastLM(weights, max_seq_len=64, kept_fraction=0.4)
+    assert fused.fused_norm and fused.indexed
+    plain = FastLM(weights, max_seq_len=64, kept_fraction=0.4, pdl=False, fused_norm=False)
+    got, core = fused.forced_logits(prompt, cont)
+    ref, core_ref = plain.forced_logits(prompt, cont)
+    assert all(torch.equal(core[i], core_ref[i]) for i in core)
+    assert (got - ref).abs().max().item() < 1e-3
+    assert fused.generate(prompt, 12).tokens == plain.generate(prompt, 12).tokens
 
 
 # ---------------------------------------------------------------------------------------------- SparseLM hook
