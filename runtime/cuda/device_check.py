@@ -388,42 +388,6 @@ def tune_gemv_rows(log=print) -> dict:
     return {"k": k, "rows": rows, "best": None if best is None else best["config"]}
 
 
-def tune_threshold(log=print) -> dict:
-    """The selection's per-token threshold search, Llama-3.1-8B shape (32 layers x 256 tokens x 14336, bf16,
-    SwiGLU-like): every (two bits per step, num_warps) variant, event-timed over the whole selection; each must
-    give the default's core sets exactly. The fastest is used."""
-    import torch.nn.functional as F
-
-    from ..selection import DEFAULT_SCORE, kept_count
-    from . import select_kernels
-
-    g = torch.Generator(device="cuda").manual_seed(0)
-    shape = (32, 256, 14336)
-    acts = F.silu(torch.randn(shape, device="cuda", dtype=torch.bfloat16, generator=g)) * torch.randn(
-        shape, device="cuda", dtype=torch.bfloat16, generator=g)
-    k = kept_count(0.4, shape[2])
-    want = select_kernels.select(acts, 0.4, DEFAULT_SCORE, k, threshold_config=(False, None, False))
-    rows = []
-    for cfg in [(False, None, False), (False, None, True), (False, 8, True), (False, 32, True), (True, None, True),
-                (False, 4, True)]:
-        try:
-            same = bool(torch.equal(select_kernels.select(acts, 0.4, DEFAULT_SCORE, k, threshold_config=cfg), want))
-            ms = _event_ms(lambda: select_kernels.select(acts, 0.4, DEFAULT_SCORE, k, threshold_config=cfg), reps=20)
-            rows.append({"config": list(cfg), "select_ms": ms, "identical": same})
-        except Exception as err:  # recorded, never hidden
-            rows.append({"config": list(cfg), "error": repr(err)})
-        log(f"[tune threshold] {rows[-1]}")
-    ok = [r for r in rows if "error" not in r and r["identical"]]
-    best = min(ok, key=lambda r: r["select_ms"]) if ok else None
-    out = {"rows": rows, "best": None if best is None else best["config"]}
-    if best is not None:
-        out["kernel_us"] = _kernel_us(lambda: select_kernels.select(acts, 0.4, DEFAULT_SCORE, k,
-                                                                   threshold_config=tuple(best["config"])))
-    del acts
-    torch.cuda.empty_cache()
-    return out
-
-
 def tune_decode(log=print, spec: str = "llama-3.1-8b", new_tokens: int = 128, repeats: int = 2) -> dict:
     """The decode step's launch and GEMV options on one model shape at kept fraction 0.4 (then dense for the
     fastest): PDL off/on, residual+RMSNorm fused or not, and Triton GEMV tilings. Median decode tok/s."""
@@ -526,9 +490,8 @@ def main(argv=None) -> int:
     ap.add_argument("--gemv", action="store_true", help="GEMV micro-benchmark only")
     ap.add_argument("--gather-free", action="store_true", help="selection + indexed-GEMV micro-benchmark only")
     ap.add_argument("--calibrate", default=None, help="comma-separated shapes for the bf16-vs-fp32 calibration only")
-    ap.add_argument("--tune", action="store_true", help="tune the threshold search and the decode options only")
+    ap.add_argument("--tune", action="store_true", help="tune the decode step's options only")
     ap.add_argument("--options", default=None, help='FastLM options for the suite as JSON, e.g. {"pdl": true}')
-    ap.add_argument("--threshold", default=None, help="threshold-search config as JSON [pairs, warps]")
     ap.add_argument("--rows-config", default=None, help="gemv_rows config as JSON (skips its tuning)")
     args = ap.parse_args(argv)
     out = Path(args.out)
@@ -553,17 +516,10 @@ def main(argv=None) -> int:
     if args.gemv:
         (out / "gemv.json").write_text(json.dumps(gemv_microbench(log=log), indent=1))
         return 0
-    if args.threshold:
-        from . import select_kernels
-
-        select_kernels.THRESHOLD_CONFIG = tuple(json.loads(args.threshold))
-        log(f"threshold config {select_kernels.THRESHOLD_CONFIG}")
     if args.tune:
-        tuning = {"threshold": tune_threshold(log=log)}
+        tuning = {"decode": tune_decode(log=log)}
         (out / "tuning.json").write_text(json.dumps(tuning, indent=1, default=str))
-        tuning["decode"] = tune_decode(log=log)
-        (out / "tuning.json").write_text(json.dumps(tuning, indent=1, default=str))
-        log(f"best threshold {tuning['threshold']['best']}, best decode {tuning['decode']['best']}")
+        log(f"best decode {tuning['decode']['best']}")
         return 0
     if args.calibrate:
         cal = []

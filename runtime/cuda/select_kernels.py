@@ -24,6 +24,7 @@ them in ascending order (``select``: the whole ``stability_select_layers`` on th
 from __future__ import annotations
 
 import os
+import struct
 
 import torch
 import triton
@@ -59,9 +60,10 @@ def _active_kernel(a_ptr, n_ptr, I, BLOCK: tl.constexpr, SCORE: tl.constexpr):
 
 
 @triton.jit
-def _token_k_kernel(n_ptr, param_ptr, k_ptr, T, I, TB: tl.constexpr, INTERPRET: tl.constexpr):
+def _token_k_kernel(n_ptr, k_ptr, alpha_bits, T, I, TB: tl.constexpr, INTERPRET: tl.constexpr):
     """Per layer (one program each): k_token = min(I, ceil(alpha * (sum of the T active counts) / T)) in float64
-    with correctly rounded operations: ``selection.token_k``, bit for bit, in one launch."""
+    with correctly rounded operations: ``selection.token_k``, bit for bit, in one launch. alpha arrives as the
+    int64 bits of its float64 (a float argument would be rounded to float32)."""
     layer = tl.program_id(0).to(tl.int64)
     total = tl.zeros([TB], dtype=tl.int64)
     if INTERPRET:
@@ -74,15 +76,14 @@ def _token_k_kernel(n_ptr, param_ptr, k_ptr, T, I, TB: tl.constexpr, INTERPRET: 
         for t0 in range(0, T, TB):
             t = t0 + tl.arange(0, TB)
             total += tl.load(n_ptr + layer * T + t, mask=t < T, other=0).to(tl.int64)
-    mean = tl.sum(total, axis=0).to(tl.float64) / tl.load(param_ptr + 1)  # param = (alpha, T); f64 division is IEEE
-    k = tl.math.ceil(mean * tl.load(param_ptr)).to(tl.int64)
+    mean = tl.sum(total, axis=0).to(tl.float64) / T  # float64 division is IEEE (correctly rounded)
+    k = tl.math.ceil(mean * alpha_bits.to(tl.float64, bitcast=True)).to(tl.int64)
     tl.store(k_ptr + layer, tl.minimum(k, I))
 
 
 @triton.jit
 def _threshold_kernel(a_ptr, n_ptr, k_ptr, thr_ptr, last_ptr, T, I,
-                      BLOCK: tl.constexpr, SCORE: tl.constexpr, SHIFT: tl.constexpr, NBITS: tl.constexpr,
-                      PAIRS: tl.constexpr, LAST_BISECT: tl.constexpr, IBITS: tl.constexpr):
+                      BLOCK: tl.constexpr, SCORE: tl.constexpr, SHIFT: tl.constexpr, NBITS: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)
     layer = row // T
     cols = tl.arange(0, BLOCK)
@@ -90,41 +91,17 @@ def _threshold_kernel(a_ptr, n_ptr, k_ptr, thr_ptr, last_ptr, T, I,
     key = _key(v, SCORE) >> SHIFT  # exact: the low SHIFT bits of a widened bf16/fp16 value are zero
     k = tl.load(k_ptr + layer).to(tl.int32)
     n_active = tl.load(n_ptr + row)
-    # largest t with #(key >= t) >= k, built from the top bit down: with PAIRS two bits per step, the counts
-    # of the three candidates packed in 21-bit fields of one int64 sum (I < 2^20), one block reduction per step
+    # largest t with #(key >= t) >= k, built bit by bit from the top (one block reduction per bit: most of this
+    # kernel's time; two bits per step packed in one int64 sum, and 8 or 32 warps, measured slower: run "tune-1")
     thr = 0
-    if PAIRS:
-        for b in tl.static_range(NBITS // 2):
-            c1 = thr | (1 << (NBITS - 2 * (b + 1)))
-            c2 = thr | (2 << (NBITS - 2 * (b + 1)))
-            c3 = thr | (3 << (NBITS - 2 * (b + 1)))
-            packed = ((key >= c1).to(tl.int64) + ((key >= c2).to(tl.int64) << 21)
-                      + ((key >= c3).to(tl.int64) << 42))
-            tot = tl.sum(packed, axis=0)
-            n1 = (tot & 0x1FFFFF).to(tl.int32)
-            n2 = ((tot >> 21) & 0x1FFFFF).to(tl.int32)
-            n3 = (tot >> 42).to(tl.int32)
-            thr = tl.where(n3 >= k, c3, tl.where(n2 >= k, c2, tl.where(n1 >= k, c1, thr)))
-        if NBITS % 2 == 1:
-            cand = thr | 1
-            thr = tl.where(tl.sum((key >= cand).to(tl.int32), axis=0) >= k, cand, thr)
-    else:
-        for b in tl.static_range(NBITS):
-            cand = thr | (1 << (NBITS - 1 - b))
-            c = tl.sum((key >= cand).to(tl.int32), axis=0)
-            thr = tl.where(c >= k, cand, thr)
+    for b in tl.static_range(NBITS):
+        cand = thr | (1 << (NBITS - 1 - b))
+        c = tl.sum((key >= cand).to(tl.int32), axis=0)
+        thr = tl.where(c >= k, cand, thr)
     n_gt = tl.sum((key > thr).to(tl.int32), axis=0)
     eq = (key == thr).to(tl.int32)
-    r = k - n_gt  # >= 1 of the equal keys are taken, lowest indices first
-    if LAST_BISECT:  # the largest j with #(equal keys at indices < j) < r is the r-th equal key's index
-        last = 0
-        for b in tl.static_range(IBITS):
-            cand = last | (1 << (IBITS - 1 - b))
-            below = tl.sum(((eq > 0) & (cols < cand)).to(tl.int32), axis=0)
-            last = tl.where(below < r, cand, last)
-    else:
-        rank_eq = tl.cumsum(eq, axis=0)  # 1-based rank among the equal keys, by index
-        last = tl.max(tl.where((eq > 0) & (rank_eq <= r), cols, -1), axis=0)
+    rank_eq = tl.cumsum(eq, axis=0)  # 1-based rank among the equal keys, by index (cheaper than bisection on it)
+    last = tl.max(tl.where((eq > 0) & (rank_eq <= k - n_gt), cols, -1), axis=0)
     take_all = n_active <= k  # every active neuron is core (this covers k == 0: no active neuron)
     thr = tl.where(take_all, 0, thr)
     last = tl.where(take_all, -1, last)
@@ -174,16 +151,9 @@ def _row_warps(block: int) -> int:
     return max(4, min(16, block // 1024))
 
 
-# the per-token threshold search: (two bits per step, num_warps or None for ``_row_warps``, the last equal key
-# taken found by bisection on the index instead of a prefix sum); the GPU benchmark times the variants
-# (device_check.tune_threshold)
-THRESHOLD_CONFIG = (False, None, False)
-
-
 def layer_statistics(acts: torch.Tensor, alpha: float, score: str, block_c: int = 128,
-                     col_warps: int = 4, as_int64: bool = True, threshold_config=None) -> tuple[torch.Tensor, torch.Tensor]:
+                     col_warps: int = 4, as_int64: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
     """(counts (L, I) int64, sums (L, I) float64) of ``acts`` (L, T, I); see the module doc."""
-    pairs, thr_warps, last_bisect = (tuple(threshold_config or THRESHOLD_CONFIG) + (False,))[:3]
     a = acts.contiguous()
     L, T, I = a.shape
     code = SCORE_MAGNITUDE if score == "magnitude" else SCORE_POSITIVE
@@ -194,14 +164,13 @@ def layer_statistics(acts: torch.Tensor, alpha: float, score: str, block_c: int 
     n_active = torch.empty(L * T, dtype=torch.int32, device=dev)
     _active_kernel[(L * T,)](a, n_active, I, BLOCK=block, SCORE=code, num_warps=warps)
     k_tok = torch.empty(L, dtype=torch.int64, device=dev)
-    param = torch.tensor([float(alpha), float(T)], dtype=torch.float64, device=dev)
-    _token_k_kernel[(L,)](n_active, param, k_tok, T, I, TB=min(1024, triton.next_power_of_2(T)),
+    alpha_bits = struct.unpack("<q", struct.pack("<d", float(alpha)))[0]  # no host-to-device copy: no sync
+    _token_k_kernel[(L,)](n_active, k_tok, alpha_bits, T, I, TB=min(1024, triton.next_power_of_2(T)),
                           INTERPRET=_interpreting(), num_warps=4)
     thr = torch.empty(L * T, dtype=torch.int32, device=dev)
     last = torch.empty(L * T, dtype=torch.int32, device=dev)
     _threshold_kernel[(L * T,)](a, n_active, k_tok, thr, last, T, I, BLOCK=block, SCORE=code, SHIFT=shift,
-                                NBITS=31 - shift, PAIRS=bool(pairs), LAST_BISECT=bool(last_bisect),
-                                IBITS=max(1, (block - 1).bit_length()), num_warps=thr_warps or warps)
+                                NBITS=31 - shift, num_warps=warps)
     counts = torch.empty(L, I, dtype=torch.int32, device=dev)
     sums = torch.empty(L, I, dtype=torch.float64, device=dev)
     _column_kernel[(L, triton.cdiv(I, block_c))](a, thr, last, counts, sums, T, I, BLOCK_C=block_c, SCORE=code,
@@ -254,7 +223,7 @@ def top_neurons(counts: torch.Tensor, sums: torch.Tensor, k: int, max_count: int
     return out
 
 
-def select(acts: torch.Tensor, alpha: float, score: str, k: int, threshold_config=None) -> torch.Tensor:
-    """``selection.stability_select_layers`` of ``acts`` (L, T, I): five launches."""
-    counts, sums = layer_statistics(acts, alpha, score, as_int64=False, threshold_config=threshold_config)
+def select(acts: torch.Tensor, alpha: float, score: str, k: int) -> torch.Tensor:
+    """``selection.stability_select_layers`` of ``acts`` (L, T, I): five launches, no host synchronisation."""
+    counts, sums = layer_statistics(acts, alpha, score, as_int64=False)
     return top_neurons(counts, sums, k, acts.shape[1])
