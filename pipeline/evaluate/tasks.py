@@ -470,6 +470,17 @@ class TruthfulQAGenTask(_TruthfulQABase):
         return {"prediction": pred, **r, **cost}
 
 
+def _optional_rows(task: Task, limit, kind: str, example: str) -> tuple[list[dict], list[int]]:
+    """Rows and sampled indices of a task whose data set ../shared/data does not have: a clear error until the
+    user supplies one."""
+    if not task.path.is_file():
+        raise DataMissing(f"{task.name}: no {kind} data set is available locally ({task.path} not found). Put a jsonl "
+                          f"with fields {', '.join(task.required)} there (e.g. {example}) or pass its path in "
+                          f"tasks.{task.name}.file")
+    rows = read_jsonl(task.path, task.required)
+    return rows, sample_indices(len(rows), limit, task.seed)
+
+
 class SummarizationTask(Task):
     name = "summarization"
     default_file = "cnn_dailymail/test.jsonl"
@@ -477,12 +488,7 @@ class SummarizationTask(Task):
     metric_names = ("rouge1", "rouge2", "rougeL")
 
     def items(self, lm, limit):
-        if not self.path.is_file():
-            raise DataMissing(f"summarization: no summarisation data set is available locally ({self.path} not found). "
-                              "Put a jsonl with fields article, highlights there (e.g. cnn_dailymail test) or pass "
-                              "its path in tasks.summarization.file")
-        rows = read_jsonl(self.path, self.required)
-        idx = sample_indices(len(rows), limit, self.seed)
+        rows, idx = _optional_rows(self, limit, "summarisation", "cnn_dailymail test")
         return [Item(str(i), f"Article: {rows[i]['article'].strip()}\n\nSummary:", {"reference": rows[i]["highlights"]})
                 for i in idx]
 
@@ -498,12 +504,7 @@ class TranslationTask(Task):
     metric_names = ("bleu",)
 
     def items(self, lm, limit):
-        if not self.path.is_file():
-            raise DataMissing(f"translation: no translation data set is available locally ({self.path} not found). "
-                              "Put a jsonl with fields source, target there (e.g. wmt16 de-en test) or pass "
-                              "its path in tasks.translation.file")
-        rows = read_jsonl(self.path, self.required)
-        idx = sample_indices(len(rows), limit, self.seed)
+        rows, idx = _optional_rows(self, limit, "translation", "wmt16 de-en test")
         return [Item(str(i), f"Translate German to English.\nGerman: {rows[i]['source'].strip()}\nEnglish:",
                      {"reference": rows[i]["target"]}) for i in idx]
 
