@@ -94,24 +94,42 @@ def ordered_token_sum(s: torch.Tensor) -> torch.Tensor:
     return acc
 
 
-def layer_statistics(acts: torch.Tensor, alpha: float, score: str = "positive") -> tuple[torch.Tensor, torch.Tensor]:
+def layer_statistics(acts: torch.Tensor, alpha: float, score: str = "positive",
+                     out: tuple[torch.Tensor, torch.Tensor] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-layer, per-neuron (token-core count (L, I) int64, summed score (L, I) float64) of ``acts`` (L, T, I).
 
     No host synchronisation. On a CUDA device with Triton, three fused kernels (``cuda.select_kernels``);
-    elsewhere the same function from PyTorch ops. Both give identical results (tested).
+    elsewhere the same function from PyTorch ops. Both give identical results (tested). Each layer's
+    statistics depend on that layer's activations alone, so layers can be done in groups. ``out`` = (counts
+    (L, I) int32 or int64, sums (L, I) float64), contiguous: written in place and returned (e.g. rows of one
+    buffer of all layers, filled group by group while a prefill is still running).
     """
     check_fraction("alpha", alpha)
     check_score(score)
     if acts.dim() != 3:
         raise ValueError(f"activations must be (layers, tokens, neurons), got shape {tuple(acts.shape)}")
+    if out is not None:
+        c_out, s_out = out
+        want = (acts.shape[0], acts.shape[2])
+        if (tuple(c_out.shape) != want or tuple(s_out.shape) != want or c_out.dtype not in (torch.int32, torch.int64)
+                or s_out.dtype != torch.float64 or not (c_out.is_contiguous() and s_out.is_contiguous())
+                or c_out.device != acts.device or s_out.device != acts.device):
+            raise ValueError(f"out must be contiguous (counts int32/int64, sums float64) of shape {want} on "
+                             f"{acts.device}, got {c_out.dtype} {tuple(c_out.shape)} and {s_out.dtype} "
+                             f"{tuple(s_out.shape)}")
     if acts.is_cuda and acts.shape[1] > 0:
         from .cuda import select_kernels
 
         if select_kernels.available(acts):
-            return select_kernels.layer_statistics(acts, alpha, score)
+            return select_kernels.layer_statistics(acts, alpha, score, out=out)
     s = _scores3(acts, score)
     counts = _token_core_mask3(s, alpha).sum(dim=1, dtype=torch.int64)
-    return counts, ordered_token_sum(s)
+    sums = ordered_token_sum(s)
+    if out is None:
+        return counts, sums
+    out[0].copy_(counts)
+    out[1].copy_(sums)
+    return out
 
 
 def token_core_mask(acts: torch.Tensor, alpha: float, score: str = "positive") -> torch.Tensor:
@@ -185,6 +203,21 @@ def stability_select_layers(acts: torch.Tensor, alpha: float = 0.4, beta: float 
         if select_kernels.available(acts):
             return select_kernels.select(acts, alpha, score, k)
     counts, sums = layer_statistics(acts, alpha, score)
+    return top_neurons(counts, k, sums)
+
+
+def select_from_statistics(counts: torch.Tensor, sums: torch.Tensor, k: int, n_tokens: int) -> torch.Tensor:
+    """The ``k`` neurons of each layer by (count desc, summed score desc, index asc) from ``layer_statistics``
+    (counts (L, I), every count in [0, n_tokens]): (L, k) sorted int64, the last step of
+    ``stability_select_layers``. One kernel on a CUDA device with Triton (``cuda.select_kernels``), else
+    ``top_neurons``; both identical (tested)."""
+    if counts.shape != sums.shape or counts.dim() != 2:
+        raise ValueError(f"counts and sums must both be (layers, neurons), got {tuple(counts.shape)} and "
+                         f"{tuple(sums.shape)}")
+    if counts.is_cuda:
+        from .cuda import select_kernels
+
+        return select_kernels.top_neurons(counts, sums, k, n_tokens)
     return top_neurons(counts, k, sums)
 
 

@@ -390,7 +390,9 @@ def tune_gemv_rows(log=print) -> dict:
 
 def tune_decode(log=print, spec: str = "llama-3.1-8b", new_tokens: int = 128, repeats: int = 2) -> dict:
     """The decode step's launch and GEMV options on one model shape at kept fraction 0.4 (then dense for the
-    fastest): PDL off/on, residual+RMSNorm fused or not, and Triton GEMV tilings. Median decode tok/s."""
+    fastest): the one-launch core FFN against the two-launch gate||up + down product, and the core FFN's
+    tilings. Median decode tok/s. First, on the same weights, ``selection_ttft``: the selection's cost in the
+    time to first token, batched after the prefill vs launched during it."""
     from . import bench
     from .fastlm import FastWeights
 
@@ -398,9 +400,16 @@ def tune_decode(log=print, spec: str = "llama-3.1-8b", new_tokens: int = 128, re
     ids = bench.bench_prompt(tok, model.get_input_embeddings().weight.shape[0])
     weights = FastWeights.from_hf(model)
     del model
-    # defaults first (kernels.GEMV_CONFIG / GEMV_CONFIG_UP / GEMV_ROWS_CONFIG), then the previous build's
-    variants = [{"pdl": True, "fused_norm": True}, {"pdl": False, "fused_norm": False, "gemv_config": (4, 1024, 8, 3)}] + [
-        {"pdl": True, "fused_norm": True, "gemv_config": c} for c in [(2, 2048, 8, 4), (2, 4096, 4, 3)]]
+    try:
+        ttft = selection_ttft(weights, ids, log=log)
+    except Exception as err:  # recorded, never hidden
+        ttft = {"error": repr(err)}
+        log(f"[selection ttft] FAILED {err!r}")
+    # the default step first (gate||up and down as two launches, kernels.GEMV_CONFIG_UP / GEMV_ROWS_CONFIG), then
+    # the one-launch core FFN (kernels.FFN_CORE_CONFIG) after its own norm launch and with the norm inside it,
+    # then the core FFN's tilings on the better of those two
+    base = {"pdl": True, "fused_norm": True}
+    variants = [base, {**base, "fused_ffn": True, "ffn_norm_in": False}, {**base, "fused_ffn": True, "ffn_norm_in": True}]
     rows = []
 
     def key(r):
@@ -419,19 +428,15 @@ def tune_decode(log=print, spec: str = "llama-3.1-8b", new_tokens: int = 128, re
         _free_cuda()
         return rows[-1]
 
-    for opts in variants:
-        run(opts)
-    # then the gate||up GEMV's own tiling, and the down product's, on top of the best so far
-    base = {k: (tuple(v) if isinstance(v, list) else v) for k, v in max(rows, key=key)["options"].items()}
-    for c in [(1, 4096, 8, 2), (1, 4096, 2, 2), (1, 4096, 4, 3), (2, 4096, 8, 2)]:
-        run({**base, "gemv_config_up": c})
-    base = {k: (tuple(v) if isinstance(v, list) else v) for k, v in max(rows, key=key)["options"].items()}
-    for c in [(2048, 4, 128, 8, 3), (2048, 4, 160, 8, 3), (2048, 4, 192, 8, 3), (1024, 4, 96, 4, 3),
-              (512, 8, 96, 4, 3), (1024, 8, 96, 8, 3), (2048, 2, 128, 8, 3), (4096, 4, 96, 16, 3)]:
-        run({**base, "rows_config": c})
+    done = [run(opts) for opts in variants]
+    norm_in = key(done[2]) >= key(done[1])
+    # (BLOCK_R, SPLIT, warps, stages) of the core FFN: neurons per iteration, programs, ...
+    # (pipelined stages of BLOCK_R x 3 rows of 8 KB in shared memory bound the programs per SM: 132 SMs on an H100)
+    for c in [(2, 132, 8, 3), (1, 264, 4, 3), (1, 528, 4, 2), (4, 132, 16, 2), (2, 132, 8, 2), (1, 396, 4, 2)]:
+        run({**base, "fused_ffn": True, "ffn_norm_in": norm_in, "ffn_config": c})
     ok = [r for r in rows if "error" not in r]
     best = max(ok, key=lambda r: r["decode_tok_s"]) if ok else None
-    out = {"model": spec, "rows": rows, "best": None if best is None else best["options"]}
+    out = {"model": spec, "rows": rows, "best": None if best is None else best["options"], "selection_ttft": ttft}
     if best is not None:
         opts = {k: (tuple(v) if isinstance(v, list) else v) for k, v in best["options"].items()}
         for o in (opts, {"pdl": False, "fused_norm": False}):
@@ -449,6 +454,56 @@ def tune_decode(log=print, spec: str = "llama-3.1-8b", new_tokens: int = 128, re
         _free_cuda()
     del weights
     _free_cuda()
+    return out
+
+
+def selection_ttft(weights, ids: torch.Tensor, rounds: int = 9, log=print) -> dict:
+    """What the sparse path adds to the time to first token, against the dense fast path on the same prompt.
+
+    Dense, batched selection after the prefill (the default) and statistics launched during the prefill every
+    8 / 4 sparse layers (``select_every``), all at kept fraction 0.4, each ``generate(ids, 1)`` run round-robin
+    ``rounds`` times so that the host-bound prefill's noise hits every configuration alike. TTFT is timed with
+    no synchronisation between the phases (only before and after the call), as a user sees it; a second,
+    phase-synchronised call per round gives the breakdown. The issue's selection + gather target is read as
+    (median TTFT - dense median TTFT) / dense median prefill: everything the selection costs, wherever it runs
+    (the activations' copy during the prefill included)."""
+    import statistics
+
+    from .fastlm import FastLM
+
+    configs = {"dense": {}, "batched": {"kept_fraction": 0.4}, "select-every-8": {"kept_fraction": 0.4, "select_every": 8},
+               "select-every-4": {"kept_fraction": 0.4, "select_every": 4}}
+    lms = {name: FastLM(weights, max_seq_len=ids.numel() + 8, **o) for name, o in configs.items()}
+    sync = torch.cuda.synchronize if weights.device.type == "cuda" else (lambda: None)
+    for lm in lms.values():
+        lm.generate(ids, 2)  # graph capture, kernel compilation
+    ttft = {name: [] for name in lms}
+    phases = {name: [] for name in lms}
+    for _ in range(rounds):
+        for name, lm in lms.items():
+            sync()
+            t0 = time.perf_counter()
+            lm.generate(ids, 1)
+            sync()
+            ttft[name].append((time.perf_counter() - t0) * 1e3)
+            phases[name].append(lm.generate(ids, 1, timing=True).timings)
+    sets = {name: lm.generate(ids, 1).core_sets for name, lm in lms.items() if name != "dense"}
+    out = {"rounds": rounds, "prompt_tokens": ids.numel(),
+           "identical_core_sets": all(all(torch.equal(sets[n][i], sets["batched"][i]) for i in sets["batched"])
+                                      for n in sets)}
+    for name in lms:
+        med = {k: statistics.median(p[k] for p in phases[name]) for k in ("prefill_ms", "select_ms", "gather_ms")}
+        out[name] = {"ttft_ms": statistics.median(ttft[name]), "ttft_ms_min": min(ttft[name]), **med}
+    dense = out["dense"]
+    for name in configs:
+        if name != "dense":
+            extra = out[name]["ttft_ms"] - dense["ttft_ms"]
+            out[name]["ttft_over_dense_ms"] = extra
+            out[name]["pct_of_dense_prefill"] = 100 * extra / dense["prefill_ms"]
+    log(f"[selection ttft] {out}")
+    del lms
+    if weights.device.type == "cuda":
+        _free_cuda()
     return out
 
 
@@ -517,9 +572,16 @@ def main(argv=None) -> int:
         (out / "gemv.json").write_text(json.dumps(gemv_microbench(log=log), indent=1))
         return 0
     if args.tune:
-        tuning = {"decode": tune_decode(log=log)}
+        tuning = {}
+        try:
+            tuning["selection_profile"] = selection_profile(log=log)
+        except Exception as err:  # recorded, never hidden
+            tuning["selection_profile"] = {"error": repr(err)}
+        tuning["decode"] = tune_decode(log=log)
         (out / "tuning.json").write_text(json.dumps(tuning, indent=1, default=str))
         log(f"best decode {tuning['decode']['best']}")
+        # for a following suite run on the same machine: --options "$(cat /tmp/coreinfer_best_options.json)"
+        Path("/tmp/coreinfer_best_options.json").write_text(json.dumps(tuning["decode"]["best"] or {}))
         return 0
     if args.calibrate:
         cal = []

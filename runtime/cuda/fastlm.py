@@ -7,7 +7,8 @@ adapter. ``FastLM`` adds, for one kept fraction ``beta``:
 * a static KV cache of ``max_seq_len`` positions;
 * per sparse layer, the core neurons chosen at prefill from the prompt's own activations: all sparse
   layers' activations are kept (n_sparse, T, I) and ranked in one batched, sync-free call of
-  ``selection.stability_select_layers`` (the one selection implementation). With the Triton GEMVs (CUDA
+  ``selection.stability_select_layers`` (the one selection implementation; with ``select_every`` the
+  statistics of each group of layers are launched during the prefill instead). With the Triton GEMVs (CUDA
   default) the decode is gather-free: the kernels read the core rows of gate||up and of a row-major (I, H)
   copy of the down projection in place, by index, from one fixed-address index buffer, so the per-prompt
   "gather" is writing k indices per layer. With cuBLAS GEMVs (and on CPU) the core rows are gathered into
@@ -41,7 +42,8 @@ import torch.nn.functional as F
 
 from .. import adapters
 from ..ffn import FFNWeights, activation_fn
-from ..selection import DEFAULT_SCORE, check_fraction, check_score, kept_count, stability_select_layers
+from ..selection import (DEFAULT_SCORE, check_fraction, check_score, kept_count, layer_statistics,
+                         select_from_statistics, stability_select_layers)
 
 SUPPORTED = ("llama", "mistral", "qwen2", "opt")
 PAD = 64  # compact FFN slots are padded to a multiple of this (see FastLM.__init__)
@@ -373,7 +375,8 @@ class FastLM:
                  cuda_graph: bool | None = None, compile_elementwise: bool | None = None,
                  attention: str | None = None, gemv: str | None = None, rows_config: tuple | None = None,
                  pdl: bool | None = None, fused_norm: bool | None = None, gemv_config: tuple | None = None,
-                 gemv_config_up: tuple | None = None):
+                 gemv_config_up: tuple | None = None, fused_ffn: bool | None = None, ffn_config: tuple | None = None,
+                 ffn_norm_in: bool | None = None, select_every: int | None = None):
         w = weights
         self.w = w
         on_cuda = w.device.type == "cuda"
@@ -400,6 +403,12 @@ class FastLM:
         if not isinstance(sparse_layers, range) or not (0 <= sparse_layers.start and sparse_layers.stop <= n_layers):
             raise FastPathError(f"sparse_layers must be a range within 0:{n_layers}, got {sparse_layers!r}")
         self.sparse_layers = sparse_layers if self.k is not None else range(0)
+        if select_every is not None and (isinstance(select_every, bool) or not isinstance(select_every, int)
+                                         or select_every < 1):
+            raise FastPathError(f"select_every must be None or an int >= 1 (sparse layers per group), got {select_every!r}")
+        # the selection statistics of every ``select_every`` sparse layers launched inside the prefill, where
+        # the device idles while the host launches the next layers (None: all layers at once after it)
+        self.select_every = select_every
         self.cuda_graph = cuda_graph
         self.attention = self._pick_attention(attention, on_cuda)
         self.gemv = self._pick_gemv(gemv, on_cuda)
@@ -439,12 +448,18 @@ class FastLM:
         self.c_up, self.c_up_b, self.c_down = [None] * n_layers, [None] * n_layers, [None] * n_layers
         self._idx = self._partial = None
         self.rows_config = rows_config  # the down GEMV's kernel config (None: kernels.GEMV_ROWS_CONFIG)
+        self.fused_ffn = self._pick_fused_ffn(fused_ffn)
+        self.ffn_config = ffn_config  # the one-launch core FFN's config (None: kernels.FFN_CORE_CONFIG)
+        if ffn_norm_in and not self.fused_ffn and len(self.sparse_layers):
+            raise FastPathError("ffn_norm_in=True needs the one-launch core FFN (fused_ffn=True)")
+        # the residual add + RMSNorm before a sparse layer's FFN computed inside the core-FFN launch
+        self.ffn_norm_in = self.fused_ffn if ffn_norm_in is None else (bool(ffn_norm_in) and self.fused_ffn)
         if self.indexed:
-            from .kernels import gemv_rows_split
+            from .kernels import ffn_core_split, gemv_rows_split
 
             w.ensure_down_t(self.sparse_layers)
             self._idx = torch.zeros(len(self.sparse_layers), self.k, dtype=torch.int32, device=dev)
-            split = gemv_rows_split(w.hidden, self.k, rows_config)
+            split = ffn_core_split(self.k, ffn_config)[0] if self.fused_ffn else gemv_rows_split(w.hidden, self.k, rows_config)
             self._partial = torch.empty(split, w.hidden, device=dev, dtype=torch.float32) if split > 1 else None
         for li in (self.sparse_layers if not self.indexed else ()):
             lw = w.layers[li]
@@ -526,6 +541,19 @@ class FastLM:
         if fused_norm and not ok:
             raise FastPathError("fused_norm=True needs gemv='triton' and an RMSNorm model (llama/mistral/qwen2)")
         return ok if fused_norm is None else bool(fused_norm)
+
+    def _pick_fused_ffn(self, fused_ffn: bool | None) -> bool:
+        """The sparse layers' gate||up, activation and down product as one Triton launch (``kernels.ffn_core``)
+        writing partial rows that the fused residual + RMSNorm sums (the gather-free path of a gated RMSNorm
+        model). Default: off. It is checked against the dense computation (interpreter, and GPU tests) but not
+        yet timed on a GPU, so the measured two-launch step stays the default (docs/benchmarks.md)."""
+        if not len(self.sparse_layers):
+            return False  # dense: no core FFN (an option set for a whole suite applies to its sparse rows only)
+        ok = self.indexed and self.fused_norm and all(self.w.layers[li].ffn_kind != "mlp" for li in self.sparse_layers)
+        if fused_ffn and not ok:
+            raise FastPathError("fused_ffn=True needs a sparse gated (SwiGLU/GeGLU/dReLU) RMSNorm model with the Triton "
+                                "GEMVs and fused_norm")
+        return bool(fused_ffn)
 
     # ---- accounting
 
@@ -622,8 +650,11 @@ class FastLM:
             a = torch.mul(g, u, out=out) if out is not None else g * u
         return F.linear(a, lw.down, lw.down_b)
 
-    def _prefill_forward(self, ids: torch.Tensor):
-        """Dense forward of the prompt at positions 0..T-1: fills the KV cache; returns (last logits, acts)."""
+    def _prefill_forward(self, ids: torch.Tensor, statistics: bool = True):
+        """Dense forward of the prompt at positions 0..T-1: fills the KV cache; returns (last logits, acts,
+        stats). With ``select_every`` (and ``statistics``) stats = (counts, sums) of all sparse layers, each
+        group's launched right after the group's last FFN (sync-free: the device runs them between the
+        prefill's own kernels); else None."""
         w = self.w
         T = ids.numel()
         pos = torch.arange(T, device=w.device)
@@ -638,6 +669,11 @@ class FastLM:
         # the sparse layers' activations, stacked (n_sparse, T, I) for the one batched selection
         acts = torch.empty(len(self.sparse_layers), T, w.n_neurons, device=w.device, dtype=w.dtype) \
             if self.k is not None else None
+        stats = None
+        if acts is not None and self.select_every is not None and statistics:
+            n = len(self.sparse_layers)
+            stats = (torch.empty(n, w.n_neurons, device=w.device, dtype=torch.int32),
+                     torch.empty(n, w.n_neurons, device=w.device, dtype=torch.float64))
         for li, lw in enumerate(self.w.layers):
             h = self._norm(x, lw.norm1_w, lw.norm1_b)
             q, k, v = self._qkv(lw, h, cos, sin, _EAGER)
@@ -651,8 +687,14 @@ class FastLM:
             sparse = li in self.sparse_layers
             y = self._ffn_dense(lw, h, acts[li - self.sparse_layers.start].view(1, T, -1) if sparse else None)
             x = x + y
+            if sparse and stats is not None:
+                j = li - self.sparse_layers.start
+                if (j + 1) % self.select_every == 0 or j + 1 == len(self.sparse_layers):
+                    j0 = j - j % self.select_every
+                    layer_statistics(acts[j0:j + 1], self.alpha, self.score,
+                                     out=(stats[0][j0:j + 1], stats[1][j0:j + 1]))
         h = self._norm(x[:, -1:], w.final_w, w.final_b)
-        return F.linear(h, w.lm_head)[0, -1], acts
+        return F.linear(h, w.lm_head)[0, -1], acts, stats
 
     def _stack_core_sets(self, core_sets: dict[int, torch.Tensor]) -> torch.Tensor:
         if sorted(core_sets) != list(self.sparse_layers):
@@ -716,16 +758,29 @@ class FastLM:
                 o = F.scaled_dot_product_attention(q.reshape(1, w.n_kv_heads, g, w.head_dim), self.k_cache[li],
                                                    self.v_cache[li], attn_mask=mask, scale=self._scale())
             o = self._linear(lw.o_w, o.reshape(1, 1, -1), lw.o_b)
-            x, h = self._add_norm(x, o, lw.norm2_w, lw.norm2_b, ops)
-            if self.indexed and li in self.sparse_layers:  # core rows read in place (kernels.py)
+            sparse = self.indexed and li in self.sparse_layers
+            if not (sparse and self.ffn_norm_in):
+                x, h = self._add_norm(x, o, lw.norm2_w, lw.norm2_b, ops)
+            if sparse:  # core rows read in place (kernels.py)
                 from .kernels import gemv_rows
 
                 idx = self._idx[li - self.sparse_layers.start]
-                a = self._ffn_up(lw, lw.up_w, lw.up_b, h, idx)
-                y = torch.empty(w.hidden, device=h.device, dtype=h.dtype)
-                # fused_norm: the partial rows go unsummed to the residual add + norm below
-                y = gemv_rows(lw.down_t, a.view(-1), y, idx, lw.down_b, self._partial, self.rows_config,
-                              reduce=not self.fused_norm, pdl=self.pdl)
+                if self.fused_ffn:  # gate||up, activation and down: one launch, partial rows to the norm below
+                    from .kernels import ffn_core
+
+                    x_in, norm_in = h, None
+                    if self.ffn_norm_in:  # x + o and its RMSNorm inside the same launch
+                        x_in, x = x, torch.empty_like(x)
+                        norm_in = (o.view(-1), lw.norm2_w, w.eps, x.view(-1))
+                    y = ffn_core(lw.up_w, lw.down_t, idx, x_in.view(-1), self._partial, act=self._kernel_act(lw),
+                                 act_up=lw.ffn_kind == "drelu", config=self.ffn_config, pdl=self.pdl,
+                                 norm_in=norm_in)
+                else:
+                    a = self._ffn_up(lw, lw.up_w, lw.up_b, h, idx)
+                    y = torch.empty(w.hidden, device=h.device, dtype=h.dtype)
+                    # fused_norm: the partial rows go unsummed to the residual add + norm below
+                    y = gemv_rows(lw.down_t, a.view(-1), y, idx, lw.down_b, self._partial, self.rows_config,
+                                  reduce=not self.fused_norm, pdl=self.pdl)
                 y_bias = lw.down_b if y.dim() == 2 else None
                 if y.dim() == 1:
                     y = y.view(1, 1, -1)
@@ -827,13 +882,15 @@ class FastLM:
         self._ensure_graph()
         dev_sync()
         t0 = time.perf_counter()
-        logits, acts = self._prefill_forward(ids)
+        logits, acts, stats = self._prefill_forward(ids, statistics=core_sets is None)
         dev_sync()
         t1 = time.perf_counter()
         chosen: dict[int, torch.Tensor] = {}
         if self.k is not None:
             # all sparse layers at once, on the device, no host synchronisation (selection.py)
-            if core_sets is None:
+            if core_sets is None and stats is not None:  # statistics already launched during the prefill
+                sets = select_from_statistics(stats[0], stats[1], self.k, ids.numel())
+            elif core_sets is None:
                 sets = stability_select_layers(acts, self.alpha, self.kept_fraction, self.score)
             else:
                 sets = self._stack_core_sets(core_sets)

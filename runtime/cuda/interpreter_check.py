@@ -82,6 +82,26 @@ for n_all, k, h in [(50, 13, 64), (40, 7, 576), (300, 130, 96)]:
             kernels.gemv_rows(down_t, a, out, idx, bb, part, config=config)
             want = a @ down_t[il] + (0 if bb is None else bb)
             assert ((out - want).norm() / want.norm()).item() < 1e-5, (config, split)
+    # the one-launch core FFN: gate||up + activation + down as partial rows, against the dense computation
+    for act, act_up, f in [(kernels.ACT_SILU, False, F.silu), (kernels.ACT_RELU, True, F.relu)]:
+        a_ref = f(gu[il] @ x) * (f(gu[n_all + il] @ x) if act_up else gu[n_all + il] @ x)
+        want = a_ref @ down_t[il]
+        for config in [(2, 264, 8, 3), (4, 3, 4, 2), (1, 1000, 4, 2), (8, 2, 4, 2)]:
+            n_prog, per = kernels.ffn_core_split(k, config)
+            assert n_prog * per >= k > (n_prog - 1) * per, (config, n_prog, per)
+            part = torch.full((n_prog + 1, h), float("nan"))
+            got = kernels.ffn_core(gu, down_t, idx, x, part, act=act, act_up=act_up, config=config)
+            assert got.shape == (n_prog, h) and torch.isnan(part[n_prog]).all()  # wrote its rows only
+            assert (got.sum(0) - want).norm().item() <= 1e-5 * (1 + want.norm().item()), (config, act)  # dReLU: may be 0
+        # the input as RMSNorm(x0 + y) * weight computed inside the launch, x0 + y stored
+        x0, yv, nw, x_out = torch.randn(h), torch.randn(h), 1 + 0.1 * torch.randn(h), torch.full((h,), float("nan"))
+        s_ref = x0 + yv
+        xin = s_ref * torch.rsqrt(s_ref.pow(2).mean() + 1e-5) * nw
+        want = (f(gu[il] @ xin) * (f(gu[n_all + il] @ xin) if act_up else gu[n_all + il] @ xin)) @ down_t[il]
+        part = torch.full((k, h), float("nan"))
+        got = kernels.ffn_core(gu, down_t, idx, x0, part, act=act, act_up=act_up, config=(2, 4, 4, 2),
+                               norm_in=(yv, nw, 1e-5, x_out))
+        assert torch.equal(x_out, s_ref) and (got.sum(0) - want).norm().item() <= 1e-5 * (1 + want.norm().item())
     out = torch.full((h,), float("nan"))
     kernels.gemv_rows(down_t[:k].contiguous(), a, out, None, None, torch.empty(8, h), config=(32, 4, 2, 4, 2))
     assert ((out - a @ down_t[:k]).norm() / (a @ down_t[:k]).norm()).item() < 1e-5
@@ -119,38 +139,76 @@ for v in (7, 5000, 128256):
     assert int(out[3]) == v - 1 and int(pos) == 11 and int(step) == 4 and int(scratch.counts.abs().sum()) == 0
 print("residual norm + argmax passed")
 
-# the core-set statistics kernels vs selection.py's PyTorch definition: counts and float64 sums bit-identical
+# the core-set statistics kernels vs selection.py's PyTorch definition on adversarial inputs: counts and float64
+# sums bit-identical, the same kept neurons
 from coreinfer.runtime import selection  # noqa: E402
 from coreinfer.runtime.cuda import select_kernels  # noqa: E402
 
+
+def adversarial_acts(L, T, I, dtype, g):
+    a = torch.randn(L, T, I, generator=g).to(dtype)
+    a[0] = (a[0] * 2).round() / 2  # many exact ties, zeros
+    a[-1, :, : I // 3] = 0.5  # a block of equal scores: ties at the threshold
+    a[-1, -1] = -1.0  # no active neuron (positive score); all active, all tied (magnitude)
+    if T > 2:
+        a[-1, 1] = 0.0  # an all-zero token
+    if T > 3:
+        a[-1, 2, 2:] = 0.0  # 2 active neurons: fewer than k, all taken
+    fi = torch.finfo(dtype)
+    extremes = [fi.max, -fi.max, fi.tiny, -fi.tiny]
+    if dtype != torch.bfloat16:  # the interpreter's bf16 -> fp32 conversion flushes subnormals (a GPU does not)
+        extremes += [fi.tiny * fi.eps, -fi.tiny * fi.eps, fi.tiny * fi.eps * 3, fi.tiny / 2]  # subnormals
+    extremes = torch.tensor(extremes, dtype=torch.float64).to(dtype)
+    n = min(I, len(extremes))
+    a[0, -1, :n] = extremes[:n]
+    a[0, 0, -n:] = extremes[:n].flip(0)
+    return a
+
+
+g = torch.Generator().manual_seed(1)
 for dtype in (torch.float32, torch.bfloat16, torch.float16):
     for score in ("positive", "magnitude"):
-        for L, T, I in [(3, 9, 50), (2, 5, 33), (1, 1, 8), (2, 6, 130)]:
-            a = torch.randn(L, T, I).to(dtype)
-            a[0] = (a[0] * 2).round() / 2  # many exact ties, zeros
-            a[-1, :, : I // 3] = 0.5  # a block of equal scores
-            a[-1, -1] = -1.0  # a token with no active neuron
+        for L, T, I in [(3, 9, 50), (2, 5, 33), (1, 1, 8), (1, 1, 37), (2, 6, 130)]:
+            a = adversarial_acts(L, T, I, dtype, g)
+            s = selection.neuron_scores(a.float(), score)
+            sums = selection.ordered_token_sum(s)
             for alpha in (0.05, 0.4, 1.0):
-                s = selection.neuron_scores(a.float(), score)
                 c2 = selection._token_core_mask3(s, alpha).sum(1)
                 c1, s1 = select_kernels.layer_statistics(a, alpha, score)
                 assert torch.equal(c1, c2), (dtype, score, L, T, I, alpha)
-                assert torch.equal(s1, selection.ordered_token_sum(s)), (dtype, score, L, T, I, alpha)
+                assert torch.equal(s1, sums), (dtype, score, L, T, I, alpha)
+            k = max(1, I // 3)
+            want = selection.top_neurons(selection.layer_statistics(a, 0.4, score)[0], k, sums)
+            assert torch.equal(select_kernels.select(a, 0.4, score, k), want), (dtype, score)
+            # written into rows of a larger buffer (select_every: layer groups during the prefill)
+            if L > 1:
+                for cdt in (torch.int32, torch.int64):
+                    cb, sb = torch.full((L, I), -3, dtype=cdt), torch.full((L, I), float("nan"), dtype=torch.float64)
+                    for j0, j1 in ((0, 1), (1, L)):
+                        select_kernels.layer_statistics(a[j0:j1], 0.4, score, out=(cb[j0:j1], sb[j0:j1]))
+                    c_ref = selection._token_core_mask3(s, 0.4).sum(1)
+                    assert torch.equal(cb.long(), c_ref) and torch.equal(sb, sums), (dtype, score, cdt)
 g = torch.Generator().manual_seed(2)
-for L, I, T in [(3, 40, 6), (2, 300, 100), (1, 9, 1)]:
+for L, I, T in [(3, 40, 6), (2, 300, 100), (1, 9, 1), (5, 70, 256)]:
     counts = torch.randint(0, T + 1, (L, I), generator=g)
     sums = torch.randn(L, I, generator=g, dtype=torch.float64)
     sums[0] = (sums[0] * 2).round() / 2  # ties on the sum (and on the count): the index decides
     sums[-1, : I // 2] = 0.0
     if L > 2:
         sums[1] = -sums[1].abs()
+    if L > 3:
+        counts[2] = T  # every count the largest possible: the sums decide
+        sums[2, :8] = torch.tensor([1.7e308, -1.7e308, 5e-324, -5e-324, 2.2e-308, -2.2e-308, 1e-300, 5e-324])
+        counts[3] = 0
+        sums[3] = sums[3].abs() * 1e-310  # subnormal sums
+        counts[4] = counts[4] % 3  # a few counts, many tied
     for k in sorted({1, I // 3, I // 2, I - 1, I}):
         if k >= 1:
-            got = select_kernels.top_neurons(counts, sums, k, T)
-            assert torch.equal(got, selection.top_neurons(counts, k, sums)), (L, I, T, k)
+            want = selection.top_neurons(counts, k, sums)
+            assert torch.equal(select_kernels.top_neurons(counts, sums, k, T), want), (L, I, T, k)
     a = torch.randn(L, T, I).to(torch.bfloat16)
-    assert torch.equal(select_kernels.select(a, 0.4, "positive", max(1, I // 3)),
-                       selection.stability_select_layers(a, 0.4, max(1, I // 3) / I))
+    want = selection.stability_select_layers(a, 0.4, max(1, I // 3) / I)
+    assert torch.equal(select_kernels.select(a, 0.4, "positive", max(1, I // 3)), want)
 print("select_kernels passed")
 
 # the gather-free decode end to end (tiny models, float32, CPU): gemv="triton" reads the core rows in place,
@@ -176,4 +234,13 @@ for family in ("llama", "opt"):
     assert all(torch.equal(core[i], core_ref[i]) for i in core)
     err = (got - ref).abs().max().item()
     assert err < 1e-4, (family, err)
+    # the one-launch core FFN (opt-in), with the residual add + norm before it inside the launch and after a
+    # separate norm launch (gated RMSNorm models only: OPT refuses it)
+    assert not idx_lm.fused_ffn and not idx_lm.ffn_norm_in
+    if family == "llama":
+        for opts in ({"fused_ffn": True}, {"fused_ffn": True, "ffn_norm_in": False}):
+            two, core2 = FastLM(w, max_seq_len=32, kept_fraction=0.3, sparse_layers=range(1, 3), gemv="triton",
+                                **opts).forced_logits(prompt, cont)
+            assert all(torch.equal(core2[i], core_ref[i]) for i in core2)
+            assert (two - ref).abs().max().item() < 1e-4, opts
 print("indexed decode passed")

@@ -152,8 +152,10 @@ def _row_warps(block: int) -> int:
 
 
 def layer_statistics(acts: torch.Tensor, alpha: float, score: str, block_c: int = 128,
-                     col_warps: int = 4, as_int64: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
-    """(counts (L, I) int64, sums (L, I) float64) of ``acts`` (L, T, I); see the module doc."""
+                     col_warps: int = 4, as_int64: bool = True,
+                     out: tuple[torch.Tensor, torch.Tensor] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(counts (L, I) int64, sums (L, I) float64) of ``acts`` (L, T, I); see the module doc. ``out``: contiguous
+    (counts int32, sums float64) written in place (int64 counts are computed in int32 and copied)."""
     a = acts.contiguous()
     L, T, I = a.shape
     code = SCORE_MAGNITUDE if score == "magnitude" else SCORE_POSITIVE
@@ -171,10 +173,15 @@ def layer_statistics(acts: torch.Tensor, alpha: float, score: str, block_c: int 
     last = torch.empty(L * T, dtype=torch.int32, device=dev)
     _threshold_kernel[(L * T,)](a, n_active, k_tok, thr, last, T, I, BLOCK=block, SCORE=code, SHIFT=shift,
                                 NBITS=31 - shift, num_warps=warps)
-    counts = torch.empty(L, I, dtype=torch.int32, device=dev)
-    sums = torch.empty(L, I, dtype=torch.float64, device=dev)
+    given = out is not None and out[0].dtype == torch.int32
+    counts = out[0] if given else torch.empty(L, I, dtype=torch.int32, device=dev)
+    sums = out[1] if out is not None else torch.empty(L, I, dtype=torch.float64, device=dev)
     _column_kernel[(L, triton.cdiv(I, block_c))](a, thr, last, counts, sums, T, I, BLOCK_C=block_c, SCORE=code,
                                                  SHIFT=shift, INTERPRET=_interpreting(), num_warps=col_warps)
+    if out is not None:
+        if not given:
+            out[0].copy_(counts)
+        return out
     return (counts.to(torch.int64) if as_int64 else counts), sums
 
 

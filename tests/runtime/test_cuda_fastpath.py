@@ -165,12 +165,56 @@ def test_attention_kernel_math_in_triton_interpreter():
         assert line in r.stdout, r.stdout + r.stderr
 
 
+@pytest.mark.parametrize("every", [1, 2, 5])
+def test_statistics_during_prefill_equal_batched_selection(every):
+    """select_every: each group of sparse layers' statistics computed right after the group's prefill FFN gives
+    exactly the core sets, and so the logits, of the one batched selection after the prefill (CPU, float32;
+    groups of 1, 2 and one group larger than the 3 sparse layers)."""
+    model = _tiny("llama", seed=21)
+    weights = FastWeights.from_hf(model)
+    prompt, cont = _ids(19, 22), _ids(7, 23)
+    ref, core_ref = FastLM(weights, max_seq_len=40, kept_fraction=0.3).forced_logits(prompt, cont)
+    fast = FastLM(weights, max_seq_len=40, kept_fraction=0.3, select_every=every)
+    got, core = fast.forced_logits(prompt, cont)
+    assert sorted(core) == [0, 1, 2]
+    assert all(torch.equal(core[i], core_ref[i]) for i in core)
+    assert torch.equal(got, ref)
+    # given core sets skip the statistics and are used as they are
+    given = {i: torch.arange(kept_count(0.3, weights.n_neurons)) for i in range(3)}
+    _, used = fast.forced_logits(prompt, cont, core_sets=given)
+    assert all(torch.equal(used[i].cpu(), given[i]) for i in used)
+    for bad in (0, -1, 1.5, True):
+        with pytest.raises(FastPathError, match="select_every must be"):
+            FastLM(weights, kept_fraction=0.3, select_every=bad)
+
+
+def test_selection_ttft_measure_runs_and_compares_like_with_like():
+    """The GPU session's TTFT comparison (device_check.selection_ttft) on CPU: every configuration timed, the
+    three sparse ones choosing identical core sets, the extra time reported against the dense prefill."""
+    from coreinfer.runtime.cuda.device_check import selection_ttft
+
+    weights = FastWeights.from_hf(_tiny("llama", seed=31))
+    out = selection_ttft(weights, _ids(24, 32), rounds=2, log=lambda s: None)
+    assert out["identical_core_sets"] is True
+    for name in ("batched", "select-every-8", "select-every-4"):
+        r = out[name]
+        assert r["ttft_ms"] > 0 and r["prefill_ms"] > 0
+        assert r["ttft_over_dense_ms"] == r["ttft_ms"] - out["dense"]["ttft_ms"]
+        assert r["pct_of_dense_prefill"] == pytest.approx(100 * r["ttft_over_dense_ms"] / out["dense"]["prefill_ms"])
+
+
 def test_triton_attention_refused_on_cpu():
     w = FastWeights.from_hf(_tiny("llama"))
     with pytest.raises(FastPathError, match="pdl=True needs"):
         FastLM(w, pdl=True)
     with pytest.raises(FastPathError, match="fused_norm=True needs"):
         FastLM(w, fused_norm=True)
+    with pytest.raises(FastPathError, match="fused_ffn=True needs"):
+        FastLM(w, kept_fraction=0.4, fused_ffn=True)
+    with pytest.raises(FastPathError, match="ffn_norm_in=True needs"):
+        FastLM(w, kept_fraction=0.4, ffn_norm_in=True)
+    dense = FastLM(w, fused_ffn=True, ffn_norm_in=True)  # no sparse layer: nothing to fuse, no error
+    assert not dense.fused_ffn and not dense.ffn_norm_in
     with pytest.raises(FastPathError, match="attention='triton' needs a CUDA device"):
         FastLM(w, attention="triton")
     with pytest.raises(FastPathError, match="gemv='triton' needs a CUDA device"):
@@ -385,8 +429,9 @@ def test_cuda_last_program_reductions_match_torch(pdl):
 @pytest.mark.gpu
 @needs_cuda
 def test_cuda_fused_pdl_step_equals_plain_step():
-    """The default CUDA step (PDL launches, fused residual+RMSNorm, split down sum folded in, fused argmax) against
-    the same step without them, float32, on a model wide enough for several programs per reduction."""
+    """The default CUDA step (PDL launches, fused residual+RMSNorm summing the split down product's partial rows,
+    fused argmax) and the opt-in one-launch core FFN (with and without the norm inside it) against the plain
+    step, float32, on a model wide enough for several programs per reduction."""
     torch.manual_seed(7)
     cfg = transformers.LlamaConfig(hidden_size=1024, intermediate_size=2048, num_hidden_layers=2, num_attention_heads=8,
                                    num_key_value_heads=2, vocab_size=5000, max_position_embeddings=256)
@@ -395,13 +440,36 @@ def test_cuda_fused_pdl_step_equals_plain_step():
     weights = FastWeights.from_hf(model)
     prompt, cont = _ids(40, 71, 5000), _ids(12, 72, 5000)
     fused = FastLM(weights, max_seq_len=64, kept_fraction=0.4)
-    assert fused.fused_norm and fused.indexed
+    assert fused.fused_norm and fused.indexed and not fused.fused_ffn
     plain = FastLM(weights, max_seq_len=64, kept_fraction=0.4, pdl=False, fused_norm=False)
+    assert not plain.fused_ffn
     got, core = fused.forced_logits(prompt, cont)
     ref, core_ref = plain.forced_logits(prompt, cont)
     assert all(torch.equal(core[i], core_ref[i]) for i in core)
     assert (got - ref).abs().max().item() < 1e-3
     assert fused.generate(prompt, 12).tokens == plain.generate(prompt, 12).tokens
+    for opts in ({"fused_ffn": True}, {"fused_ffn": True, "ffn_norm_in": False}):  # norm inside the FFN; before it
+        one = FastLM(weights, max_seq_len=64, kept_fraction=0.4, **opts)
+        assert one.fused_ffn and one.ffn_norm_in == opts.get("ffn_norm_in", True)
+        got2, core2 = one.forced_logits(prompt, cont)
+        assert all(torch.equal(core2[i], core_ref[i]) for i in core2)
+        assert (got2 - ref).abs().max().item() < 1e-3, opts
+        assert one.generate(prompt, 12).tokens == plain.generate(prompt, 12).tokens, opts
+
+
+@pytest.mark.gpu
+@needs_cuda
+@pytest.mark.parametrize("every", [1, 3, 8])
+def test_cuda_statistics_during_prefill_equal_batched_selection(every):
+    """select_every launches the selection kernels group by group inside the prefill: the same core sets and
+    tokens as the one batched selection after it, in bf16 on the device."""
+    model = _tiny("llama", seed=44, dtype=torch.bfloat16, device="cuda")
+    weights = FastWeights.from_hf(model)
+    prompt = _ids(30, 45)
+    ref = FastLM(weights, max_seq_len=64, kept_fraction=0.4).generate(prompt, 10)
+    got = FastLM(weights, max_seq_len=64, kept_fraction=0.4, select_every=every).generate(prompt, 10)
+    assert all(torch.equal(got.core_sets[i], ref.core_sets[i]) for i in ref.core_sets)
+    assert got.tokens == ref.tokens
 
 
 # ---------------------------------------------------------------------------------------------- SparseLM hook

@@ -170,3 +170,29 @@ def test_ordered_token_sum_adds_tokens_in_order():
     x = torch.tensor([[1e16], [1.0], [-1e16], [1.0]], dtype=torch.float64)  # order-sensitive in float64
     want = ((1e16 + 1.0) - 1e16) + 1.0
     assert ordered_token_sum(x).tolist() == [want]
+
+
+def test_statistics_in_layer_groups_then_select_equals_one_call():
+    """Statistics written group by group into rows of one (L, I) buffer (as the GPU prefill does with
+    select_every), then ranked: the same core sets as the one call; bad ``out`` buffers are refused."""
+    from coreinfer.runtime.selection import layer_statistics, select_from_statistics, stability_select_layers
+
+    g = torch.Generator().manual_seed(3)
+    L, T, I = 5, 23, 70
+    acts = (torch.randn(L, T, I, generator=g) * 2).round() / 2  # ties on scores, counts and sums
+    for score in ("positive", "magnitude"):
+        want_c, want_s = layer_statistics(acts, 0.4, score)
+        for dtype in (torch.int32, torch.int64):
+            counts, sums = torch.full((L, I), -7, dtype=dtype), torch.full((L, I), float("nan"), dtype=torch.float64)
+            for j0, j1 in [(0, 2), (2, 3), (3, 5)]:
+                got = layer_statistics(acts[j0:j1], 0.4, score, out=(counts[j0:j1], sums[j0:j1]))
+                assert got[0].data_ptr() == counts[j0:j1].data_ptr()
+            assert torch.equal(counts.long(), want_c) and torch.equal(sums, want_s)
+            k = kept_count(0.3, I)
+            assert torch.equal(select_from_statistics(counts, sums, k, T), stability_select_layers(acts, 0.4, 0.3, score))
+    with pytest.raises(ValueError, match="out must be contiguous"):
+        layer_statistics(acts, 0.4, out=(torch.zeros(L, I, dtype=torch.float32), torch.zeros(L, I, dtype=torch.float64)))
+    with pytest.raises(ValueError, match="out must be contiguous"):
+        layer_statistics(acts, 0.4, out=(torch.zeros(L, I + 1, dtype=torch.int32), torch.zeros(L, I, dtype=torch.float64)))
+    with pytest.raises(ValueError, match="counts and sums"):
+        select_from_statistics(torch.zeros(L, I), torch.zeros(L, I + 1), 3, T)
