@@ -458,7 +458,9 @@ class FastLM:
             from .kernels import ffn_core_split, gemv_rows_split
 
             w.ensure_down_t(self.sparse_layers)
-            self._idx = torch.zeros(len(self.sparse_layers), self.k, dtype=torch.int32, device=dev)
+            # rows padded to 64 bytes: every layer's index row equally aligned, so every layer runs the same
+            # compiled kernel (an unaligned row is specialised apart, without vector loads: cuda/aot.py shows it)
+            self._idx = torch.zeros(len(self.sparse_layers), -(-self.k // 16) * 16, dtype=torch.int32, device=dev)
             split = ffn_core_split(self.k, ffn_config)[0] if self.fused_ffn else gemv_rows_split(w.hidden, self.k, rows_config)
             self._partial = torch.empty(split, w.hidden, device=dev, dtype=torch.float32) if split > 1 else None
         for li in (self.sparse_layers if not self.indexed else ()):
@@ -708,7 +710,7 @@ class FastLM:
         """Make the decode use core sets ``sets`` (n_sparse, k): write the index buffer (gather-free path) or
         gather the compact buffers."""
         if self.indexed:
-            self._idx.copy_(sets)
+            self._idx[:, :self.k].copy_(sets)
             return
         I, k, kp = self.w.n_neurons, self.k, self.k_pad
         for j, li in enumerate(self.sparse_layers):
@@ -764,7 +766,7 @@ class FastLM:
             if sparse:  # core rows read in place (kernels.py)
                 from .kernels import gemv_rows
 
-                idx = self._idx[li - self.sparse_layers.start]
+                idx = self._idx[li - self.sparse_layers.start, :self.k]
                 if self.fused_ffn:  # gate||up, activation and down: one launch, partial rows to the norm below
                     from .kernels import ffn_core
 
