@@ -37,7 +37,8 @@ run: install
 	@echo "--- dense (every FFN neuron) ---"
 	$(BIN)/coreinfer generate "$(PROMPT)" --chat --method dense --max-new-tokens 48
 
-# The whole suite but GPU-only tests (real-model tests included; about 5 min on 2 cores).
+# The whole suite but GPU-only tests (real-model tests, the Triton interpreter and sm_90 compile checks
+# included; about 11 min on 2 cores).
 test: install
 	$(BIN)/python -m pytest -m "not gpu" $(PYTEST_ARGS)
 
