@@ -203,7 +203,7 @@ def stability_select_layers(acts: torch.Tensor, alpha: float = 0.4, beta: float 
         if select_kernels.available(acts):
             return select_kernels.select(acts, alpha, score, k)
     counts, sums = layer_statistics(acts, alpha, score)
-    return top_neurons(counts, k, sums)
+    return select_from_statistics(counts, sums, k, acts.shape[1])
 
 
 def select_from_statistics(counts: torch.Tensor, sums: torch.Tensor, k: int, n_tokens: int) -> torch.Tensor:

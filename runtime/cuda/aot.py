@@ -17,6 +17,7 @@ import argparse
 import contextlib
 import hashlib
 import json
+import math
 import os
 import re
 import subprocess
@@ -101,9 +102,7 @@ def report(records) -> list[dict]:
     for name, grid, kernel in records:
         md = kernel.metadata
         use = resources(kernel)
-        programs = 1
-        for g in grid:
-            programs *= int(g)
+        programs = math.prod(int(g) for g in grid)
         per_sm = blocks_per_sm(use["regs"], use["shared"], md.num_warps)
         rows.append({"kernel": name, "grid": list(grid), "programs": programs, "warps": md.num_warps,
                      "stages": md.num_stages, **use, "blocks_per_sm": per_sm,
@@ -116,13 +115,10 @@ def shape_weights(spec: str, n_layers: int, dtype: torch.dtype):
     """``FastWeights`` of a published shape with ``n_layers`` layers, on CPU, allocated but not initialised."""
     import transformers
 
-    from . import bench
+    from .bench import shape_config
     from .fastlm import FastWeights
 
-    family, kwargs = bench.SHAPES[spec]
-    cls = {"llama": transformers.LlamaConfig, "mistral": transformers.MistralConfig, "opt": transformers.OPTConfig}[family]
-    cfg = cls(**{**kwargs, "num_hidden_layers": n_layers})
-    cfg._attn_implementation = "sdpa"
+    cfg = shape_config(spec, num_hidden_layers=n_layers)
     with torch.device("meta"):
         model = transformers.AutoModelForCausalLM.from_config(cfg, dtype=dtype)
     model = model.to_empty(device="cpu").eval()

@@ -108,14 +108,22 @@ def copy_bandwidth(nbytes: int = 2 << 30, reps: int = 20) -> float:
     return 2 * nbytes / statistics.median(times)
 
 
-def build_shape_model(name: str, dtype: torch.dtype):
-    """A random-weight model of a published shape, initialised directly on the GPU."""
+def shape_config(name: str, **overrides):
+    """The Hugging Face config of a published shape (``SHAPES``), SDPA attention, ``overrides`` applied."""
     import transformers
 
     family, kwargs = SHAPES[name]
     cls = {"llama": transformers.LlamaConfig, "mistral": transformers.MistralConfig, "opt": transformers.OPTConfig}[family]
-    cfg = cls(**kwargs)
+    cfg = cls(**{**kwargs, **overrides})
     cfg._attn_implementation = "sdpa"
+    return cfg
+
+
+def build_shape_model(name: str, dtype: torch.dtype):
+    """A random-weight model of a published shape, initialised directly on the GPU."""
+    import transformers
+
+    cfg = shape_config(name)
     torch.manual_seed(0)
     with torch.device("cuda"):
         model = transformers.AutoModelForCausalLM.from_config(cfg, dtype=dtype)

@@ -430,8 +430,8 @@ def tune_decode(log=print, spec: str = "llama-3.1-8b", new_tokens: int = 128, re
 
     done = [run(opts) for opts in variants]
     norm_in = key(done[2]) >= key(done[1])
-    # (BLOCK_R, SPLIT, warps, stages) of the core FFN: neurons per iteration, programs, ...
-    # (pipelined stages of BLOCK_R x 3 rows of 8 KB in shared memory bound the programs per SM: 132 SMs on an H100)
+    # (BLOCK_R, SPLIT, warps, stages) of the core FFN: neurons per iteration, programs at most, warps, stages
+    # (registers bound the programs per SM: 97-121 per thread at 8 warps is 2 per SM, python -m ...cuda.aot)
     for c in [(2, 132, 8, 3), (1, 264, 4, 3), (1, 528, 4, 2), (4, 132, 16, 2), (2, 132, 8, 2), (1, 396, 4, 2)]:
         run({**base, "fused_ffn": True, "ffn_norm_in": norm_in, "ffn_config": c})
     ok = [r for r in rows if "error" not in r]
