@@ -1,9 +1,10 @@
 """Architecture adapters: where each model family keeps its FFN, and how its weights map to ``FFNWeights``.
 
-An adapter replaces each layer's FFN by a ``CoreFFN`` module that computes the same function from
-``FFNWeights`` views of the original parameters, and asks the active per-call session (if any) what to
-do: dense, capture the activations, or run the compact core FFN. The HF model itself is not otherwise
-changed, so attention, norms, caches and generation utilities stay the library's own.
+An adapter points each layer's FFN module's ``forward`` at a session-aware function that computes the same
+function from ``FFNWeights`` views of the module's own parameters, and asks the active per-call session
+(if any) what to do: dense, capture the activations, or run the compact core FFN. No module is replaced or
+wrapped, so the model's module tree, ``state_dict`` keys and ``save_pretrained`` output stay the library's
+own, as do attention, norms, caches and ``generate``.
 """
 
 from __future__ import annotations
@@ -70,21 +71,26 @@ def _activation_name(config, fam: Family) -> tuple[str, str]:
     return "gated", act
 
 
-class CoreFFN(nn.Module):
-    """Drop-in FFN: dense by default, or whatever the active session says for this layer."""
+class SessionForward:
+    """The ``forward`` of one FFN module: dense by default, or whatever the active session says for this layer.
 
-    def __init__(self, layer_idx: int, original: nn.Module, weights: FFNWeights, active: ContextVar):
-        super().__init__()
+    Set as an instance attribute (as accelerate's hooks are), so the module and its parameters stay in place.
+    """
+
+    def __init__(self, layer_idx: int, weights: FFNWeights, active: ContextVar):
         self.layer_idx = layer_idx
-        self.original = original  # keeps the parameters registered (state_dict, memory accounting)
-        self.weights = weights  # views of original's parameters
-        self._active = active
+        self.weights = weights  # views of the module's parameters
+        self.active = active
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        session = self._active.get()
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        session = self.active.get()
         if session is None:
             return self.weights(x)
         return session.ffn(self.layer_idx, x, self.weights)
+
+
+def _identity(x: torch.Tensor) -> torch.Tensor:
+    return x
 
 
 @dataclass
@@ -130,9 +136,9 @@ def _layer_weights(layer, fam: Family, kind: str, act: str) -> FFNWeights:
 
 
 def install(model, active: ContextVar) -> ModelAdapter:
-    """Replace every FFN of ``model`` by a session-aware ``CoreFFN``; returns the adapter.
+    """Make every FFN of ``model`` session-aware; returns the adapter.
 
-    The new modules hold views of the original parameters: no weight is copied.
+    Only the FFN modules' ``forward`` changes; they compute from views of their own parameters (no copy).
     """
     config = _text_config(model.config)
     fam = _family(config)
@@ -143,11 +149,13 @@ def install(model, active: ContextVar) -> ModelAdapter:
         w = _layer_weights(layer, fam, kind, act)
         dense.append(w)
         if fam.name == "opt":
-            # OPT runs fc1 -> activation_fn -> fc2 inline in the layer: fc1 becomes the whole FFN.
-            core = CoreFFN(i, nn.ModuleDict({"fc1": layer.fc1, "fc2": layer.fc2}), w, active)
-            layer.fc1, layer.activation_fn, layer.fc2 = core, nn.Identity(), nn.Identity()
+            # OPT runs fc1 -> activation_fn -> fc2 inline in the layer: fc1 computes the whole FFN, the
+            # parameter-free activation and fc2's forward pass it through.
+            layer.fc1.forward = SessionForward(i, w, active)
+            layer.activation_fn = nn.Identity()
+            layer.fc2.forward = _identity
         else:
-            layer.mlp = CoreFFN(i, layer.mlp, w, active)
+            layer.mlp.forward = SessionForward(i, w, active)
     return ModelAdapter(fam, kind, act, len(layers), dense[0].n_neurons, dense[0].down.shape[0], layers, dense)
 
 

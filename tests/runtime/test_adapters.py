@@ -86,3 +86,24 @@ def test_unsupported_architecture_lists_supported(tokenizer):
 
     with pytest.raises(UnsupportedArchitecture, match="Supported architectures: llama"):
         install(model, ContextVar("x", default=None))
+
+
+@pytest.mark.parametrize("family", [f for f in FAMILIES if f != "drelu"])  # transformers has no dReLU activation
+def test_wrapping_leaves_state_dict_and_save_pretrained_alone(family, tokenizer, tmp_path):
+    """save_pretrained of a wrapped model reloads with plain transformers: the same tensors, the same logits."""
+    from transformers import AutoModelForCausalLM
+
+    lm, reference = tiny_lm(family, tokenizer)
+    lm.generate(PROMPT, beta=0.5, layers="0:4", max_new_tokens=2)  # a sparse call has run on it
+    ours, theirs = lm.model.state_dict(), reference.state_dict()
+    assert list(ours) == list(theirs)
+    lm.model.save_pretrained(tmp_path)
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path, dtype=torch.float32).eval()
+    again = reloaded.state_dict()
+    assert list(again) == list(theirs)
+    for name, tensor in theirs.items():
+        assert torch.equal(again[name], tensor), name
+    ids = lm.encode(PROMPT)
+    with torch.no_grad():
+        assert torch.equal(reloaded(input_ids=ids).logits, reference(input_ids=ids).logits)
+        assert (lm.model(input_ids=ids).logits - reference(input_ids=ids).logits).abs().max() <= 1e-5
