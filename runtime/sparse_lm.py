@@ -98,7 +98,15 @@ class SparseLM:
         self._takes_logits_to_keep = "logits_to_keep" in self.model.forward.__code__.co_varnames
 
     @classmethod
-    def from_pretrained(cls, spec: str = DEFAULT_MODEL, artifact=None, device=None, dtype=None) -> "SparseLM":
+    def from_pretrained(cls, spec: str = DEFAULT_MODEL, artifact=None, device=None, dtype=None,
+                        memory_budget=None) -> "SparseLM":
+        """``memory_budget`` ("12GiB", bytes, or an ``offload.MemoryBudget``): weights that do not fit stay in host
+        memory (runtime/offload.py, issue 11); None loads the whole model on the device."""
+        if memory_budget is not None:
+            from .offload import from_pretrained_offloaded
+
+            return from_pretrained_offloaded(spec, artifact=artifact, device=device, dtype=dtype,
+                                             memory_budget=memory_budget)
         loaded = load_model(spec, device=device, dtype=dtype)
         return cls(loaded, artifact=artifact)
 
