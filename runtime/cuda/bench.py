@@ -1,7 +1,8 @@
 """`coreinfer bench` on a GPU: Hugging Face dense ``generate`` vs our graph-captured fast path, dense and
 sparse, side by side in one run, each against its memory-bandwidth roofline.
 
-Per model: HF transformers ``generate`` (dense, greedy, default dynamic cache), our dense fast path, our
+Per model: HF transformers ``generate`` (dense, greedy, default dynamic cache, and with
+``cache_implementation="static"``, transformers' own compiled decode), our dense fast path, our
 sparse fast path at each kept fraction. Every configuration decodes the same prompt (``PROMPT_TOKENS``
 tokens) for exactly ``new_tokens`` tokens (EOS ignored), after a warm-up; medians of ``repeats`` runs.
 
@@ -151,11 +152,16 @@ def bench_prompt(tokenizer, vocab: int, n: int = PROMPT_TOKENS) -> torch.Tensor:
     return torch.tensor(ids[:n])
 
 
-def hf_generate_bench(model, ids: torch.Tensor, new_tokens: int, repeats: int) -> dict:
-    """Hugging Face ``generate``, dense, greedy, exactly ``new_tokens`` tokens; TTFT from a 1-token generate."""
+def hf_generate_bench(model, ids: torch.Tensor, new_tokens: int, repeats: int, static: bool = False) -> dict:
+    """Hugging Face ``generate``, dense, greedy, exactly ``new_tokens`` tokens; TTFT from a 1-token generate.
+
+    ``static``: ``cache_implementation="static"``, with which transformers compiles its own decode step
+    (torch.compile, reduce-overhead): the strongest dense peer transformers has."""
     x = ids.view(1, -1).cuda()
     mask = torch.ones_like(x)
     kw = dict(attention_mask=mask, do_sample=False, pad_token_id=0, eos_token_id=None)
+    if static:
+        kw["cache_implementation"] = "static"
 
     def run(n):
         _sync()
@@ -167,11 +173,13 @@ def hf_generate_bench(model, ids: torch.Tensor, new_tokens: int, repeats: int) -
         return time.perf_counter() - t0, out[0, x.shape[1]:].tolist()
 
     torch.cuda.reset_peak_memory_stats()
-    run(8)  # warm-up
+    run(8)  # warm-up (and, static, the compilation)
+    if static:
+        run(new_tokens)
     ttft = statistics.median(run(1)[0] for _ in range(repeats))
     runs = [run(new_tokens) for _ in range(repeats)]
     total = statistics.median(r[0] for r in runs)
-    return {"path": "hf-generate", "kept_fraction": 1.0, "decode_tok_s": (new_tokens - 1) / (total - ttft),
+    return {"path": "hf-generate-static" if static else "hf-generate", "kept_fraction": 1.0, "decode_tok_s": (new_tokens - 1) / (total - ttft),
             "e2e_tok_s": new_tokens / total, "ttft_ms": ttft * 1e3, "prefill_ms": None, "select_ms": None, "gather_ms": None,
             "peak_mem_gb": torch.cuda.max_memory_allocated() / 1e9, "tokens": runs[0][1]}
 
@@ -202,7 +210,6 @@ def fast_bench(weights, ids: torch.Tensor, new_tokens: int, repeats: int, kept_f
            "fast_buffers_gb": fast.buffer_bytes() / 1e9, "setup_s": setup_s, "cuda_graph": cuda_graph,
            "compiled_elementwise": compile_elementwise, "attention": fast.attention, "gemv": fast.gemv,
            "pdl": fast.pdl, "fused_norm": fast.fused_norm, "gemv_config": fast.gemv_config,
-           "fused_ffn": fast.fused_ffn, "ffn_norm_in": fast.ffn_norm_in, "select_every": fast.select_every,
            "gather_free": fast.indexed, "down_t_gb": weights.down_t_bytes() / 1e9,
            "tokens": runs[0].tokens}
     row["select_gather_pct_prefill"] = 100 * (med["select_ms"] + med["gather_ms"]) / med["prefill_ms"]
@@ -232,8 +239,11 @@ def profile_decode(fast, ids: torch.Tensor, steps: int = 20) -> dict:
     from torch.autograd import DeviceType
     from torch.profiler import ProfilerActivity, profile
 
+    from .fastlm import GREEDY
+
     fast.generate(ids, 2)  # fill the cache and the compact buffers for this prompt
     T = ids.numel()
+    graph = fast._graphs.get(GREEDY)
 
     def reset():
         fast._pos.fill_(T)
@@ -245,7 +255,7 @@ def profile_decode(fast, ids: torch.Tensor, steps: int = 20) -> dict:
         with torch.inference_mode(), profile(activities=[ProfilerActivity.CUDA]) as prof:
             for _ in range(steps):
                 if use_graph:
-                    fast._graph.replay()
+                    graph[0].replay()
                 else:
                     fast._decode_step()
             _sync()
@@ -265,7 +275,7 @@ def profile_decode(fast, ids: torch.Tensor, steps: int = 20) -> dict:
         return by, count / steps, names
 
     source = "graph"
-    by, kernels, names = collect(fast._graph is not None)
+    by, kernels, names = collect(graph is not None)
     if not by:
         source = "eager-step"
         by, kernels, names = collect(False)
@@ -329,7 +339,7 @@ def _free():
 
 def bench_model(spec: str, dtype: torch.dtype, betas, new_tokens: int, repeats: int, bandwidth: float,
                 layers=None, check: bool = True, profile: bool = False, ablation: bool = False, log=print,
-                rows_config=None, options: dict | None = None) -> dict:
+                rows_config=None, options: dict | None = None, hf_static: bool = True) -> dict:
     from .fastlm import FastWeights
 
     t0 = time.perf_counter()
@@ -345,6 +355,16 @@ def bench_model(spec: str, dtype: torch.dtype, betas, new_tokens: int, repeats: 
     hf_row = hf_generate_bench(model, ids, new_tokens, repeats)
     res["rows"].append(hf_row)
     log(f"[{spec}] hf-generate {hf_row['decode_tok_s']:.1f} tok/s decode, TTFT {hf_row['ttft_ms']:.1f} ms")
+    if hf_static:
+        try:
+            row = hf_generate_bench(model, ids, new_tokens, repeats, static=True)
+            res["rows"].append(row)
+            log(f"[{spec}] hf-generate-static {row['decode_tok_s']:.1f} tok/s decode, TTFT {row['ttft_ms']:.1f} ms")
+        except Exception as err:  # recorded, never hidden
+            res["rows"].append({"path": "hf-generate-static", "error": repr(err)})
+            log(f"[{spec}] hf-generate-static FAILED {err!r}")
+        torch.compiler.reset()
+        _free()
     weights = FastWeights.from_hf(model)
     if check:
         g = torch.Generator().manual_seed(99)
@@ -360,19 +380,10 @@ def bench_model(spec: str, dtype: torch.dtype, betas, new_tokens: int, repeats: 
     _free()
     res["bandwidth_gb_s"] = bandwidth / 1e9
     opts = dict(options or {})
-    plain = {**opts, "pdl": False, "fused_norm": False, "fused_ffn": False, "ffn_norm_in": False}
+    plain = {**opts, "pdl": False, "fused_norm": False}
     configs = [(None, True, True, None, None, None, opts)] + [(b, True, True, None, None, None, opts) for b in betas]
     if ablation:  # what each piece is worth, at kept fraction 0.4, removed one after the other
         configs += [(None, True, True, None, None, "fast-dense-no-pdl-unfused-norm", plain),
-                    # built since run "suite-5", opt-in until measured: the one-launch core FFN (after its own
-                    # norm launch, then with the residual add + norm inside it); the selection statistics
-                    # launched during the prefill every 8 / 4 sparse layers
-                    (0.4, True, True, None, None, "fast-sparse-one-launch-ffn",
-                     {**opts, "fused_ffn": True, "ffn_norm_in": False}),
-                    (0.4, True, True, None, None, "fast-sparse-one-launch-ffn-norm-in",
-                     {**opts, "fused_ffn": True, "ffn_norm_in": True}),
-                    (0.4, True, True, None, None, "fast-sparse-select-every-8", {**opts, "select_every": 8}),
-                    (0.4, True, True, None, None, "fast-sparse-select-every-4", {**opts, "select_every": 4}),
                     (0.4, True, True, None, None, "fast-sparse-no-pdl", {**opts, "pdl": False}),
                     (0.4, True, True, None, None, "fast-sparse-no-pdl-unfused-norm", plain),
                     (None, True, True, None, "torch", "fast-dense-cublas-gemv", {}),
@@ -409,22 +420,24 @@ def bench_model(spec: str, dtype: torch.dtype, betas, new_tokens: int, repeats: 
     del weights
     _free()
     hf = res["rows"][0]
+    hf_static_row = next((r for r in res["rows"] if r.get("path") == "hf-generate-static" and "error" not in r), None)
     dense = next((r for r in res["rows"] if r.get("path") == "fast-dense" and "error" not in r), None)
     for r in res["rows"]:
         if "error" in r:
             continue
         r["x_hf_decode"] = r["decode_tok_s"] / hf["decode_tok_s"]
         r["x_hf_e2e"] = r["e2e_tok_s"] / hf["e2e_tok_s"]
+        if hf_static_row is not None:
+            r["x_hf_static_decode"] = r["decode_tok_s"] / hf_static_row["decode_tok_s"]
         if dense is not None:
             r["x_dense_fast"] = r["decode_tok_s"] / dense["decode_tok_s"]
-        if r["path"] == "hf-generate" and dense is not None:
+        if r["path"].startswith("hf-generate") and dense is not None:
             r["bytes_per_token"] = dense["bytes_per_token"]
             r["roofline_tok_s"] = dense["roofline_tok_s"]
             r["pct_roofline"] = 100 * r["decode_tok_s"] / r["roofline_tok_s"]
         if dense is not None and r is not hf:
             r["greedy_match_hf"] = r["tokens"] == hf["tokens"] if r["path"] == "fast-dense" else None
-            # what the sparse path adds to the time to first token, whichever phase it lands in (with
-            # select_every the statistics run inside the prefill): noisy, since the prefill is host-bound
+            # what the sparse path adds to the time to first token: noisy, since the prefill is host-bound
             r["ttft_over_dense_ms"] = r["ttft_ms"] - dense["ttft_ms"]
     for r in res["rows"]:
         r.pop("tokens", None)
@@ -489,22 +502,23 @@ def format_table(result: dict) -> str:
              f"{env['transformers']}; copy bandwidth {env['copy_bandwidth_gb_s']:.0f} GB/s (read+write); {result['dtype']}, "
              f"batch 1, {result['prompt_tokens']}-token prompt, {result['new_tokens']} new tokens, median of {result['repeats']}",
              "",
-             "| model | path | kept | decode tok/s | roofline tok/s | % roofline | × HF decode | × our dense | "
-             "e2e tok/s | TTFT ms | TTFT − dense ms | prefill ms | select ms | gather ms | sel+gather % prefill | "
-             "peak GB |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "| model | path | kept | decode tok/s | roofline tok/s | % roofline | × HF decode | × HF static | "
+             "× our dense | e2e tok/s | TTFT ms | TTFT − dense ms | prefill ms | select ms | gather ms | "
+             "sel+gather % prefill | peak GB |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for m in result["models"]:
         if "error" in m:
-            lines.append(f"| {m['model']} | FAILED: {m['error'][:80]} |" + " |" * 14)
+            lines.append(f"| {m['model']} | FAILED: {m['error'][:80]} |" + " |" * 15)
             continue
         for r in m["rows"]:
             if "error" in r:
-                lines.append(f"| {m['model']} | {r['path']} β={r.get('beta')} FAILED: {r['error'][:60]} |" + " |" * 14)
+                lines.append(f"| {m['model']} | {r['path']} β={r.get('beta')} FAILED: {r['error'][:60]} |" + " |" * 15)
                 continue
             lines.append("| " + " | ".join([
                 m["model"] + ("" if m["weights"] == "real" else "*"), r["path"], _f(r["kept_fraction"], "{:.2f}"),
                 _f(r["decode_tok_s"]), _f(r.get("roofline_tok_s"), "{:.0f}"), _f(r.get("pct_roofline"), "{:.0f}%"),
-                _f(r.get("x_hf_decode"), "{:.2f}"), _f(r.get("x_dense_fast"), "{:.2f}"), _f(r["e2e_tok_s"]),
+                _f(r.get("x_hf_decode"), "{:.2f}"), _f(r.get("x_hf_static_decode"), "{:.2f}"),
+                _f(r.get("x_dense_fast"), "{:.2f}"), _f(r["e2e_tok_s"]),
                 _f(r["ttft_ms"]), _f(r.get("ttft_over_dense_ms")), _f(r["prefill_ms"]), _f(r["select_ms"]),
                 _f(r["gather_ms"], "{:.2f}"),
                 _f(r.get("select_gather_pct_prefill"), "{:.0f}%"), _f(r["peak_mem_gb"], "{:.1f}")]) + " |")

@@ -7,8 +7,7 @@ adapter. ``FastLM`` adds, for one kept fraction ``beta``:
 * a static KV cache of ``max_seq_len`` positions;
 * per sparse layer, the core neurons chosen at prefill from the prompt's own activations: all sparse
   layers' activations are kept (n_sparse, T, I) and ranked in one batched, sync-free call of
-  ``selection.stability_select_layers`` (the one selection implementation; with ``select_every`` the
-  statistics of each group of layers are launched during the prefill instead). With the Triton GEMVs (CUDA
+  ``selection.stability_select_layers`` (the one selection implementation). With the Triton GEMVs (CUDA
   default) the decode is gather-free: the kernels read the core rows of gate||up and of a row-major (I, H)
   copy of the down projection in place, by index, from one fixed-address index buffer, so the per-prompt
   "gather" is writing k indices per layer. With cuBLAS GEMVs (and on CPU) the core rows are gathered into
@@ -32,6 +31,7 @@ in float32, with the Hugging Face model itself.
 
 from __future__ import annotations
 
+import math
 import os
 import threading
 import time
@@ -42,7 +42,7 @@ import torch.nn.functional as F
 
 from .. import adapters
 from ..ffn import FFNWeights, activation_fn
-from ..selection import (DEFAULT_SCORE, check_fraction, check_score, kept_count, layer_statistics,
+from ..selection import (DEFAULT_SCORE, check_fraction, check_layer_k, check_score, kept_count, layer_statistics,
                          select_from_statistics, stability_select_layers)
 
 SUPPORTED = ("llama", "mistral", "qwen2", "opt")
@@ -320,22 +320,25 @@ class FastWeights:
         return sum(_nbytes([lw.norm1_w, lw.norm1_b, lw.qkv_w, lw.qkv_b, lw.o_w, lw.o_b, lw.norm2_w, lw.norm2_b])
                    for lw in self.layers)
 
-    def ffn_bytes(self, k: int | None = None, sparse_layers=None) -> int:
-        """FFN weight bytes one token reads: all I neurons, or k core neurons in ``sparse_layers`` (default all)."""
+    def ffn_bytes(self, k: int | None = None, sparse_layers=None, layer_k: dict[int, int] | None = None) -> int:
+        """FFN weight bytes one token reads: all I neurons, or k core neurons in ``sparse_layers`` (default all),
+        or ``layer_k[l]`` core neurons in each layer l it names."""
+        if layer_k is None:
+            sparse = range(len(self.layers)) if sparse_layers is None else sparse_layers
+            layer_k = {li: k for li in sparse} if k is not None else {}
         total = 0
-        sparse = range(len(self.layers)) if sparse_layers is None else sparse_layers
         for li, lw in enumerate(self.layers):
             full = _nbytes([lw.up_w, lw.up_b, lw.down])
-            frac = k / self.n_neurons if (k is not None and li in sparse) else 1.0
+            frac = layer_k[li] / self.n_neurons if li in layer_k else 1.0
             total += int(round(full * frac)) + _nbytes([lw.down_b])
         return total
 
-    def bytes_per_token(self, k: int | None = None, sparse_layers=None) -> int:
+    def bytes_per_token(self, k: int | None = None, sparse_layers=None, layer_k: dict[int, int] | None = None) -> int:
         """Weight bytes read by one decode step: attention + FFN (dense, or k core neurons in the sparse
         layers) + final norm + lm_head + one embedding row (+ one position row for OPT). KV cache not counted."""
         row = self.embed.shape[1] * self.embed.element_size()
         pos_row = row if self.pos_embed is not None else 0
-        return (self.attention_bytes() + self.ffn_bytes(k, sparse_layers)
+        return (self.attention_bytes() + self.ffn_bytes(k, sparse_layers, layer_k)
                 + _nbytes([self.final_w, self.final_b, self.lm_head]) + row + pos_row)
 
 
@@ -361,6 +364,7 @@ class FastGeneration:
     tokens: list[int]
     core_sets: dict[int, torch.Tensor]  # sparse layer -> sorted neuron indices (empty when dense)
     timings: dict = field(default_factory=dict)
+    logits: list[torch.Tensor] = field(default_factory=list)  # (V,) float32 per new token, with keep_logits
 
 
 class FastLM:
@@ -368,15 +372,16 @@ class FastLM:
 
     kept_fraction=None decodes with the dense FFN (the dense fast path). ``sparse_layers`` (default: all)
     are the layers that decode with ``kept_count(kept_fraction, I)`` core neurons; the others stay dense.
+    ``layer_k`` {layer: k} instead gives each sparse layer its own core-set size (a calibrated budget).
     """
 
     def __init__(self, weights: FastWeights, *, max_seq_len: int = 1024, kept_fraction: float | None = None,
                  alpha: float = 0.4, score: str = DEFAULT_SCORE, sparse_layers: range | None = None,
+                 layer_k: dict[int, int] | None = None,
                  cuda_graph: bool | None = None, compile_elementwise: bool | None = None,
                  attention: str | None = None, gemv: str | None = None, rows_config: tuple | None = None,
                  pdl: bool | None = None, fused_norm: bool | None = None, gemv_config: tuple | None = None,
-                 gemv_config_up: tuple | None = None, fused_ffn: bool | None = None, ffn_config: tuple | None = None,
-                 ffn_norm_in: bool | None = None, select_every: int | None = None):
+                 gemv_config_up: tuple | None = None):
         w = weights
         self.w = w
         on_cuda = w.device.type == "cuda"
@@ -396,19 +401,30 @@ class FastLM:
         self.alpha = check_fraction("alpha", alpha)
         self.score = check_score(score)
         self.kept_fraction = None if kept_fraction is None else check_fraction("kept_fraction", kept_fraction)
-        self.k = None if kept_fraction is None else kept_count(self.kept_fraction, w.n_neurons)
         n_layers = len(w.layers)
-        if sparse_layers is None:
-            sparse_layers = range(n_layers)
-        if not isinstance(sparse_layers, range) or not (0 <= sparse_layers.start and sparse_layers.stop <= n_layers):
-            raise FastPathError(f"sparse_layers must be a range within 0:{n_layers}, got {sparse_layers!r}")
-        self.sparse_layers = sparse_layers if self.k is not None else range(0)
-        if select_every is not None and (isinstance(select_every, bool) or not isinstance(select_every, int)
-                                         or select_every < 1):
-            raise FastPathError(f"select_every must be None or an int >= 1 (sparse layers per group), got {select_every!r}")
-        # the selection statistics of every ``select_every`` sparse layers launched inside the prefill, where
-        # the device idles while the host launches the next layers (None: all layers at once after it)
-        self.select_every = select_every
+        if layer_k is not None:
+            if kept_fraction is not None or sparse_layers is not None:
+                raise FastPathError("give either layer_k or kept_fraction (with sparse_layers), not both")
+            try:
+                layer_k = check_layer_k(layer_k, w.n_neurons, n_layers)
+            except (TypeError, ValueError) as err:
+                raise FastPathError(str(err)) from None
+            if not layer_k:
+                raise FastPathError("layer_k names no sparse layer; use kept_fraction=None for the dense fast path")
+            sparse_layers = tuple(layer_k)
+        elif self.kept_fraction is not None:
+            if sparse_layers is None:
+                sparse_layers = range(n_layers)
+            if not isinstance(sparse_layers, range) or not (0 <= sparse_layers.start and sparse_layers.stop <= n_layers):
+                raise FastPathError(f"sparse_layers must be a range within 0:{n_layers}, got {sparse_layers!r}")
+            layer_k = {li: kept_count(self.kept_fraction, w.n_neurons) for li in sparse_layers}
+        else:
+            sparse_layers, layer_k = range(0), {}
+        self.sparse_layers = sparse_layers
+        self.layer_k = layer_k  # {sparse layer: its core-set size}
+        self._row = {li: j for j, li in enumerate(sparse_layers)}  # sparse layer -> row of the index buffer
+        self.k = max(layer_k.values()) if layer_k else None  # the widest core set (buffer width); None: dense
+        self.uniform_k = self.k if len(set(layer_k.values())) == 1 else None
         self.cuda_graph = cuda_graph
         self.attention = self._pick_attention(attention, on_cuda)
         self.gemv = self._pick_gemv(gemv, on_cuda)
@@ -444,39 +460,40 @@ class FastLM:
         #   zero out: the function is unchanged), so cuBLAS picks its aligned fast GEMV kernels.
         self.indexed = self.k is not None and self.gemv == "triton" and all(
             self._kernel_act(w.layers[li]) is not None for li in self.sparse_layers)
-        self.k_pad = None if self.k is None else -(-self.k // PAD) * PAD
+        self.k_pad = {li: -(-k // PAD) * PAD for li, k in layer_k.items()}
         self.c_up, self.c_up_b, self.c_down = [None] * n_layers, [None] * n_layers, [None] * n_layers
         self._idx = self._partial = None
         self.rows_config = rows_config  # the down GEMV's kernel config (None: kernels.GEMV_ROWS_CONFIG)
-        self.fused_ffn = self._pick_fused_ffn(fused_ffn)
-        self.ffn_config = ffn_config  # the one-launch core FFN's config (None: kernels.FFN_CORE_CONFIG)
-        if ffn_norm_in and not self.fused_ffn and len(self.sparse_layers):
-            raise FastPathError("ffn_norm_in=True needs the one-launch core FFN (fused_ffn=True)")
-        # the residual add + RMSNorm before a sparse layer's FFN computed inside the core-FFN launch
-        self.ffn_norm_in = self.fused_ffn if ffn_norm_in is None else (bool(ffn_norm_in) and self.fused_ffn)
         if self.indexed:
-            from .kernels import ffn_core_split, gemv_rows_split
+            from .kernels import gemv_rows_split
 
             w.ensure_down_t(self.sparse_layers)
             # rows padded to 64 bytes: every layer's index row equally aligned, so every layer runs the same
             # compiled kernel (an unaligned row is specialised apart, without vector loads: cuda/aot.py shows it)
             self._idx = torch.zeros(len(self.sparse_layers), -(-self.k // 16) * 16, dtype=torch.int32, device=dev)
-            split = ffn_core_split(self.k, ffn_config)[0] if self.fused_ffn else gemv_rows_split(w.hidden, self.k, rows_config)
+            split = max(gemv_rows_split(w.hidden, k, rows_config) for k in layer_k.values())
             self._partial = torch.empty(split, w.hidden, device=dev, dtype=torch.float32) if split > 1 else None
         for li in (self.sparse_layers if not self.indexed else ()):
             lw = w.layers[li]
-            rows = 2 * self.k_pad if lw.ffn_kind != "mlp" else self.k_pad
+            kp = self.k_pad[li]
+            rows = 2 * kp if lw.ffn_kind != "mlp" else kp
             self.c_up[li] = torch.zeros(rows, w.hidden, device=dev, dtype=dt)
-            self.c_up_b[li] = None if lw.up_b is None else torch.zeros(self.k_pad, device=dev, dtype=dt)
-            self.c_down[li] = torch.zeros(w.hidden, self.k_pad, device=dev, dtype=dt)  # (H, kp) like the model's
+            self.c_up_b[li] = None if lw.up_b is None else torch.zeros(kp, device=dev, dtype=dt)
+            self.c_down[li] = torch.zeros(w.hidden, kp, device=dev, dtype=dt)  # (H, kp) like the model's
         # static step state
         self._tok = torch.zeros(1, dtype=torch.long, device=dev)
         self._pos = torch.zeros(1, dtype=torch.long, device=dev)
         self._step = torch.zeros(1, dtype=torch.long, device=dev)
         self._out = torch.zeros(self.cache_len, dtype=torch.long, device=dev)
         self._slots = torch.arange(self.cache_len, device=dev)
-        self._graph = None
-        self._graph_logits = None
+        self._graphs: dict = {}  # _Mode -> (CUDA graph of the step, its logits)
+        self._pool = None  # one memory pool for all of them (never replayed concurrently)
+        # sampling parameters as device scalars: a captured draw reads them at replay
+        self._temp = torch.ones(1, dtype=torch.float32, device=dev)
+        self._top_p = torch.ones(1, dtype=torch.float32, device=dev)
+        self._seed = torch.zeros(1, dtype=torch.long, device=dev)
+        self._logit_rows = None  # (cache_len, V) per-step logits, allocated by the first call that keeps them
+        self._host_out = None  # pinned copy of _out that chunks of new tokens are read back through
 
     def _pick_attention(self, attention: str | None, on_cuda: bool) -> str:
         """"triton": two Triton launches per layer (RoPE + cache write + split-KV attention; CUDA only);
@@ -544,29 +561,19 @@ class FastLM:
             raise FastPathError("fused_norm=True needs gemv='triton' and an RMSNorm model (llama/mistral/qwen2)")
         return ok if fused_norm is None else bool(fused_norm)
 
-    def _pick_fused_ffn(self, fused_ffn: bool | None) -> bool:
-        """The sparse layers' gate||up, activation and down product as one Triton launch (``kernels.ffn_core``)
-        writing partial rows that the fused residual + RMSNorm sums (the gather-free path of a gated RMSNorm
-        model). Default: off. It is checked against the dense computation (interpreter, and GPU tests) but not
-        yet timed on a GPU, so the measured two-launch step stays the default (docs/benchmarks.md)."""
-        if not len(self.sparse_layers):
-            return False  # dense: no core FFN (an option set for a whole suite applies to its sparse rows only)
-        ok = self.indexed and self.fused_norm and all(self.w.layers[li].ffn_kind != "mlp" for li in self.sparse_layers)
-        if fused_ffn and not ok:
-            raise FastPathError("fused_ffn=True needs a sparse gated (SwiGLU/GeGLU/dReLU) RMSNorm model with the Triton "
-                                "GEMVs and fused_norm")
-        return bool(fused_ffn)
-
     # ---- accounting
 
     def bytes_per_token(self) -> int:
-        return self.w.bytes_per_token(self.k, self.sparse_layers)
+        return self.w.bytes_per_token(layer_k=self.layer_k)
+
+    def ffn_bytes(self) -> int:
+        """FFN weight bytes one decoded token reads."""
+        return self.w.ffn_bytes(layer_k=self.layer_k)
 
     def kept_fraction_overall(self) -> float:
         """FFN neurons used per decoded token / all FFN neurons of the model."""
         n, i = len(self.w.layers), self.w.n_neurons
-        k = self.k if self.k is not None else i
-        return (len(self.sparse_layers) * k + (n - len(self.sparse_layers)) * i) / (n * i)
+        return (sum(self.layer_k.values()) + (n - len(self.layer_k)) * i) / (n * i)
 
     def buffer_bytes(self) -> int:
         """KV cache + compact FFN buffers (padding included) or index buffer (the shared (I, H) down copy of
@@ -652,11 +659,12 @@ class FastLM:
             a = torch.mul(g, u, out=out) if out is not None else g * u
         return F.linear(a, lw.down, lw.down_b)
 
-    def _prefill_forward(self, ids: torch.Tensor, statistics: bool = True):
-        """Dense forward of the prompt at positions 0..T-1: fills the KV cache; returns (last logits, acts,
-        stats). With ``select_every`` (and ``statistics``) stats = (counts, sums) of all sparse layers, each
-        group's launched right after the group's last FFN (sync-free: the device runs them between the
-        prefill's own kernels); else None."""
+    def _prefill_forward(self, ids: torch.Tensor, select: bool, sparse: bool = False):
+        """Forward of the prompt at positions 0..T-1: fills the KV cache; returns (last logits, acts).
+
+        ``select``: the sparse layers' activations are kept, stacked (n_sparse, T, I), for the one batched
+        selection after it (else acts is None). ``sparse``: the sparse layers' FFN already runs on the core
+        neurons of ``_gather``ed sets (similarity-guided prompts with ``sparse_prefill``)."""
         w = self.w
         T = ids.numel()
         pos = torch.arange(T, device=w.device)
@@ -668,14 +676,8 @@ class FastLM:
         if w.sliding_window is not None and T > w.sliding_window:
             i = pos.view(-1, 1)
             mask = (pos.view(1, -1) <= i) & (pos.view(1, -1) > i - w.sliding_window)
-        # the sparse layers' activations, stacked (n_sparse, T, I) for the one batched selection
         acts = torch.empty(len(self.sparse_layers), T, w.n_neurons, device=w.device, dtype=w.dtype) \
-            if self.k is not None else None
-        stats = None
-        if acts is not None and self.select_every is not None and statistics:
-            n = len(self.sparse_layers)
-            stats = (torch.empty(n, w.n_neurons, device=w.device, dtype=torch.int32),
-                     torch.empty(n, w.n_neurons, device=w.device, dtype=torch.float64))
+            if (self.k is not None and select) else None
         for li, lw in enumerate(self.w.layers):
             h = self._norm(x, lw.norm1_w, lw.norm1_b)
             q, k, v = self._qkv(lw, h, cos, sin, _EAGER)
@@ -686,36 +688,73 @@ class FastLM:
             o = F.linear(o.transpose(1, 2).reshape(1, T, -1), lw.o_w, lw.o_b)
             x = x + o
             h = self._norm(x, lw.norm2_w, lw.norm2_b)
-            sparse = li in self.sparse_layers
-            y = self._ffn_dense(lw, h, acts[li - self.sparse_layers.start].view(1, T, -1) if sparse else None)
+            in_sparse = li in self.sparse_layers
+            if sparse and in_sparse:
+                y = self._ffn_core_prefill(li, lw, h)
+            else:
+                y = self._ffn_dense(lw, h, acts[self._row[li]].view(1, T, -1)
+                                    if (in_sparse and acts is not None) else None)
             x = x + y
-            if sparse and stats is not None:
-                j = li - self.sparse_layers.start
-                if (j + 1) % self.select_every == 0 or j + 1 == len(self.sparse_layers):
-                    j0 = j - j % self.select_every
-                    layer_statistics(acts[j0:j + 1], self.alpha, self.score,
-                                     out=(stats[0][j0:j + 1], stats[1][j0:j + 1]))
         h = self._norm(x[:, -1:], w.final_w, w.final_b)
-        return F.linear(h, w.lm_head)[0, -1], acts, stats
+        return F.linear(h, w.lm_head)[0, -1], acts
 
-    def _stack_core_sets(self, core_sets: dict[int, torch.Tensor]) -> torch.Tensor:
+    def _ffn_core_prefill(self, li: int, lw: LayerWeights, h: torch.Tensor) -> torch.Tensor:
+        """The prompt's FFN on the core neurons only: the compact buffers, or (gather-free path) the core rows
+        of gate||up and of the (I, H) down copy selected for this one product."""
+        if not self.indexed:
+            kp = self.k_pad[li]
+            up_w, down = self.c_up[li], self.c_down[li]
+            if lw.ffn_kind == "mlp":
+                a = mlp_act(F.linear(h, up_w, self.c_up_b[li]), self.w.act)
+            else:
+                g, u = F.linear(h, up_w).split(kp, dim=-1)
+                a = self._gate(lw, g) * (F.relu(u) if lw.ffn_kind == "drelu" else u)
+            return F.linear(a, down, lw.down_b)
+        k = self.layer_k[li]
+        idx = self._idx[self._row[li], :k].long()
+        if lw.ffn_kind == "mlp":
+            a = mlp_act(F.linear(h, lw.up_w.index_select(0, idx), None if lw.up_b is None else lw.up_b[idx]), self.w.act)
+        else:
+            I = self.w.n_neurons
+            g, u = F.linear(h, lw.up_w.index_select(0, torch.cat([idx, idx + I]))).split(k, dim=-1)
+            a = self._gate(lw, g) * (F.relu(u) if lw.ffn_kind == "drelu" else u)
+        return F.linear(a, lw.down_t.index_select(0, idx).t(), lw.down_b)
+
+    def _gate(self, lw: LayerWeights, g: torch.Tensor) -> torch.Tensor:
+        return F.relu(g) if lw.ffn_kind == "drelu" else activation_fn(self.w.act)(g)
+
+    def _stack_core_sets(self, core_sets: dict[int, torch.Tensor]) -> list[torch.Tensor]:
         if sorted(core_sets) != list(self.sparse_layers):
             raise FastPathError(f"need one core set per sparse layer {list(self.sparse_layers)}, got layers {sorted(core_sets)}")
         for li, idx in core_sets.items():
-            if idx.numel() != self.k:
-                raise FastPathError(f"layer {li}: core set has {idx.numel()} neurons, the buffers hold {self.k}")
-        return torch.stack([core_sets[li].to(self.w.device, torch.long).view(-1) for li in self.sparse_layers])
+            if idx.numel() != self.layer_k[li]:
+                raise FastPathError(f"layer {li}: core set has {idx.numel()} neurons, the buffers hold {self.layer_k[li]}")
+        return [core_sets[li].to(self.w.device, torch.long).view(-1) for li in self.sparse_layers]
 
-    def _gather(self, sets: torch.Tensor) -> None:
-        """Make the decode use core sets ``sets`` (n_sparse, k): write the index buffer (gather-free path) or
-        gather the compact buffers."""
+    def _select(self, acts: torch.Tensor, n_tokens: int) -> list[torch.Tensor]:
+        """Core sets of every sparse layer from their stacked prefill activations, on the device, sync-free: one
+        batched selection (one k), or the statistics of all layers at once ranked per layer (per-layer k)."""
+        if self.uniform_k is not None:
+            return list(stability_select_layers(acts, self.alpha, score=self.score, k=self.uniform_k).unbind(0))
+        counts, sums = layer_statistics(acts, self.alpha, self.score)
+        return [select_from_statistics(counts[j:j + 1], sums[j:j + 1], self.layer_k[li], n_tokens)[0]
+                for j, li in enumerate(self.sparse_layers)]
+
+    def _gather(self, sets: list[torch.Tensor]) -> None:
+        """Make the decode use core sets ``sets`` (one per sparse layer): write the index buffer (gather-free
+        path) or gather the compact buffers."""
         if self.indexed:
-            self._idx[:, :self.k].copy_(sets)
+            if self.uniform_k is not None:
+                self._idx[:, :self.uniform_k].copy_(torch.stack(sets))
+            else:
+                for j, idx in enumerate(sets):
+                    self._idx[j, :idx.numel()].copy_(idx)
             return
-        I, k, kp = self.w.n_neurons, self.k, self.k_pad
+        I = self.w.n_neurons
         for j, li in enumerate(self.sparse_layers):
             lw = self.w.layers[li]
             idx = sets[j]
+            k, kp = idx.numel(), self.k_pad[li]
             # rows [k, kp) of each part stay zero (allocated so, never written)
             if lw.ffn_kind == "mlp":
                 torch.index_select(lw.up_w, 0, idx, out=self.c_up[li][:k])
@@ -726,11 +765,13 @@ class FastLM:
                 torch.index_select(lw.up_w, 0, idx + I, out=self.c_up[li][kp:kp + k])  # up rows
             self.c_down[li][:, :k].copy_(lw.down.index_select(1, idx))  # columns of down
 
-    def _decode_step(self) -> torch.Tensor:
+    def _decode_step(self, mode: "_Mode" = None) -> torch.Tensor:
         """One token at position ``_pos`` from token ``_tok``: fixed shapes and addresses (graph-capturable).
 
-        Writes the next token into ``_tok`` and ``_out[_step]``, advances ``_pos`` and ``_step``; returns logits.
+        Writes the next token (greedy, or drawn as ``mode`` says) into ``_tok`` and ``_out[_step]``, advances
+        ``_pos`` and ``_step``; returns logits.
         """
+        mode = mode or GREEDY
         w, ops = self.w, self.ops
         pos = self._pos
         x = self._embed(self._tok, pos)
@@ -761,28 +802,16 @@ class FastLM:
                                                    self.v_cache[li], attn_mask=mask, scale=self._scale())
             o = self._linear(lw.o_w, o.reshape(1, 1, -1), lw.o_b)
             sparse = self.indexed and li in self.sparse_layers
-            if not (sparse and self.ffn_norm_in):
-                x, h = self._add_norm(x, o, lw.norm2_w, lw.norm2_b, ops)
+            x, h = self._add_norm(x, o, lw.norm2_w, lw.norm2_b, ops)
             if sparse:  # core rows read in place (kernels.py)
                 from .kernels import gemv_rows
 
-                idx = self._idx[li - self.sparse_layers.start, :self.k]
-                if self.fused_ffn:  # gate||up, activation and down: one launch, partial rows to the norm below
-                    from .kernels import ffn_core
-
-                    x_in, norm_in = h, None
-                    if self.ffn_norm_in:  # x + o and its RMSNorm inside the same launch
-                        x_in, x = x, torch.empty_like(x)
-                        norm_in = (o.view(-1), lw.norm2_w, w.eps, x.view(-1))
-                    y = ffn_core(lw.up_w, lw.down_t, idx, x_in.view(-1), self._partial, act=self._kernel_act(lw),
-                                 act_up=lw.ffn_kind == "drelu", config=self.ffn_config, pdl=self.pdl,
-                                 norm_in=norm_in)
-                else:
-                    a = self._ffn_up(lw, lw.up_w, lw.up_b, h, idx)
-                    y = torch.empty(w.hidden, device=h.device, dtype=h.dtype)
-                    # fused_norm: the partial rows go unsummed to the residual add + norm below
-                    y = gemv_rows(lw.down_t, a.view(-1), y, idx, lw.down_b, self._partial, self.rows_config,
-                                  reduce=not self.fused_norm, pdl=self.pdl)
+                idx = self._idx[self._row[li], :self.layer_k[li]]
+                a = self._ffn_up(lw, lw.up_w, lw.up_b, h, idx)
+                y = torch.empty(w.hidden, device=h.device, dtype=h.dtype)
+                # fused_norm: the partial rows go unsummed to the residual add + norm below
+                y = gemv_rows(lw.down_t, a.view(-1), y, idx, lw.down_b, self._partial, self.rows_config,
+                              reduce=not self.fused_norm, pdl=self.pdl)
                 y_bias = lw.down_b if y.dim() == 2 else None
                 if y.dim() == 1:
                     y = y.view(1, 1, -1)
@@ -800,17 +829,59 @@ class FastLM:
             else:
                 x, h = self._add_norm(x, y, w.final_w, w.final_b, ops, y_bias)
         logits = self._linear(w.lm_head, h, None).view(-1)
-        if self._scratch is not None:  # argmax + out[step] = tok + pos/step counters: one launch
+        self._next_token(logits, mode)
+        return logits
+
+    def _next_token(self, logits: torch.Tensor, mode: "_Mode") -> None:
+        """out[step] = tok = the next token (greedy or drawn), pos += 1, step += 1; with ``mode.keep_logits``
+        the logits are first stored as row ``step`` of the per-call logits buffer."""
+        if mode.keep_logits:
+            self._logit_rows.index_copy_(0, self._step, logits.view(1, -1).to(self._logit_rows.dtype))
+        if self._scratch is not None:  # argmax / draw + out[step] = tok + pos/step counters: one launch
             from .kernels import argmax_step
 
-            argmax_step(logits, self._tok, self._pos, self._step, self._out, self._scratch, self.pdl)
-            return logits
-        nxt_tok = ops.argmax(logits)
+            sample = (self._cutoff(logits, mode), self._temp, self._seed) if mode.sample else None
+            argmax_step(logits, self._tok, self._pos, self._step, self._out, self._scratch, self.pdl, sample)
+            return
+        if mode.sample:
+            if self.cuda_graph:
+                raise FastPathError("sampling on the fast path needs its Triton step (gemv='triton')")
+            nxt_tok = self._draw_eager(logits, mode)
+        else:
+            nxt_tok = self.ops.argmax(logits)
         self._out.index_copy_(0, self._step, nxt_tok)
         self._tok.copy_(nxt_tok)
         self._pos.add_(1)
         self._step.add_(1)
-        return logits
+
+    def _cutoff(self, logits: torch.Tensor, mode: "_Mode") -> torch.Tensor | None:
+        """The smallest logit a draw may pick, (1,) float32, or None (no top-k / top-p): transformers' order,
+        temperature, then top-k, then the top-p nucleus of what is left. Static shapes (graph-capturable):
+        top-k is ``topk(k)``, top-p alone sorts the whole vocabulary; the thresholds live in device scalars."""
+        if mode.top_k is None and not mode.top_p:
+            return None
+        lf = logits.float()
+        vals = torch.topk(lf, min(mode.top_k, lf.numel())).values if mode.top_k is not None \
+            else torch.sort(lf, descending=True).values
+        if not mode.top_p:
+            return vals[-1:]
+        p = torch.softmax(vals / self._temp, 0)
+        keep = (torch.cumsum(p, 0) - p) < self._top_p  # the smallest prefix whose mass reaches top_p
+        n = keep.sum().clamp(min=1)
+        return vals.gather(0, (n - 1).view(1))
+
+    def _draw_eager(self, logits: torch.Tensor, mode: "_Mode") -> torch.Tensor:
+        """The kernel's Gumbel-max draw in PyTorch (CPU / no graph): the same rule; its uniform numbers come from
+        a generator seeded with seed + step (the CPU's stream, not Philox's)."""
+        lf = logits.float()
+        cut = self._cutoff(logits, mode)
+        gen = torch.Generator(device=lf.device)
+        gen.manual_seed(int(self._seed) + int(self._step))
+        u = torch.rand(lf.shape, generator=gen, device=lf.device)
+        score = lf / self._temp - torch.log(-torch.log(u))
+        if cut is not None:
+            score = score.masked_fill(lf < cut, float("-inf"))
+        return score.argmax().view(1)
 
     def _linear(self, weight: torch.Tensor, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         """x (1, 1, K) @ weight (N, K)^T + bias -> (1, 1, N): Triton GEMV or cuBLAS (``self.gemv``)."""
@@ -848,110 +919,176 @@ class FastLM:
             return self.ops.mlp_act(self._linear(up_w, h, up_b), self.w.act)
         return self.ops.gated_act(self._linear(up_w, h, None), "drelu" if lw.ffn_kind == "drelu" else self.w.act)
 
-    def _ensure_graph(self) -> None:
-        if not self.cuda_graph or self._graph is not None:
+    def _ensure_graph(self, mode: "_Mode") -> None:
+        """Capture the decode step for ``mode`` once (one graph per greedy / sampling variant, sharing one
+        memory pool); later calls replay it."""
+        if not self.cuda_graph or mode in self._graphs:
             return
         saved = [t.clone() for t in (self._tok, self._pos, self._step)]
         stream = torch.cuda.Stream()
         stream.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(stream):
             for _ in range(3):  # warm-up: compiles the fused element-wise kernels, cuBLAS handles
-                self._decode_step()
+                self._decode_step(mode)
         torch.cuda.current_stream().wait_stream(stream)
+        if self._pool is None:
+            self._pool = torch.cuda.graph_pool_handle()
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            logits = self._decode_step()
+        with torch.cuda.graph(graph, pool=self._pool):
+            logits = self._decode_step(mode)
         torch.cuda.synchronize()
         for t, s in zip((self._tok, self._pos, self._step), saved):
             t.copy_(s)
-        self._graph, self._graph_logits = graph, logits
+        self._graphs[mode] = (graph, logits)
 
-    def _run_step(self) -> torch.Tensor:
-        if self._graph is not None:
-            self._graph.replay()
-            return self._graph_logits
-        return self._decode_step()
+    def _run_step(self, mode: "_Mode") -> torch.Tensor:
+        captured = self._graphs.get(mode)
+        if captured is not None:
+            captured[0].replay()
+            return captured[1]
+        return self._decode_step(mode)
 
-    def warmup(self) -> None:
-        """Capture the decode graph now (otherwise the first call does it)."""
+    def warmup(self, sampling: "Sampling | None" = None) -> None:
+        """Capture the decode graph for greedy decoding (or ``sampling``'s variant) now, not in the first call."""
         with self._lock, torch.inference_mode():
-            self._ensure_graph()
+            self._ensure_graph(_Mode.of(sampling, False))
 
     # ---- public calls (each holds the instance lock throughout)
 
-    def _start(self, ids: torch.Tensor, timings: dict, sync: bool, core_sets=None):
+    def _set_sampling(self, sampling: "Sampling | None", keep_logits: bool, n_rows: int) -> "_Mode":
+        mode = _Mode.of(sampling, keep_logits)
+        if sampling is not None:
+            self._temp.fill_(sampling.temperature)
+            self._top_p.fill_(sampling.top_p if sampling.top_p is not None else 1.0)
+            self._seed.fill_(sampling.seed)
+        if keep_logits and (self._logit_rows is None or self._logit_rows.shape[0] < n_rows):
+            rows = self.cache_len  # one row per step a call can run: a fixed address for every captured graph
+            self._logit_rows = torch.empty(rows, self.w.vocab, device=self.w.device, dtype=self.w.dtype)
+            for key in [m for m in self._graphs if m.keep_logits]:
+                del self._graphs[key]  # captured against the old buffer
+        return mode
+
+    def _start(self, ids: torch.Tensor, timings: dict, sync: bool, core_sets=None, mode: "_Mode" = None,
+               sparse_prefill: bool = False):
+        mode = mode or GREEDY
         dev_sync = torch.cuda.synchronize if (sync and self.w.device.type == "cuda") else (lambda: None)
-        self._ensure_graph()
+        self._ensure_graph(mode)
+        if sparse_prefill and (core_sets is None or self.k is None):
+            raise FastPathError("sparse_prefill needs core sets known before the prefill (similarity-guided prompts)")
         dev_sync()
         t0 = time.perf_counter()
-        logits, acts, stats = self._prefill_forward(ids, statistics=core_sets is None)
+        given = self._stack_core_sets(core_sets) if (self.k is not None and core_sets is not None) else None
+        if sparse_prefill:
+            self._gather(given)
+        logits, acts = self._prefill_forward(ids, select=core_sets is None, sparse=sparse_prefill)
         dev_sync()
         t1 = time.perf_counter()
         chosen: dict[int, torch.Tensor] = {}
         if self.k is not None:
             # all sparse layers at once, on the device, no host synchronisation (selection.py)
-            if core_sets is None and stats is not None:  # statistics already launched during the prefill
-                sets = select_from_statistics(stats[0], stats[1], self.k, ids.numel())
-            elif core_sets is None:
-                sets = stability_select_layers(acts, self.alpha, self.kept_fraction, self.score)
-            else:
-                sets = self._stack_core_sets(core_sets)
+            sets = self._select(acts, ids.numel()) if given is None else given
             chosen = {li: sets[j] for j, li in enumerate(self.sparse_layers)}
             dev_sync()
             t2 = time.perf_counter()
-            self._gather(sets)
+            if not sparse_prefill:
+                self._gather(sets)
             dev_sync()
             t3 = time.perf_counter()
         else:
             t2 = t3 = t1
         del acts
-        first = logits.argmax().view(1)
         T = ids.numel()
-        self._tok.copy_(first)
-        self._pos.fill_(T)
-        self._step.fill_(1)
-        self._out[0:1].copy_(first)
+        self._pos.fill_(T - 1)  # the first new token comes from the prefill's logits, picked as every later one
+        self._step.zero_()
+        self._next_token(logits, mode)
         if sync:
             timings.update(prefill_ms=(t1 - t0) * 1e3, select_ms=(t2 - t1) * 1e3, gather_ms=(t3 - t2) * 1e3)
         return logits, chosen, t0
 
     def generate(self, input_ids, max_new_tokens: int, eos_token_id: int | list[int] | None = None,
-                 timing: bool = False, core_sets: dict[int, torch.Tensor] | None = None) -> FastGeneration:
-        """Greedy decoding of up to ``max_new_tokens`` new tokens (stops after an EOS when given).
+                 timing: bool = False, core_sets: dict[int, torch.Tensor] | None = None,
+                 sampling: "Sampling | None" = None, on_tokens=None, keep_logits: bool = False,
+                 sparse_prefill: bool = False, chunk: int | None = None) -> FastGeneration:
+        """Up to ``max_new_tokens`` new tokens, greedy or drawn (``sampling``); stops after an EOS when given.
 
-        ``core_sets`` (sparse layer -> indices) skips the selection and uses these sets (for checks against a reference).
-        With ``timing=True`` the phases are separated by device synchronisations and reported in ms.
+        ``core_sets`` (sparse layer -> indices) skips the selection and uses these sets (similarity-guided
+        prompts; checks against a reference); ``sparse_prefill`` then runs the prompt's FFN on them too.
+        ``on_tokens(tokens) -> bool`` sees the new tokens in order, a chunk at a time, while the device
+        decodes the next chunk (tokens reach pinned host memory asynchronously; no graph is broken); True
+        from it ends the call (stop strings), as does an EOS. ``keep_logits`` returns each new token's (V,)
+        logits. With ``timing=True`` the phases are separated by device synchronisations, in ms.
         """
         with self._lock, torch.inference_mode():
             ids = self._check_request(input_ids, max_new_tokens)
             timings: dict = {}
-            dev_sync = torch.cuda.synchronize if self.w.device.type == "cuda" else (lambda: None)
-            _, chosen, t0 = self._start(ids, timings, timing, core_sets)
+            on_cuda = self.w.device.type == "cuda"
+            mode = self._set_sampling(sampling, keep_logits, max_new_tokens)
+            _, chosen, t0 = self._start(ids, timings, timing, core_sets, mode, sparse_prefill)
             eos = set([eos_token_id] if isinstance(eos_token_id, int) else (eos_token_id or []))
-            first = int(self._out[0])
+            watched = on_tokens is not None
+            chunk = chunk or (8 if watched else 32)
+            if self._host_out is None and on_cuda:
+                self._host_out = torch.empty(self.cache_len, dtype=torch.long, pin_memory=True)
+            host = self._host_out if on_cuda else None
+            pending = []  # chunks (start, n, event) whose tokens are on their way to host memory
+
+            def publish(a: int, n: int) -> None:
+                if host is None:
+                    pending.append((a, n, None))
+                    return
+                host[a:a + n].copy_(self._out[a:a + n], non_blocking=True)
+                ev = torch.cuda.Event()
+                ev.record()
+                pending.append((a, n, ev))
+
+            def enqueue(a: int, n: int) -> None:
+                for _ in range(n):
+                    self._run_step(mode)
+                publish(a, n)
+
             if timing:
+                if on_cuda:
+                    torch.cuda.synchronize()
                 timings["ttft_ms"] = (time.perf_counter() - t0) * 1e3
-            n_done = 1
             t_dec = time.perf_counter()
-            if first not in eos:
-                chunk = 16 if eos else max_new_tokens
-                while n_done < max_new_tokens:
-                    n = min(chunk, max_new_tokens - n_done)
-                    for _ in range(n):
-                        self._run_step()
-                    n_done += n
-                    if eos and any(t in eos for t in self._out[n_done - n:n_done].tolist()):
-                        break
-            dev_sync()
+            tokens: list[int] = []
+            publish(0, 1)  # the first token (from the prefill) travels like every chunk
+            launched = 1
+            try:
+                launched = self._drain(pending, enqueue, launched, max_new_tokens, chunk, eos, tokens, on_tokens)
+            finally:
+                if on_cuda:
+                    torch.cuda.synchronize()  # a chunk launched past the stop (or an error) finishes; tokens dropped
             if timing:
                 timings["decode_ms"] = (time.perf_counter() - t_dec) * 1e3
-                timings["decode_steps"] = n_done - 1
-            tokens = self._out[:n_done].tolist()
-            for i, t in enumerate(tokens):
-                if t in eos:
-                    tokens = tokens[:i + 1]
-                    break
-            return FastGeneration(tokens, chosen, timings)
+                timings["decode_steps"] = launched - 1
+            logits = []
+            if keep_logits:
+                logits = list(self._logit_rows[:len(tokens)].float().cpu().unbind(0))
+            return FastGeneration(tokens, chosen, timings, logits)
+
+    def _drain(self, pending: list, enqueue, launched: int, max_new: int, chunk: int, eos: set, tokens: list,
+               on_tokens) -> int:
+        """Read the chunks of new tokens back in order, keeping one more chunk queued on the device meanwhile;
+        returns how many tokens were launched. Stops at an EOS or when ``on_tokens`` says so."""
+        host = self._host_out
+        while pending:
+            a, n, ev = pending.pop(0)
+            if launched < max_new and not pending:
+                m = min(chunk, max_new - launched)
+                enqueue(launched, m)  # the device decodes this chunk while the host reads the last one
+                launched += m
+            if ev is not None:
+                ev.synchronize()
+            new = (host if ev is not None else self._out)[a:a + n].tolist()
+            cut = next((i + 1 for i, t in enumerate(new) if t in eos), None)
+            new = new if cut is None else new[:cut]
+            tokens.extend(new)
+            if on_tokens is not None and on_tokens(new):
+                break
+            if cut is not None:
+                break
+        return launched
 
     def forced_logits(self, input_ids, continuation, core_sets: dict[int, torch.Tensor] | None = None):
         """Teacher-forced logits: the prefill's last-position logits, then one decode step per token of
@@ -963,8 +1100,49 @@ class FastLM:
             rows = [logits.float().clone()]
             for t in cont:
                 self._tok.fill_(t)
-                rows.append(self._run_step().float().clone())
+                rows.append(self._run_step(GREEDY).float().clone())
             return torch.stack(rows), chosen
 
 
+@dataclass(frozen=True)
+class Sampling:
+    """How the fast path draws tokens: softmax(logits / temperature) restricted to the ``top_k`` largest and
+    then the ``top_p`` nucleus (transformers' order), by the Gumbel-max trick with a counter-based RNG keyed by
+    ``seed`` + step, so a seed gives the same tokens on every run of the same device."""
+
+    temperature: float = 1.0
+    top_k: int | None = None
+    top_p: float | None = None
+    seed: int = 0
+
+    def __post_init__(self):
+        t = self.temperature
+        if isinstance(t, bool) or not isinstance(t, (int, float)) or not (t > 0 and math.isfinite(t)):
+            raise FastPathError(f"temperature must be a finite number > 0, got {t!r}; use greedy decoding for 0")
+        if self.top_k is not None and (isinstance(self.top_k, bool) or not isinstance(self.top_k, int) or self.top_k < 1):
+            raise FastPathError(f"top_k must be None or an int >= 1, got {self.top_k!r}")
+        p = self.top_p
+        if p is not None and (isinstance(p, bool) or not isinstance(p, (int, float)) or not 0 < p <= 1):
+            raise FastPathError(f"top_p must be None or in (0, 1], got {p!r}")
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int) or not 0 <= self.seed < 2 ** 62:
+            raise FastPathError(f"seed must be an int in [0, 2**62), got {self.seed!r}")
+
+
+@dataclass(frozen=True)
+class _Mode:
+    """What a captured decode step does after the logits: the key of its CUDA graph."""
+
+    sample: bool = False
+    top_k: int | None = None
+    top_p: bool = False
+    keep_logits: bool = False
+
+    @classmethod
+    def of(cls, sampling: "Sampling | None", keep_logits: bool) -> "_Mode":
+        if sampling is None:
+            return cls(keep_logits=keep_logits)
+        return cls(True, sampling.top_k, sampling.top_p is not None and sampling.top_p < 1, keep_logits)
+
+
+GREEDY = _Mode()
 _EAGER = _Ops(False)

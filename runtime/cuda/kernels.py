@@ -368,111 +368,6 @@ def gemv_rows_split(n: int, r: int, config=None) -> int:
     return triton.cdiv(r, per)
 
 
-@triton.jit
-def _ffn_core_rows(g, u, d, xv, ACT: tl.constexpr, ACT_UP: tl.constexpr, A_DTYPE: tl.constexpr):
-    """The down product's share of BLOCK_R core neurons: sum_j a_j * d_j with a_j = act(g_j . x) * (u_j . x)
-    rounded to the model dtype (as the two-kernel path stores it)."""
-    gv = _act(tl.sum(g.to(tl.float32) * xv[None, :], axis=1), ACT)
-    uv = tl.sum(u.to(tl.float32) * xv[None, :], axis=1)
-    if ACT_UP:
-        uv = _act(uv, ACT)
-    a = (gv * uv).to(A_DTYPE).to(tl.float32)
-    return tl.sum(d.to(tl.float32) * a[:, None], axis=0)
-
-
-@triton.jit
-def _ffn_core_load(up_ptr, down_ptr, idx_ptr, slots, R, up_off, cols, col_ok, H: tl.constexpr):
-    """Gate, up and down rows of the core slots ``slots`` (BLOCK_R, H_P2 each), read in place by index."""
-    ok = slots < R
-    rows = tl.load(idx_ptr + slots, mask=ok, other=0).to(tl.int64)
-    m = ok[:, None] & col_ok[None, :]
-    g = tl.load(up_ptr + rows[:, None] * H + cols[None, :], mask=m, other=0.0)
-    u = tl.load(up_ptr + (rows[:, None] + up_off) * H + cols[None, :], mask=m, other=0.0)
-    d = tl.load(down_ptr + rows[:, None] * H + cols[None, :], mask=m, other=0.0)
-    return g, u, d
-
-
-@triton.jit
-def _ffn_core_kernel(up_ptr, down_ptr, idx_ptr, x_ptr, part_ptr, y_ptr, nw_ptr, x_out_ptr, eps, R, up_off,
-                     H: tl.constexpr, H_P2: tl.constexpr, PER: tl.constexpr, BLOCK_R: tl.constexpr,
-                     ACT: tl.constexpr, ACT_UP: tl.constexpr, NORM_IN: tl.constexpr, GDC: tl.constexpr):
-    """The whole gated core FFN of one token in one launch: program p takes core slots [p*PER, (p+1)*PER),
-    reads their gate and up rows (row idx[j] and idx[j] + up_off of gate||up) and their rows of the row-major
-    (I, H) down copy, all in place, and writes one float32 partial row of the FFN output (summed in order by
-    ``_residual_rms_kernel``). One launch instead of gate||up + down: no activation vector round trip, one
-    kernel boundary less per layer. With NORM_IN the input is RMSNorm(x + y) * nw, which every program computes
-    itself (H values: cheap next to its weights), program 0 also storing x + y to x_out (the residual stream):
-    the residual add + norm before the FFN needs no launch of its own."""
-    pid = tl.program_id(0)
-    cols = tl.arange(0, H_P2)
-    col_ok = cols < H
-    start = pid * PER
-    # the first neurons' weights go out before waiting for the previous kernel (indices are written per prompt)
-    g, u, d = _ffn_core_load(up_ptr, down_ptr, idx_ptr, start + tl.arange(0, BLOCK_R), R, up_off, cols, col_ok, H)
-    _gdc_enter(GDC)
-    if NORM_IN:  # rounded as _residual_rms_kernel / fastlm.rms_norm round it
-        sv = (tl.load(x_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)
-              + tl.load(y_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)).to(x_ptr.dtype.element_ty)
-        if pid == 0:
-            tl.store(x_out_ptr + cols, sv, mask=col_ok)
-        sf = sv.to(tl.float32)
-        rstd = tl.rsqrt(tl.sum(sf * sf, axis=0) / H + eps)
-        hn = (sf * rstd).to(x_ptr.dtype.element_ty).to(tl.float32)
-        xv = (tl.load(nw_ptr + cols, mask=col_ok, other=0.0).to(tl.float32) * hn).to(x_ptr.dtype.element_ty)
-        xv = xv.to(tl.float32)
-    else:
-        xv = tl.load(x_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)
-    acc = _ffn_core_rows(g, u, d, xv, ACT, ACT_UP, x_ptr.dtype.element_ty)
-    for r0 in range(BLOCK_R, PER, BLOCK_R):
-        g, u, d = _ffn_core_load(up_ptr, down_ptr, idx_ptr, start + r0 + tl.arange(0, BLOCK_R), R, up_off, cols,
-                                 col_ok, H)
-        acc += _ffn_core_rows(g, u, d, xv, ACT, ACT_UP, x_ptr.dtype.element_ty)
-    tl.store(part_ptr + pid * H + cols, acc, mask=col_ok)
-
-
-# (BLOCK_R, SPLIT, num_warps, num_stages) of ``ffn_core``: SPLIT programs (at most), BLOCK_R neurons per iteration
-FFN_CORE_CONFIG = (2, 264, 8, 2)
-
-
-def ffn_core_split(r: int, config=None) -> tuple[int, int]:
-    """(programs = partial rows, slots per program) of ``ffn_core`` for r core neurons."""
-    br, split, _, _ = config or FFN_CORE_CONFIG
-    split = max(1, min(split, triton.cdiv(r, br)))
-    per = triton.cdiv(triton.cdiv(r, split), br) * br
-    return triton.cdiv(r, per), per
-
-
-def ffn_core(up_w: torch.Tensor, down_t: torch.Tensor, idx: torch.Tensor, x: torch.Tensor, partial: torch.Tensor, *,
-             act: int, act_up: bool = False, config=None, pdl: bool = False,
-             norm_in: tuple | None = None) -> torch.Tensor:
-    """The gated FFN of one token restricted to the core neurons ``idx`` (R,), unsummed: (P, H) float32 partial
-    rows whose sum is down[:, idx] @ (act(gate[idx] x) * up[idx] x). ``up_w`` (2I, H) gate||up, ``down_t``
-    (I, H) the down projection transposed, ``x`` (H,), ``partial`` float32 scratch of >= P * H (fixed address
-    for graph capture; P from ``ffn_core_split``). ``norm_in`` = (y, norm_weight, eps, x_out): the FFN's input
-    is RMSNorm(x + y) * norm_weight instead of x, and x + y is written to ``x_out`` (all (H,), x's dtype)."""
-    br, _, warps, stages = config or FFN_CORE_CONFIG
-    h = x.numel()
-    if norm_in is not None:
-        y, nw, eps, x_out = norm_in
-        if not (y.numel() == nw.numel() == x_out.numel() == h and y.dtype == x_out.dtype == x.dtype):
-            raise ValueError(f"ffn_core: norm_in y {y.dtype} ({y.numel()},), weight ({nw.numel()},), "
-                             f"x_out {x_out.dtype} ({x_out.numel()},) for x {x.dtype} ({h},)")
-    else:
-        y = nw = x_out = x
-        eps = 0.0
-    r = idx.numel()
-    if up_w.shape[1] != h or down_t.shape[1] != h or up_w.shape[0] != 2 * down_t.shape[0]:
-        raise ValueError(f"ffn_core: gate||up {tuple(up_w.shape)}, down_t {tuple(down_t.shape)}, x ({h},)")
-    n_prog, per = ffn_core_split(r, config)
-    if partial.dtype != torch.float32 or partial.numel() < n_prog * h:
-        raise ValueError(f"ffn_core needs a float32 partial buffer of >= {n_prog} x {h}")
-    _ffn_core_kernel[(n_prog,)](up_w, down_t, idx, x, partial, y, nw, x_out, float(eps), r, down_t.shape[0], H=h,
-                                H_P2=triton.next_power_of_2(h), PER=per, BLOCK_R=br, ACT=act, ACT_UP=act_up,
-                                NORM_IN=norm_in is not None, GDC=pdl, num_warps=warps, num_stages=stages,
-                                **_launch(pdl))
-    return partial.view(-1)[:n_prog * h].view(n_prog, h)
-
-
 # --------------------------------------------------------------------------------------------------
 # residual add + RMSNorm, and the step's argmax, as last-program reductions (one launch each, deterministic)
 
@@ -572,14 +467,29 @@ def residual_rms_norm(x: torch.Tensor, y: torch.Tensor | None, weight: torch.Ten
 
 @triton.jit
 def _argmax_step_kernel(logits_ptr, v_ptr, i_ptr, count_ptr, tok_ptr, pos_ptr, step_ptr, out_ptr, V,
-                        BLOCK: tl.constexpr, NPROG: tl.constexpr, NP2: tl.constexpr, GDC: tl.constexpr):
-    """The greedy token of ``logits`` (V,) (the first index of the largest value, NaN counting as largest, as
-    ``torch.argmax``), then the step's bookkeeping: out[step] = tok = it, pos += 1, step += 1."""
+                        cut_ptr, temp_ptr, seed_ptr,
+                        BLOCK: tl.constexpr, NPROG: tl.constexpr, NP2: tl.constexpr, GDC: tl.constexpr,
+                        SAMPLE: tl.constexpr, HAS_CUT: tl.constexpr):
+    """The next token of ``logits`` (V,), then the step's bookkeeping: out[step] = tok = it, pos += 1, step += 1.
+
+    Greedy: the first index of the largest value (NaN counting as largest, as ``torch.argmax``). ``SAMPLE``: a
+    draw from softmax(logits / temperature) over the logits >= cutoff (``HAS_CUT``: top-k / top-p), by the
+    Gumbel-max trick: argmax(logits / t + g), g = -log(-log(u)), u uniform from Philox keyed by seed + step and
+    counted by the vocabulary index, so a seed fixes every draw whatever runs around it."""
     pid = tl.program_id(0)
     _gdc_enter(GDC)
     offs = pid * BLOCK + tl.arange(0, BLOCK)
     v = tl.load(logits_ptr + offs, mask=offs < V, other=float("-inf")).to(tl.float32)
-    v = tl.where(v != v, float("inf"), v)
+    if SAMPLE:
+        key = tl.load(seed_ptr) + tl.load(step_ptr)
+        u = tl.rand(key, offs)
+        g = -tl.log(-tl.log(u))
+        keep = offs < V
+        if HAS_CUT:
+            keep = keep & (v >= tl.load(cut_ptr))
+        v = tl.where(keep, v / tl.load(temp_ptr) + g, float("-inf"))
+    else:
+        v = tl.where(v != v, float("inf"), v)
     m = tl.max(v, axis=0)
     big = 2147483647
     tl.store(v_ptr + pid, m)
@@ -601,12 +511,17 @@ def _argmax_step_kernel(logits_ptr, v_ptr, i_ptr, count_ptr, tok_ptr, pos_ptr, s
 
 
 def argmax_step(logits: torch.Tensor, tok: torch.Tensor, pos: torch.Tensor, step: torch.Tensor, out: torch.Tensor,
-                scratch: StepScratch, pdl: bool = False) -> None:
-    """out[step] = tok = argmax(logits); pos += 1; step += 1 (all int64 device scalars): one launch."""
+                scratch: StepScratch, pdl: bool = False, sample: tuple | None = None) -> None:
+    """out[step] = tok = argmax(logits); pos += 1; step += 1 (all int64 device scalars): one launch.
+
+    ``sample = (cutoff or None, temperature, seed)`` (device scalars: float32, float32, int64) draws the token
+    instead (see the kernel)."""
     v = logits.numel()
     nprog = triton.cdiv(v, ARGMAX_BLOCK)
     if nprog > scratch.n_arg:
         raise ValueError(f"argmax_step: {nprog} programs, scratch for {scratch.n_arg}")
+    cut, temp, seed = sample if sample is not None else (None, logits, step)
     _argmax_step_kernel[(nprog,)](logits, scratch.arg_v, scratch.arg_i, scratch.counts[1:], tok, pos, step, out, v,
+                                  cut if cut is not None else logits, temp, seed,
                                   BLOCK=ARGMAX_BLOCK, NPROG=nprog, NP2=triton.next_power_of_2(max(2, nprog)), GDC=pdl,
-                                  num_warps=8, **_launch(pdl))
+                                  SAMPLE=sample is not None, HAS_CUT=cut is not None, num_warps=8, **_launch(pdl))

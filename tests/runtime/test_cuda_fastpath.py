@@ -68,7 +68,7 @@ def test_sparse_step_matches_eager_core_path(family):
     prompt, cont = _ids(17, 4), _ids(9, 5)
     weights = FastWeights.from_hf(model)  # read before the adapter changes the model's modules
     fast = FastLM(weights, max_seq_len=40, kept_fraction=0.3, sparse_layers=range(1, 3))
-    assert fast.k_pad > fast.k  # 48 core neurons in 64 slots: the zero padding is exercised
+    assert fast.k_pad[1] > fast.k  # 48 core neurons in 64 slots: the zero padding is exercised
     got, core = fast.forced_logits(prompt, cont)
     ref_model = EagerReference(model)
     ref, ref_core = ref_model.forced_logits(prompt, cont, kept_fraction=0.3, sparse_layers=range(1, 3))
@@ -82,6 +82,36 @@ def test_sparse_step_matches_eager_core_path(family):
     # and the compact FFN really changes the function (so the comparison above is not vacuous)
     dense, _ = ref_model.forced_logits(prompt, cont)
     assert (dense[1:] - ref[1:]).abs().max().item() > 100 * TOL
+
+
+def test_per_layer_core_set_sizes(tokenizer):
+    """A calibrated budget (``layer_k``, a different k per layer, a dense layer between sparse ones): each layer
+    selects what a uniform-k selection of that size selects, and the logits equal the eager adapter path given
+    those sets (gathered buffers here; the gather-free kernels: benchmarks/interpreter_check.py, GPU tests)."""
+    from coreinfer.runtime.session import CoreSetSession
+    from tests.conftest import tiny_lm
+
+    lm, _ = tiny_lm("llama", tokenizer, seed=17)
+    weights = FastWeights.from_hf(lm.model, adapter=lm.adapter)
+    ids = lm.encode("Per-layer budgets keep more neurons where a layer needs them")
+    layer_k = {0: 30, 2: 101, 3: 7}
+    fast = FastLM(weights, max_seq_len=96, layer_k=layer_k)
+    assert fast.uniform_k is None and fast.k == 101 and list(fast.sparse_layers) == [0, 2, 3]
+    gen = fast.generate(ids[0], 6, keep_logits=True)
+    for li, k in layer_k.items():
+        one = FastLM(weights, max_seq_len=96, kept_fraction=k / weights.n_neurons, sparse_layers=range(li, li + 1))
+        assert gen.core_sets[li].numel() == k
+        assert torch.equal(gen.core_sets[li], one.generate(ids[0], 1).core_sets[li])
+    session = CoreSetSession(fast.sparse_layers, None, core_sets=gen.core_sets)
+    ref = lm.score_ids(ids, gen.tokens, "similarity", 0.4, 0.4, range(0, 4), session=session, keep_logprobs=True)
+    assert (torch.stack(gen.logits).log_softmax(-1) - ref.logprobs).abs().max().item() < 1e-4
+    n, i = weights.n_neurons, len(weights.layers)
+    assert fast.kept_fraction_overall() == pytest.approx((30 + 101 + 7 + (i - 3) * n) / (i * n))
+    for bad, words in (({0: 0}, "outside 1.."), ({9: 3}, "names layer 9"), ({}, "names no sparse layer")):
+        with pytest.raises(FastPathError, match=words):
+            FastLM(weights, layer_k=bad)
+    with pytest.raises(FastPathError, match="either layer_k or kept_fraction"):
+        FastLM(weights, layer_k={0: 3}, kept_fraction=0.5)
 
 
 def test_second_prompt_reuses_buffers_and_matches():
@@ -147,74 +177,12 @@ def test_bad_inputs_raise_clear_errors():
         FastLM(FastWeights.from_hf(opt), max_seq_len=1000)
 
 
-def test_attention_kernel_math_in_triton_interpreter():
-    """The Triton decode kernels against plain PyTorch, run on CPU by Triton's interpreter (skips where triton
-    is not installed): attention (RoPE, cache write, GQA, sliding window, split-KV softmax) and the GEMV
-    (bias, fused activations, gate||up, ragged K)."""
-    import os
-    import subprocess
-    import sys
-
-    pytest.importorskip("triton")
-    r = subprocess.run([sys.executable, "-m", "coreinfer.runtime.cuda.interpreter_check"], capture_output=True, text=True,
-                       timeout=900, env={**os.environ, "TRITON_INTERPRET": "1"})
-    assert r.returncode == 0, r.stdout + r.stderr
-    assert r.stdout.count("ok") == 6 and "gemv ok" in r.stdout
-    # the gather-free decode (indexed GEMVs, end to end on tiny models) and the selection kernels
-    for line in ("gemv_rows passed", "residual norm + argmax passed", "select_kernels passed", "indexed decode passed"):
-        assert line in r.stdout, r.stdout + r.stderr
-
-
-@pytest.mark.parametrize("every", [1, 2, 5])
-def test_statistics_during_prefill_equal_batched_selection(every):
-    """select_every: each group of sparse layers' statistics computed right after the group's prefill FFN gives
-    exactly the core sets, and so the logits, of the one batched selection after the prefill (CPU, float32;
-    groups of 1, 2 and one group larger than the 3 sparse layers)."""
-    model = _tiny("llama", seed=21)
-    weights = FastWeights.from_hf(model)
-    prompt, cont = _ids(19, 22), _ids(7, 23)
-    ref, core_ref = FastLM(weights, max_seq_len=40, kept_fraction=0.3).forced_logits(prompt, cont)
-    fast = FastLM(weights, max_seq_len=40, kept_fraction=0.3, select_every=every)
-    got, core = fast.forced_logits(prompt, cont)
-    assert sorted(core) == [0, 1, 2]
-    assert all(torch.equal(core[i], core_ref[i]) for i in core)
-    assert torch.equal(got, ref)
-    # given core sets skip the statistics and are used as they are
-    given = {i: torch.arange(kept_count(0.3, weights.n_neurons)) for i in range(3)}
-    _, used = fast.forced_logits(prompt, cont, core_sets=given)
-    assert all(torch.equal(used[i].cpu(), given[i]) for i in used)
-    for bad in (0, -1, 1.5, True):
-        with pytest.raises(FastPathError, match="select_every must be"):
-            FastLM(weights, kept_fraction=0.3, select_every=bad)
-
-
-def test_selection_ttft_measure_runs_and_compares_like_with_like():
-    """The GPU session's TTFT comparison (device_check.selection_ttft) on CPU: every configuration timed, the
-    three sparse ones choosing identical core sets, the extra time reported against the dense prefill."""
-    from coreinfer.runtime.cuda.device_check import selection_ttft
-
-    weights = FastWeights.from_hf(_tiny("llama", seed=31))
-    out = selection_ttft(weights, _ids(24, 32), rounds=2, log=lambda s: None)
-    assert out["identical_core_sets"] is True
-    for name in ("batched", "select-every-8", "select-every-4"):
-        r = out[name]
-        assert r["ttft_ms"] > 0 and r["prefill_ms"] > 0
-        assert r["ttft_over_dense_ms"] == r["ttft_ms"] - out["dense"]["ttft_ms"]
-        assert r["pct_of_dense_prefill"] == pytest.approx(100 * r["ttft_over_dense_ms"] / out["dense"]["prefill_ms"])
-
-
 def test_triton_attention_refused_on_cpu():
     w = FastWeights.from_hf(_tiny("llama"))
     with pytest.raises(FastPathError, match="pdl=True needs"):
         FastLM(w, pdl=True)
     with pytest.raises(FastPathError, match="fused_norm=True needs"):
         FastLM(w, fused_norm=True)
-    with pytest.raises(FastPathError, match="fused_ffn=True needs"):
-        FastLM(w, kept_fraction=0.4, fused_ffn=True)
-    with pytest.raises(FastPathError, match="ffn_norm_in=True needs"):
-        FastLM(w, kept_fraction=0.4, ffn_norm_in=True)
-    dense = FastLM(w, fused_ffn=True, ffn_norm_in=True)  # no sparse layer: nothing to fuse, no error
-    assert not dense.fused_ffn and not dense.ffn_norm_in
     with pytest.raises(FastPathError, match="attention='triton' needs a CUDA device"):
         FastLM(w, attention="triton")
     with pytest.raises(FastPathError, match="gemv='triton' needs a CUDA device"):
@@ -430,8 +398,7 @@ def test_cuda_last_program_reductions_match_torch(pdl):
 @needs_cuda
 def test_cuda_fused_pdl_step_equals_plain_step():
     """The default CUDA step (PDL launches, fused residual+RMSNorm summing the split down product's partial rows,
-    fused argmax) and the opt-in one-launch core FFN (with and without the norm inside it) against the plain
-    step, float32, on a model wide enough for several programs per reduction."""
+    fused argmax) against the plain step, float32, on a model wide enough for several programs per reduction."""
     torch.manual_seed(7)
     cfg = transformers.LlamaConfig(hidden_size=1024, intermediate_size=2048, num_hidden_layers=2, num_attention_heads=8,
                                    num_key_value_heads=2, vocab_size=5000, max_position_embeddings=256)
@@ -440,55 +407,54 @@ def test_cuda_fused_pdl_step_equals_plain_step():
     weights = FastWeights.from_hf(model)
     prompt, cont = _ids(40, 71, 5000), _ids(12, 72, 5000)
     fused = FastLM(weights, max_seq_len=64, kept_fraction=0.4)
-    assert fused.fused_norm and fused.indexed and not fused.fused_ffn
+    assert fused.fused_norm and fused.indexed
     plain = FastLM(weights, max_seq_len=64, kept_fraction=0.4, pdl=False, fused_norm=False)
-    assert not plain.fused_ffn
     got, core = fused.forced_logits(prompt, cont)
     ref, core_ref = plain.forced_logits(prompt, cont)
     assert all(torch.equal(core[i], core_ref[i]) for i in core)
     assert (got - ref).abs().max().item() < 1e-3
     assert fused.generate(prompt, 12).tokens == plain.generate(prompt, 12).tokens
-    for opts in ({"fused_ffn": True}, {"fused_ffn": True, "ffn_norm_in": False}):  # norm inside the FFN; before it
-        one = FastLM(weights, max_seq_len=64, kept_fraction=0.4, **opts)
-        assert one.fused_ffn and one.ffn_norm_in == opts.get("ffn_norm_in", True)
-        got2, core2 = one.forced_logits(prompt, cont)
-        assert all(torch.equal(core2[i], core_ref[i]) for i in core2)
-        assert (got2 - ref).abs().max().item() < 1e-3, opts
-        assert one.generate(prompt, 12).tokens == plain.generate(prompt, 12).tokens, opts
-
-
-@pytest.mark.gpu
-@needs_cuda
-@pytest.mark.parametrize("every", [1, 3, 8])
-def test_cuda_statistics_during_prefill_equal_batched_selection(every):
-    """select_every launches the selection kernels group by group inside the prefill: the same core sets and
-    tokens as the one batched selection after it, in bf16 on the device."""
-    model = _tiny("llama", seed=44, dtype=torch.bfloat16, device="cuda")
-    weights = FastWeights.from_hf(model)
-    prompt = _ids(30, 45)
-    ref = FastLM(weights, max_seq_len=64, kept_fraction=0.4).generate(prompt, 10)
-    got = FastLM(weights, max_seq_len=64, kept_fraction=0.4, select_every=every).generate(prompt, 10)
-    assert all(torch.equal(got.core_sets[i], ref.core_sets[i]) for i in ref.core_sets)
-    assert got.tokens == ref.tokens
 
 
 # ---------------------------------------------------------------------------------------------- SparseLM hook
+
+
+def _request(lm, prompt, method, beta, layers, n, score="positive", sparse_prefill=False, seed=None, stop=(),
+             on_text=None, streamer=None, return_logits=False, **generation):
+    """A GenerationRequest as SparseLM.generate builds it, and the session the method resolves to."""
+    from transformers import GenerationConfig
+
+    from coreinfer.runtime.generation import GenerationRequest
+
+    ids = lm.encode(prompt)
+    lay = lm.resolve_layers(layers)
+    session, used, extra = lm.core_session(method, ids, prompt, 0.4, beta, lay, score, sparse_prefill)
+    cfg = GenerationConfig(max_new_tokens=n, **generation)
+    req = GenerationRequest(ids, prompt, method, 0.4, beta, lay, score, sparse_prefill, n, cfg, eos_ids=lm._eos_ids(),
+                            stop_strings=list(stop), streamer=streamer, on_text=on_text, return_logits=return_logits,
+                            seed=seed)
+    return req, session, used, extra
+
+
+def _fast(lm, *args, **kwargs):
+    from coreinfer.runtime.cuda.hook import fast_generate
+
+    req, session, used, extra = _request(lm, *args, **kwargs)
+    return fast_generate(lm, req, session, used, extra, force=True)
 
 
 @pytest.mark.parametrize("family", ["llama", "qwen2", "opt", "reglu", "drelu"])
 def test_hook_answers_like_sparselm_eager(family, tokenizer):
     """``cuda.hook.fast_generate`` (what SparseLM.generate calls on CUDA), forced on CPU, returns what the
     eager SparseLM path returns: tokens, text, core sets, kept fraction, FFN bytes."""
-    from coreinfer.runtime.cuda.hook import fast_generate
     from tests.conftest import tiny_lm
 
     lm, _ = tiny_lm(family, tokenizer, seed=5)
     prompt = "Write a short poem about the sea and the wind"
     for method, layers in (("dense", None), ("stability", "1:3"), ("stability", "0:4")):
-        lay = lm.resolve_layers(layers)
         ref = lm.generate(prompt, method=method, beta=0.3, layers=layers, max_new_tokens=10, score="positive")
-        got = fast_generate(lm, prompt, method, 0.4, 0.3, lay, 10, "positive", False, {}, force=True)
-        assert got is not None
+        got, why = _fast(lm, prompt, method, 0.3, layers, 10)
+        assert why is None and got.stats.path == "fast"
         assert got.token_ids == ref.token_ids and got.text == ref.text
         assert got.stats.stop_reason == ref.stats.stop_reason
         assert got.stats.kept_fraction == pytest.approx(ref.stats.kept_fraction)
@@ -496,16 +462,220 @@ def test_hook_answers_like_sparselm_eager(family, tokenizer):
         assert sorted(got.core_sets) == sorted(ref.core_sets)
         for i in got.core_sets:
             assert torch.equal(got.core_sets[i].cpu(), ref.core_sets[i].cpu())
-    # what the fast path does not cover goes to the eager path
-    assert fast_generate(lm, prompt, "stability", 0.4, 0.3, lm.resolve_layers(None), 4, "positive", False,
-                         {"do_sample": True}, force=True) is None
-    assert fast_generate(lm, prompt, "stability", 0.4, 0.3, lm.resolve_layers(None), 4, "positive", False, {}) is None
 
 
-def test_hook_leaves_unsupported_architectures_to_the_eager_path(tokenizer):
+def test_hook_says_why_it_cannot_answer(tokenizer):
+    """What the fast path does not implement comes back as a reason naming it, never as another answer."""
     from coreinfer.runtime.cuda.hook import fast_generate
     from tests.conftest import tiny_lm
 
-    lm, _ = tiny_lm("gemma", tokenizer)
-    assert fast_generate(lm, "hello there", "dense", 0.4, 0.4, lm.resolve_layers(None), 4, "positive", False, {},
-                         force=True) is None
+    lm, _ = tiny_lm("llama", tokenizer, seed=5)
+    prompt = "Write a short poem about the sea and the wind"
+    for gen, words in (({"num_beams": 2}, "num_beams=2"), ({"repetition_penalty": 1.3}, "repetition_penalty=1.3"),
+                       ({"min_new_tokens": 3}, "min_new_tokens=3")):
+        got, why = _fast(lm, prompt, "stability", 0.3, None, 4, **gen)
+        assert got is None and words in why and "not implemented on the fast path" in why
+    req, session, used, extra = _request(lm, prompt, "stability", 0.3, None, 4)
+    got, why = fast_generate(lm, req, session, used, extra)  # not forced: CPU
+    assert got is None and "runs on CUDA" in why
+    with pytest.raises(ValueError, match="top_p must be"):
+        _fast(lm, prompt, "stability", 0.3, None, 4, do_sample=True, top_p=1.5)
+    lm_g, _ = tiny_lm("gemma", tokenizer)
+    got, why = _fast(lm_g, "hello there", "dense", 0.4, None, 4)
+    assert got is None and "supports model types" in why
+
+
+def test_fast_sampling_is_seeded_and_top_k_1_is_greedy(tokenizer):
+    """Sampling on the fast path (CPU: the same Gumbel-max rule as the kernel): a seed fixes the tokens, other
+    seeds give others, top_k=1 is greedy whatever the temperature."""
+    from tests.conftest import tiny_lm
+
+    lm, _ = tiny_lm("llama", tokenizer, seed=6)
+    prompt = "Tell me a story about a dragon who"
+    greedy, _ = _fast(lm, prompt, "stability", 0.3, None, 12)
+    a, _ = _fast(lm, prompt, "stability", 0.3, None, 12, do_sample=True, temperature=1.5, top_k=0, seed=11)
+    b, _ = _fast(lm, prompt, "stability", 0.3, None, 12, do_sample=True, temperature=1.5, top_k=0, seed=11)
+    c, _ = _fast(lm, prompt, "stability", 0.3, None, 12, do_sample=True, temperature=1.5, top_k=0, seed=12)
+    assert a.token_ids == b.token_ids and a.token_ids != c.token_ids and a.token_ids != greedy.token_ids
+    one, _ = _fast(lm, prompt, "stability", 0.3, None, 12, do_sample=True, temperature=3.0, top_k=1, seed=5)
+    assert one.token_ids == greedy.token_ids
+
+
+@pytest.mark.parametrize("top_k, top_p, temperature", [(5, None, 1.0), (None, 0.6, 0.7), (20, 0.9, 1.3), (1, 0.5, 2.0)])
+def test_sampling_cutoff_keeps_what_transformers_keeps(top_k, top_p, temperature):
+    """The draw's cutoff logit admits exactly the tokens transformers' temperature -> top-k -> top-p warpers
+    leave finite (independent reference: transformers' own logits processors)."""
+    from transformers.generation.logits_process import TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
+
+    from coreinfer.runtime.cuda.fastlm import GREEDY, Sampling, _Mode
+
+    weights = FastWeights.from_hf(_tiny("llama", seed=3))
+    fast = FastLM(weights, max_seq_len=24)
+    g = torch.Generator().manual_seed(8)
+    for _ in range(5):
+        logits = torch.randn(97, generator=g) * 3
+        sampling = Sampling(temperature=temperature, top_k=top_k, top_p=top_p, seed=0)
+        mode = fast._set_sampling(sampling, False, 1)
+        assert mode != GREEDY and mode == _Mode.of(sampling, False)
+        cut = fast._cutoff(logits, mode)
+        want = logits[None].clone()
+        for warper in [TemperatureLogitsWarper(temperature)] + ([TopKLogitsWarper(top_k)] if top_k else []) + \
+                ([TopPLogitsWarper(top_p)] if top_p else []):
+            want = warper(None, want)
+        assert torch.equal(logits >= cut, torch.isfinite(want[0]))
+
+
+def test_fast_stop_strings_stream_and_logits(tokenizer):
+    """Stop strings, on_text, a streamer and return_logits on the fast path (chunks read back as it decodes):
+    the text ends before the first stop string of the unstopped answer, the streamed pieces add up to it, the
+    logits are the teacher-forced logits of the tokens returned."""
+    from coreinfer.runtime.cuda.fastlm import FastLM as _FastLM  # noqa: F401  (the hook builds its own)
+    from tests.conftest import tiny_lm
+
+    class Collect:
+        def __init__(self):
+            self.ids, self.ended = [], False
+
+        def put(self, value):
+            self.ids.extend(value.view(-1).tolist())
+
+        def end(self):
+            self.ended = True
+
+    lm, _ = tiny_lm("llama", tokenizer, seed=9)
+    prompt = "Count the colours of the rainbow for me"
+    full, _ = _fast(lm, prompt, "stability", 0.3, None, 40)
+    assert full.stats.stop_reason == "length" and len(full.text) > 12
+    stop = full.text[len(full.text) // 2:len(full.text) // 2 + 3]
+    pieces, streamer = [], Collect()
+    got, why = _fast(lm, prompt, "stability", 0.3, None, 40, stop=[stop], on_text=pieces.append, streamer=streamer,
+                     return_logits=True)
+    assert why is None
+    assert got.text == full.text[:full.text.find(stop)] and got.stats.stop_reason == "stop_string"
+    assert "".join(pieces) == got.text and streamer.ended
+    assert got.token_ids == full.token_ids[:len(got.token_ids)] and len(got.token_ids) < len(full.token_ids)
+    prompt_ids = lm.encode(prompt)[0].tolist()
+    assert streamer.ids[:len(prompt_ids)] == prompt_ids and streamer.ids[len(prompt_ids):] == got.token_ids
+    fast = next(iter(lm.__dict__["_coreinfer_cuda_fast"]["lms"].values()))
+    forced, _ = fast.forced_logits(lm.encode(prompt)[0], got.token_ids[:-1])
+    assert len(got.logits) == len(got.token_ids)
+    assert (torch.stack(got.logits) - forced).abs().max().item() < 1e-4
+
+
+def test_fast_similarity_sets_and_sparse_prefill_match_eager(tokenizer):
+    """Core sets known before the prefill (similarity-guided prompts) on the fast path, with and without
+    ``sparse_prefill``: the same logits as the eager adapter path given the same session."""
+    from coreinfer.runtime.cuda.fastlm import FastLM, FastWeights
+    from coreinfer.runtime.session import CoreSetSession
+    from tests.conftest import tiny_lm
+
+    lm, _ = tiny_lm("llama", tokenizer, seed=13)
+    ids = lm.encode("A prompt whose cluster is known in advance")
+    layers = lm.resolve_layers("1:3")
+    k = kept_count(0.3, lm.adapter.n_neurons)
+    g = torch.Generator().manual_seed(4)
+    sets = {i: torch.randperm(lm.adapter.n_neurons, generator=g)[:k].sort().values for i in layers}
+    fast = FastLM(FastWeights.from_hf(lm.model, adapter=lm.adapter), max_seq_len=40, kept_fraction=0.3,
+                  sparse_layers=layers)
+    for sparse_prefill in (False, True):
+        gen = fast.generate(ids[0], 6, core_sets=sets, keep_logits=True, sparse_prefill=sparse_prefill)
+        assert all(torch.equal(gen.core_sets[i], sets[i]) for i in layers)
+        session = CoreSetSession(layers, None, core_sets=sets, sparse_prefill=sparse_prefill)
+        ref = lm.score_ids(ids, gen.tokens, "similarity", 0.4, 0.3, layers, session=session, keep_logprobs=True)
+        got = torch.stack(gen.logits).log_softmax(-1)
+        assert (got - ref.logprobs).abs().max().item() < 1e-4, sparse_prefill
+
+
+
+
+# ------------------------------------------------------------------------------- every call on the GPU
+
+
+def _cuda_lm(family, tokenizer, seed=5, dtype=torch.float32):
+    from coreinfer.runtime.loading import LoadedModel
+    from coreinfer.runtime.sparse_lm import SparseLM
+    from tests.conftest import build_tiny
+
+    model, _ = build_tiny(family, tokenizer, seed)
+    model = model.to("cuda", dtype)
+    return SparseLM(LoadedModel(model, tokenizer, f"tiny-{family}", "memory", torch.device("cuda"), dtype))
+
+
+@pytest.mark.gpu
+@needs_cuda
+def test_cuda_sampling_in_the_graph_is_seeded():
+    """The draw inside the captured step: a seed fixes the tokens (replayed graph = un-captured step, the same
+    Philox numbers), other seeds differ, top_k=1 is greedy; greedy is unchanged by a sampling call before it."""
+    from coreinfer.runtime.cuda.fastlm import Sampling
+
+    model = _tiny("llama", seed=41, device="cuda")
+    weights = FastWeights.from_hf(model)
+    prompt = _ids(20, 42)
+    graph = FastLM(weights, max_seq_len=64, kept_fraction=0.4)
+    plain = FastLM(weights, max_seq_len=64, kept_fraction=0.4, cuda_graph=False)
+    greedy = graph.generate(prompt, 16).tokens
+    s = Sampling(temperature=1.3, top_k=40, top_p=0.9, seed=7)
+    a = graph.generate(prompt, 16, sampling=s).tokens
+    assert a == plain.generate(prompt, 16, sampling=s).tokens == graph.generate(prompt, 16, sampling=s).tokens
+    assert a != graph.generate(prompt, 16, sampling=Sampling(temperature=1.3, top_k=40, top_p=0.9, seed=8)).tokens
+    assert graph.generate(prompt, 16, sampling=Sampling(temperature=5.0, top_k=1, seed=3)).tokens == greedy
+    assert graph.generate(prompt, 16).tokens == greedy
+
+
+@pytest.mark.gpu
+@needs_cuda
+def test_cuda_per_layer_core_sets_gather_free_equals_gathered():
+    model = _tiny("llama", seed=43, device="cuda")
+    weights = FastWeights.from_hf(model)
+    prompt, cont = _ids(20, 44), _ids(6, 45)
+    lk = {0: 33, 2: 101}
+    got, core = FastLM(weights, max_seq_len=64, layer_k=lk).forced_logits(prompt, cont)
+    ref, core_ref = FastLM(weights, max_seq_len=64, layer_k=lk, gemv="torch", attention="sdpa", pdl=False,
+                           cuda_graph=False).forced_logits(prompt, cont)
+    assert all(torch.equal(core[i], core_ref[i]) and core[i].numel() == lk[i] for i in lk)
+    assert (got - ref).abs().max().item() < 1e-3
+
+
+@pytest.mark.gpu
+@needs_cuda
+def test_cuda_sparselm_generate_takes_the_fast_path_for_every_call(tokenizer):
+    """SparseLM.generate on CUDA: greedy, sampled, streamed, stopped, with logits, all answered by the fast path
+    (stats.path), greedy equal to the eager path, a stop string ending where the unstopped text has it; a
+    streamer that raises ends the call with its error and the instance answers the next call as before."""
+    lm = _cuda_lm("llama", tokenizer)
+    prompt = "Write a short poem about the sea and the wind"
+    eager = lm.generate(prompt, method="stability", beta=0.3, max_new_tokens=20, fast_path=False)
+    fast = lm.generate(prompt, method="stability", beta=0.3, max_new_tokens=20)
+    assert fast.stats.path == "fast" and eager.stats.path == "eager"
+    assert fast.token_ids == eager.token_ids
+    sampled = lm.generate(prompt, method="stability", beta=0.3, max_new_tokens=20, do_sample=True, temperature=1.2,
+                          top_p=0.95, seed=3)
+    again = lm.generate(prompt, method="stability", beta=0.3, max_new_tokens=20, do_sample=True, temperature=1.2,
+                        top_p=0.95, seed=3)
+    assert sampled.stats.path == "fast" and sampled.token_ids == again.token_ids
+    stop = fast.text[len(fast.text) // 2:len(fast.text) // 2 + 2]
+    pieces = []
+    stopped = lm.generate(prompt, method="stability", beta=0.3, max_new_tokens=20, stop=[stop], on_text=pieces.append,
+                          return_logits=True)
+    assert stopped.stats.path == "fast" and stopped.text == fast.text[:fast.text.find(stop)]
+    assert "".join(pieces) == stopped.text and len(stopped.logits) == len(stopped.token_ids)
+
+    class Broken:
+        def __init__(self):
+            self.n = 0
+
+        def put(self, value):
+            self.n += 1
+            if self.n > 3:
+                raise RuntimeError("streamer failed")
+
+        def end(self):
+            pass
+
+    with pytest.raises(RuntimeError, match="streamer failed"):
+        lm.generate(prompt, method="stability", beta=0.3, max_new_tokens=20, streamer=Broken())
+    assert lm.generate(prompt, method="stability", beta=0.3, max_new_tokens=20).token_ids == fast.token_ids
+    beams = lm.generate(prompt, method="stability", beta=0.3, max_new_tokens=8, num_beams=2)
+    assert beams.stats.path == "eager" and "num_beams=2" in beams.stats.fallback_reason
+    with pytest.raises(ValueError, match="num_beams=2"):
+        lm.generate(prompt, method="stability", beta=0.3, max_new_tokens=8, num_beams=2, fast_path=True)

@@ -1,4 +1,4 @@
-"""The decode step's Triton kernels compiled for Hopper (sm_90) on this CPU (coreinfer.runtime.cuda.aot): they
+"""The decode step's Triton kernels compiled for Hopper (sm_90) on this CPU (benchmarks/aot.py): they
 build at Llama-3.1-8B's widths without spilling, the step launches the hand-counted number of kernels per
 configuration, and every sparse layer runs the same binary. Skips where triton is not installed."""
 
@@ -8,7 +8,7 @@ import pytest
 
 pytest.importorskip("triton")
 
-from coreinfer.runtime.cuda import aot  # noqa: E402
+from benchmarks import aot  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -25,12 +25,10 @@ def _layer_rows(result):
 
 
 # per layer: qkv GEMV, attention, o GEMV, residual+norm, then the FFN: gate||up GEMV + down product (two
-# launches) or the one-launch core FFN, then residual+norm; the core FFN may take the norm before it in
+# launches), then residual+norm
 @pytest.mark.slow
 @pytest.mark.parametrize("options, per_layer, ffn_kernels", [
     ({}, 7, ["_gemv_kernel", "_gemv_rows_kernel"]),
-    ({"fused_ffn": True, "ffn_norm_in": False}, 6, ["_ffn_core_kernel"]),
-    ({"fused_ffn": True}, 5, ["_ffn_core_kernel"]),
 ])
 def test_step_kernels_build_for_hopper_without_spills(weights, options, per_layer, ffn_kernels):
     result = aot.step_kernels("llama-3.1-8b", 0.4, options, weights=weights)
@@ -45,7 +43,7 @@ def test_step_kernels_build_for_hopper_without_spills(weights, options, per_laye
     for r in result["step"] + result["selection"]:
         assert r["local"] == 0, r  # no register spills
         assert r["blocks_per_sm"] >= 1, r
-    core = [r for r in layer0 if r["kernel"] in ("_ffn_core_kernel", "_gemv_rows_kernel")][0]
+    core = [r for r in layer0 if r["kernel"] == "_gemv_rows_kernel"][0]
     assert core["programs"] <= core["blocks_per_sm"] * aot.SM90["sms"]  # the core rows in one wave
     assert [r["kernel"] for r in result["selection"]] == ["_active_kernel", "_token_k_kernel", "_threshold_kernel",
                                                           "_column_kernel", "_top_kernel"]

@@ -1,7 +1,7 @@
 """The decode step's Triton kernels compiled for a GPU that is not here: per kernel the registers, shared
 memory and spills at a real model's widths, on this machine's CPU, with Triton's own compiler and ptxas.
 
-    python -m coreinfer.runtime.cuda.aot [--model llama-3.1-8b] [--kept 0.4] [--options JSON] [--arch 90]
+    python -m benchmarks.aot [--model llama-3.1-8b] [--kept 0.4] [--options JSON] [--arch 90]
 
 ``compile_only`` makes every Triton launch compile for the target and stop there: a stand-in driver names the
 target, and the launch returns once it has compiled. ``step_kernels`` builds a ``FastLM`` of the shape's widths
@@ -115,8 +115,8 @@ def shape_weights(spec: str, n_layers: int, dtype: torch.dtype):
     """``FastWeights`` of a published shape with ``n_layers`` layers, on CPU, allocated but not initialised."""
     import transformers
 
-    from .bench import shape_config
-    from .fastlm import FastWeights
+    from coreinfer.runtime.cuda.bench import shape_config
+    from coreinfer.runtime.cuda.fastlm import FastWeights
 
     cfg = shape_config(spec, num_hidden_layers=n_layers)
     with torch.device("meta"):
@@ -131,9 +131,9 @@ def step_kernels(spec: str = "llama-3.1-8b", kept_fraction: float | None = 0.4, 
     """The kernels of one decode step of ``FastLM(kept_fraction, **options)`` at ``spec``'s widths (every layer
     sparse), and of the selection of ``n_layers`` layers x ``prompt_tokens`` tokens, compiled for sm_``arch``.
     ``weights``: the ``shape_weights(spec, n_layers, dtype)`` to use (built when None)."""
-    from . import select_kernels
-    from .fastlm import FastLM
-    from ..selection import DEFAULT_SCORE
+    from coreinfer.runtime.cuda import select_kernels
+    from coreinfer.runtime.cuda.fastlm import FastLM
+    from coreinfer.runtime.selection import DEFAULT_SCORE
 
     weights = weights if weights is not None else shape_weights(spec, n_layers, dtype)
     n_layers = len(weights.layers)
@@ -190,11 +190,11 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--model", default="llama-3.1-8b", help="a published shape of coreinfer.runtime.cuda.bench.SHAPES")
     ap.add_argument("--kept", type=float, default=0.4, help="kept fraction (0 for the dense step)")
-    ap.add_argument("--options", default=None, help='FastLM options as JSON, e.g. {"fused_ffn": true}')
+    ap.add_argument("--options", default=None, help='FastLM options as JSON, e.g. {"pdl": false}')
     ap.add_argument("--arch", type=int, default=90)
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args(argv)
-    from . import bench
+    from coreinfer.runtime.cuda import bench
 
     if args.model not in bench.SHAPES:
         ap.error(f"--model must be one of {sorted(bench.SHAPES)}, got {args.model!r}")

@@ -1,12 +1,17 @@
 """One GPU session's worth of work in one command: tests, correctness on a real model, the benchmark.
 
-    python -m coreinfer.runtime.cuda.device_check --out DIR [--smollm2 PATH.gguf] [--models a,b,...]
+    python -m benchmarks.gpu_suite --out DIR [--steps tests,greedy,suite,e2e,memory] [--smollm2 PATH.gguf]
 
-1. ``pytest tests/runtime/test_cuda_fastpath.py`` including the ``gpu`` tests (log in DIR/pytest.log);
-2. greedy decoding on the real SmolLM2-135M (prompts below): the fast path vs the eager ``SparseLM`` path,
-   dense and sparse (beta 0.4, the paper's sparse layers and all layers): same tokens, same core sets;
-3. the benchmark suite (``bench.run_suite``), written to DIR/results.json after each model, and the table
-   to DIR/table.md. Everything is logged to stdout; the table is printed last.
+From the repo root on the GPU machine (scripts/gpu_run.sh sets it up). Steps:
+* tests: ``pytest tests/runtime/test_cuda_fastpath.py tests/runtime/test_memory*.py`` with the ``gpu`` tests
+  (DIR/pytest.log);
+* greedy: greedy decoding on the real SmolLM2-135M (prompts below): the fast path vs the eager ``SparseLM``
+  path, dense and sparse: same tokens, same core sets (DIR/greedy.json);
+* e2e: the product's main call (``SparseLM.generate`` with an artifact, auto, chat, sampling, streaming) and
+  the CLI on the Llama-3.1-8B shape, against the benchmark's rows on the same weights (DIR/e2e.json);
+* suite: the benchmark (``bench.run_suite``: HF generate dynamic and static-compiled, our dense and sparse
+  rows, ablations), DIR/results.json and DIR/table.md, the table printed last;
+* memory: ``python -m benchmarks.memory_budget`` (DIR/memory.log and its JSON).
 """
 
 from __future__ import annotations
@@ -50,10 +55,10 @@ def greedy_check(gguf: str, new_tokens: int = 48, log=print, device: str = "cuda
     model, same settings: identical tokens? identical core sets? And, teacher-forced along the eager
     tokens, how often the fast path's top-1 agrees, and by how much it prefers its own token where not
     (a near-tie in bf16 rounding shows as a tiny gap)."""
-    from ..loading import load_model
-    from ..selection import DEFAULT_SCORE, jaccard
-    from ..sparse_lm import SparseLM
-    from .fastlm import FastLM, FastWeights
+    from coreinfer.runtime.loading import load_model
+    from coreinfer.runtime.selection import DEFAULT_SCORE, jaccard
+    from coreinfer.runtime.sparse_lm import SparseLM
+    from coreinfer.runtime.cuda.fastlm import FastLM, FastWeights
 
     out = {"model": "SmolLM2-135M-Instruct (real weights, GGUF Q4_1 de-quantised)", "new_tokens": new_tokens,
            "configs": []}
@@ -115,8 +120,8 @@ def bf16_error_calibration(spec: str, n_prompt: int = 256, n_cont: int = 16, log
     """How far is bf16 from float32 at all? Teacher-forced logits of a float32 model (the truth) against
     (a) Hugging Face's own bf16 forward and (b) our bf16 fast path (dense and beta=0.4 with the float32
     path's core sets): relative L2 error per position, max over positions."""
-    from . import bench
-    from .fastlm import FastLM, FastWeights
+    from coreinfer.runtime.cuda import bench
+    from coreinfer.runtime.cuda.fastlm import FastLM, FastWeights
 
     model, _ = bench.build_shape_model(spec, torch.float32)
     vocab = model.get_input_embeddings().weight.shape[0]
@@ -156,14 +161,14 @@ def gemv_microbench(log=print) -> list[dict]:
     shapes at kept fraction 0.4: 32 distinct matrices per shape (no L2 reuse), replayed in a CUDA graph."""
     import torch.nn.functional as F
 
-    from . import kernels
+    from coreinfer.runtime.cuda import kernels
 
     H, kp = 4096, 5760
     shapes = {"qkv": (6144, H), "o": (H, H), "gate_up_c": (2 * kp, H), "down_c_T": (H, kp), "gate_up_dense": (28672, H),
               "down_dense_T": (H, 14336)}
     rows = []
     bw = None
-    from .bench import copy_bandwidth
+    from coreinfer.runtime.cuda.bench import copy_bandwidth
 
     bw = copy_bandwidth()
     for name, (n, k) in shapes.items():
@@ -275,9 +280,9 @@ def gather_free_microbench(log=print) -> dict:
     matrices per shape (no L2 reuse), replayed in a CUDA graph."""
     import torch.nn.functional as F
 
-    from ..selection import kept_count, layer_statistics, stability_select_layers
-    from . import kernels, select_kernels
-    from .bench import copy_bandwidth
+    from coreinfer.runtime.selection import kept_count, layer_statistics, stability_select_layers
+    from coreinfer.runtime.cuda import kernels, select_kernels
+    from coreinfer.runtime.cuda.bench import copy_bandwidth
 
     out: dict = {"bandwidth_gb_s": copy_bandwidth() / 1e9}
     L, T, I, H = 32, 256, 14336, 4096
@@ -357,8 +362,8 @@ def tune_gemv_rows(log=print) -> dict:
     """The gather-free decode's down product (compact activation x core rows of the (I, H) transposed down
     projection), Llama-3.1-8B shape, bf16, kept fraction 0.4: every ``kernels.GEMV_ROWS_CANDIDATES`` config,
     32 distinct matrices and core sets (no L2 reuse), replayed in a CUDA graph; the fastest is used."""
-    from ..selection import kept_count
-    from . import kernels
+    from coreinfer.runtime.selection import kept_count
+    from coreinfer.runtime.cuda import kernels
 
     I, H = 14336, 4096
     k = kept_count(0.4, I)
@@ -388,80 +393,10 @@ def tune_gemv_rows(log=print) -> dict:
     return {"k": k, "rows": rows, "best": None if best is None else best["config"]}
 
 
-def tune_decode(log=print, spec: str = "llama-3.1-8b", new_tokens: int = 128, repeats: int = 2) -> dict:
-    """The decode step's launch and GEMV options on one model shape at kept fraction 0.4 (then dense for the
-    fastest): the one-launch core FFN against the two-launch gate||up + down product, and the core FFN's
-    tilings. Median decode tok/s. First, on the same weights, ``selection_ttft``: the selection's cost in the
-    time to first token, batched after the prefill vs launched during it."""
-    from . import bench
-    from .fastlm import FastWeights
-
-    model, tok = bench.build_shape_model(spec, torch.bfloat16)
-    ids = bench.bench_prompt(tok, model.get_input_embeddings().weight.shape[0])
-    weights = FastWeights.from_hf(model)
-    del model
-    try:
-        ttft = selection_ttft(weights, ids, log=log)
-    except Exception as err:  # recorded, never hidden
-        ttft = {"error": repr(err)}
-        log(f"[selection ttft] FAILED {err!r}")
-    # the default step first (gate||up and down as two launches, kernels.GEMV_CONFIG_UP / GEMV_ROWS_CONFIG), then
-    # the one-launch core FFN (kernels.FFN_CORE_CONFIG) after its own norm launch and with the norm inside it,
-    # then the core FFN's tilings on the better of those two
-    base = {"pdl": True, "fused_norm": True}
-    variants = [base, {**base, "fused_ffn": True, "ffn_norm_in": False}, {**base, "fused_ffn": True, "ffn_norm_in": True}]
-    rows = []
-
-    def key(r):
-        return r["decode_tok_s"] if "error" not in r else -1.0
-
-    def run(opts):
-        try:
-            row, fast = bench.fast_bench(weights, ids, new_tokens, repeats, 0.4, rows_config=opts.get("rows_config"),
-                                         options={k: v for k, v in opts.items() if k != "rows_config"})
-            rows.append({"options": {k: (list(v) if isinstance(v, tuple) else v) for k, v in opts.items()},
-                         "decode_tok_s": row["decode_tok_s"], "setup_s": row["setup_s"]})
-            del fast
-        except Exception as err:  # recorded, never hidden
-            rows.append({"options": {k: (list(v) if isinstance(v, tuple) else v) for k, v in opts.items()}, "error": repr(err)})
-        log(f"[tune decode] {rows[-1]}")
-        _free_cuda()
-        return rows[-1]
-
-    done = [run(opts) for opts in variants]
-    norm_in = key(done[2]) >= key(done[1])
-    # (BLOCK_R, SPLIT, warps, stages) of the core FFN: neurons per iteration, programs at most, warps, stages
-    # (registers bound the programs per SM: 97-121 per thread at 8 warps is 2 per SM, python -m ...cuda.aot)
-    for c in [(2, 132, 8, 3), (1, 264, 4, 3), (1, 528, 4, 2), (4, 132, 16, 2), (2, 132, 8, 2), (1, 396, 4, 2)]:
-        run({**base, "fused_ffn": True, "ffn_norm_in": norm_in, "ffn_config": c})
-    ok = [r for r in rows if "error" not in r]
-    best = max(ok, key=lambda r: r["decode_tok_s"]) if ok else None
-    out = {"model": spec, "rows": rows, "best": None if best is None else best["options"], "selection_ttft": ttft}
-    if best is not None:
-        opts = {k: (tuple(v) if isinstance(v, list) else v) for k, v in best["options"].items()}
-        for o in (opts, {"pdl": False, "fused_norm": False}):
-            row, fast = bench.fast_bench(weights, ids, new_tokens, repeats, None, rows_config=o.get("rows_config"),
-                                         options={k: v for k, v in o.items() if k != "rows_config"})
-            out.setdefault("dense", []).append({"options": str(o), "decode_tok_s": row["decode_tok_s"]})
-            log(f"[tune decode] dense {out['dense'][-1]}")
-            del fast
-            _free_cuda()
-        row, fast = bench.fast_bench(weights, ids, new_tokens, repeats, 0.4, rows_config=opts.get("rows_config"),
-                                     options={k: v for k, v in opts.items() if k != "rows_config"})
-        out["profile_sparse_0.4"] = bench.profile_decode(fast, ids)
-        log(f"[tune decode] profile {out['profile_sparse_0.4']}")
-        del fast
-        _free_cuda()
-    del weights
-    _free_cuda()
-    return out
-
-
 def selection_ttft(weights, ids: torch.Tensor, rounds: int = 9, log=print) -> dict:
     """What the sparse path adds to the time to first token, against the dense fast path on the same prompt.
 
-    Dense, batched selection after the prefill (the default) and statistics launched during the prefill every
-    8 / 4 sparse layers (``select_every``), all at kept fraction 0.4, each ``generate(ids, 1)`` run round-robin
+    Dense and the batched selection after the prefill at kept fraction 0.4, each ``generate(ids, 1)`` run round-robin
     ``rounds`` times so that the host-bound prefill's noise hits every configuration alike. TTFT is timed with
     no synchronisation between the phases (only before and after the call), as a user sees it; a second,
     phase-synchronised call per round gives the breakdown. The issue's selection + gather target is read as
@@ -469,10 +404,9 @@ def selection_ttft(weights, ids: torch.Tensor, rounds: int = 9, log=print) -> di
     (the activations' copy during the prefill included)."""
     import statistics
 
-    from .fastlm import FastLM
+    from coreinfer.runtime.cuda.fastlm import FastLM
 
-    configs = {"dense": {}, "batched": {"kept_fraction": 0.4}, "select-every-8": {"kept_fraction": 0.4, "select_every": 8},
-               "select-every-4": {"kept_fraction": 0.4, "select_every": 4}}
+    configs = {"dense": {}, "batched": {"kept_fraction": 0.4}}
     lms = {name: FastLM(weights, max_seq_len=ids.numel() + 8, **o) for name, o in configs.items()}
     sync = torch.cuda.synchronize if weights.device.type == "cuda" else (lambda: None)
     for lm in lms.values():
@@ -519,7 +453,7 @@ def selection_profile(log=print) -> dict:
     event-timed median of the whole ``stability_select_layers`` call, and GPU time per kernel (profiler)."""
     import torch.nn.functional as F
 
-    from ..selection import DEFAULT_SCORE, stability_select_layers
+    from coreinfer.runtime.selection import DEFAULT_SCORE, stability_select_layers
 
     g = torch.Generator(device="cuda").manual_seed(0)
     shape = (32, 256, 14336)
@@ -533,127 +467,224 @@ def selection_profile(log=print) -> dict:
     return out
 
 
+E2E_PROMPTS = ["Explain in two sentences why the sky is blue.", "Capital of Peru?",
+               "Write a haiku about the sea."]
+
+
+def main_job_e2e(carry: Path, out_dir: Path, log=print, shape: str = "llama-3.1-8b", beta: float = 0.4,
+                 new_tokens: int = 128, repeats: int = 3, cli: bool = True) -> dict:
+    """The product's main call on a published shape (random weights), through ``SparseLM.generate`` and the CLI.
+
+    A synthetic calibration artifact with this model's fingerprint (one cluster per prompt, centred on its
+    embedding by a small carried sentence-transformers model; random core sets of ``beta`` x I neurons in every
+    layer) makes ``method="auto"`` take the similarity path for the short prompts. Rows: greedy; sampling with a
+    streamer; sampling with ``on_text`` and a stop string that never matches; stability-guided and dense for
+    a 256-token prompt; the eager path for reference; and, side by side on the same weights, the benchmark's
+    own sparse and dense rows (``bench.fast_bench``), which the ratios are taken against."""
+    import statistics
+    import subprocess
+    import tempfile
+
+    from transformers import AutoTokenizer
+
+    from coreinfer.runtime import artifact as artifacts
+    from coreinfer.runtime.cuda import bench
+    from coreinfer.runtime.loading import LoadedModel
+    from coreinfer.runtime.selection import kept_count
+    from coreinfer.runtime.similarity import PromptEmbedder
+    from coreinfer.runtime.sparse_lm import SparseLM
+    from tests.pipeline.synthetic import synthetic_artifact_inputs
+
+    t0 = time.perf_counter()
+    model, _ = bench.build_shape_model(shape, torch.bfloat16)
+    tok = AutoTokenizer.from_pretrained(carry / "smollm2-tokenizer")
+    loaded = LoadedModel(model, tok, f"{shape} (random weights)", "memory", torch.device("cuda"), torch.bfloat16)
+    probe = SparseLM(loaded)
+    n_layers, n_neurons = probe.adapter.n_layers, probe.adapter.n_neurons
+    embedder_dir = str(carry / "tiny-embedder")
+    emb = PromptEmbedder(embedder_dir).embed(E2E_PROMPTS)
+    arrays, attrs, _ = synthetic_artifact_inputs(n_clusters=len(E2E_PROMPTS), n_layers=n_layers, n_neurons=n_neurons,
+                                                 dim=emb.shape[1])
+    arrays["centroids"] = emb.astype("float32")
+    arrays["radii"] = arrays["radii"] * 0 + 0.05
+    attrs.update(model=artifacts.model_fingerprint(probe.adapter, model.config), model_spec=shape, beta=beta,
+                 k=kept_count(beta, n_neurons), layer_start=0, layer_end=n_layers, min_stable_tokens=64)
+    attrs["embedding"] = {**attrs["embedding"], "model_id": embedder_dir, "dim": int(emb.shape[1])}
+    tmp = Path(tempfile.mkdtemp(prefix="coreinfer-e2e-"))
+    art_path = artifacts.write_artifact(tmp / "coreneurons.zarr", arrays, attrs)
+    del probe
+    lm = SparseLM(loaded, artifact=art_path)
+    out = {"shape": shape, "beta": beta, "new_tokens": new_tokens, "repeats": repeats, "rows": [],
+           "setup_s": time.perf_counter() - t0}
+    long_ids = bench.bench_prompt(tok, lm.tokenizer.vocab_size)
+    long_prompt = tok.decode(long_ids)
+
+    class Collect:  # a streamer: counts what it is handed, as TextStreamer would print it
+        def __init__(self):
+            self.tokens = 0
+
+        def put(self, value):
+            self.tokens += value.numel()
+
+        def end(self):
+            pass
+
+    configs = [
+        ("auto, chat, greedy", E2E_PROMPTS[0], dict(method="auto", chat=True)),
+        ("auto, chat, sampled + streamer", E2E_PROMPTS[0],
+         dict(method="auto", chat=True, do_sample=True, temperature=0.8, top_p=0.95, seed=0, streamer="collect")),
+        ("auto, chat, sampled + on_text + stop string", E2E_PROMPTS[1],
+         dict(method="auto", chat=True, do_sample=True, temperature=0.8, top_k=50, seed=1, on_text="collect",
+              stop=["\u2603never\u2603"])),
+        ("stability, 256-token prompt, greedy", long_prompt, dict(method="stability", beta=beta, layers=f"0:{n_layers}")),
+        ("dense, 256-token prompt, greedy", long_prompt, dict(method="dense")),
+    ]
+    for label, prompt, kw in configs:
+        runs = []
+        try:
+            for r in range(repeats + 1):  # the first run captures the graph
+                kw2 = dict(kw)
+                if kw2.get("streamer") == "collect":
+                    kw2["streamer"] = Collect()
+                if kw2.get("on_text") == "collect":
+                    pieces = []
+                    kw2["on_text"] = pieces.append
+                t = time.perf_counter()
+                res = lm.generate(prompt, max_new_tokens=new_tokens, **kw2)
+                wall = time.perf_counter() - t
+                if r:
+                    runs.append((res, wall))
+            s = runs[0][0].stats
+            row = {"config": label, "path": s.path, "fallback_reason": s.fallback_reason, "method_used": s.method_used,
+                   "cluster": s.cluster, "kept_fraction": s.kept_fraction, "new_tokens": s.new_tokens,
+                   "decode_tok_s": statistics.median(r.stats.decode_tokens_per_s for r, _ in runs),
+                   "prefill_ms": statistics.median(r.stats.prefill_ms for r, _ in runs),
+                   "select_ms": statistics.median(r.stats.select_ms for r, _ in runs),
+                   "wall_s": statistics.median(w for _, w in runs), "stop_reason": s.stop_reason,
+                   "text_head": runs[0][0].text[:80]}
+        except Exception as err:  # recorded, never hidden
+            import traceback
+
+            row = {"config": label, "error": repr(err), "traceback": traceback.format_exc()}
+        out["rows"].append(row)
+        log(f"[e2e] {row}")
+    try:  # the eager path for reference (fewer tokens: it is slow)
+        res = lm.generate(E2E_PROMPTS[0], method="auto", chat=True, max_new_tokens=32, fast_path=False)
+        out["rows"].append({"config": "auto, chat, greedy, eager path (32 tokens)", "path": res.stats.path,
+                            "decode_tok_s": res.stats.decode_tokens_per_s, "method_used": res.stats.method_used})
+    except Exception as err:
+        out["rows"].append({"config": "eager path", "error": repr(err)})
+    log(f"[e2e] {out['rows'][-1]}")
+    weights = lm.__dict__.get("_coreinfer_cuda_fast", {}).get("weights")
+    if weights is not None:  # the benchmark's rows on the same weights, same process
+        ids = long_ids.cuda()
+        for b in (beta, None):
+            row, fast = bench.fast_bench(weights, ids, new_tokens, repeats, b)
+            out.setdefault("bench_rows", []).append({k: row[k] for k in ("path", "beta", "decode_tok_s", "ttft_ms",
+                                                                         "prefill_ms", "select_ms", "gather_ms")})
+            del fast
+        sparse = out["bench_rows"][0]["decode_tok_s"]
+        for r in out["rows"]:
+            if "decode_tok_s" in r and r.get("kept_fraction") is not None and abs(r["kept_fraction"] - beta) < 1e-6:
+                r["x_bench_sparse"] = r["decode_tok_s"] / sparse
+        log(f"[e2e] bench rows {out['bench_rows']}")
+    if cli:  # the main job through the CLI: a saved model folder, the artifact, auto, chat, streaming
+        folder = tmp / "model"
+        t = time.perf_counter()
+        model.save_pretrained(folder)
+        tok.save_pretrained(folder)
+        out["save_s"] = time.perf_counter() - t
+        del lm, loaded, model, weights
+        _free_cuda()
+        cmd = [sys.executable, "-m", "coreinfer.runtime.cli", "generate", E2E_PROMPTS[0], "--model", str(folder),
+               "--artifact", str(art_path), "--method", "auto", "--chat", "--max-new-tokens", str(new_tokens)]
+        t = time.perf_counter()
+        r = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+        out["cli"] = {"command": " ".join(cmd), "rc": r.returncode, "wall_s": time.perf_counter() - t,
+                      "stdout_chars": len(r.stdout), "stderr_tail": r.stderr[-1500:]}
+        log(f"[e2e] cli {out['cli']}")
+    (out_dir / "e2e.json").write_text(json.dumps(out, indent=1, default=str))
+    return out
+
+
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--out", default=os.environ.get("OUT", "gpu-out"))
-    ap.add_argument("--smollm2", default=None, help="path of SmolLM2-135M-Instruct.Q4_1.gguf")
-    ap.add_argument("--models", default=None, help="comma-separated (default: the suite)")
-    ap.add_argument("--new-tokens", type=int, default=128)
-    ap.add_argument("--repeats", type=int, default=3)
-    ap.add_argument("--skip-tests", action="store_true")
-    ap.add_argument("--skip-greedy", action="store_true")
-    ap.add_argument("--gemv", action="store_true", help="GEMV micro-benchmark only")
-    ap.add_argument("--gather-free", action="store_true", help="selection + indexed-GEMV micro-benchmark only")
-    ap.add_argument("--calibrate", default=None, help="comma-separated shapes for the bf16-vs-fp32 calibration only")
-    ap.add_argument("--tune", action="store_true", help="tune the decode step's options only")
-    ap.add_argument("--options", default=None, help='FastLM options for the suite as JSON, e.g. {"pdl": true}')
-    ap.add_argument("--rows-config", default=None, help="gemv_rows config as JSON (skips its tuning)")
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--out", default=os.environ.get("OUT", "gpu-out"), help="folder for the raw JSON and logs")
+    ap.add_argument("--steps", default="tests,suite,e2e", help="comma-separated: tests, greedy, suite, e2e, memory")
+    ap.add_argument("--carry", default=".carry", help="folder with smollm2-tokenizer/ and tiny-embedder/ (e2e)")
+    ap.add_argument("--smollm2", default=None, help="path of SmolLM2-135M-Instruct.Q4_1.gguf (greedy step)")
+    ap.add_argument("--models", default="llama-3.1-8b", help="comma-separated shapes or specs for the suite")
+    ap.add_argument("--new-tokens", type=int, default=128, help="new tokens per timed generation")
+    ap.add_argument("--repeats", type=int, default=3, help="timed repeats per configuration (median)")
+    ap.add_argument("--rows-config", default="[2048,4,128,8,3]", help="the down GEMV's tiling as JSON ('' tunes it)")
+    ap.add_argument("--memory-args", default="", help="arguments for benchmarks.memory_budget (memory step)")
     args = ap.parse_args(argv)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    t0 = time.perf_counter()
+    steps = {s.strip() for s in args.steps.split(",") if s.strip()}
+    from coreinfer.runtime.cuda import bench
 
-    def log(s):
-        print(f"[{time.perf_counter() - t0:6.1f}s] {s}", flush=True)
+    def log(msg):
+        print(msg, flush=True)
 
-    if not args.skip_tests:
-        r = subprocess.run([sys.executable, "-m", "pytest", "-q", "-m", "gpu or not gpu", "-p", "no:cacheprovider",
-                            "tests/runtime/test_cuda_fastpath.py"], capture_output=True, text=True)
+    if "tests" in steps:
+        tests = ["tests/runtime/test_cuda_fastpath.py"] + [str(p) for p in sorted(Path("tests/runtime").glob("test_memory*.py"))]
+        r = subprocess.run([sys.executable, "-m", "pytest", "-q", "-m", "gpu or not gpu", "-p", "no:cacheprovider", *tests],
+                           capture_output=True, text=True)
         (out / "pytest.log").write_text(r.stdout + r.stderr)
         log("pytest: " + (r.stdout.strip().splitlines() or ["(no output)"])[-1])
-
-    from . import bench
-
-    report: dict = {}
-    if args.gather_free:
-        (out / "gather_free.json").write_text(json.dumps(gather_free_microbench(log=log), indent=1, default=str))
-        return 0
-    if args.gemv:
-        (out / "gemv.json").write_text(json.dumps(gemv_microbench(log=log), indent=1))
-        return 0
-    if args.tune:
-        tuning = {}
+        for line in r.stdout.splitlines():
+            if line.startswith(("FAILED", "ERROR")):
+                log(line[:300])
+    if "greedy" in steps and args.smollm2:
         try:
-            tuning["selection_profile"] = selection_profile(log=log)
-        except Exception as err:  # recorded, never hidden
-            tuning["selection_profile"] = {"error": repr(err)}
-        tuning["decode"] = tune_decode(log=log)
-        (out / "tuning.json").write_text(json.dumps(tuning, indent=1, default=str))
-        log(f"best decode {tuning['decode']['best']}")
-        # for a following suite run on the same machine: --options "$(cat /tmp/coreinfer_best_options.json)"
-        Path("/tmp/coreinfer_best_options.json").write_text(json.dumps(tuning["decode"]["best"] or {}))
-        return 0
-    if args.calibrate:
-        cal = []
-        for spec in args.calibrate.split(","):
-            try:
-                cal.append(bf16_error_calibration(spec, log=log))
-            except Exception as err:
-                cal.append({"model": spec, "error": repr(err)})
-                log(f"calibration {spec} FAILED {err!r}")
-        (out / "calibration.json").write_text(json.dumps(cal, indent=1))
-        return 0
-    if args.smollm2 and not args.skip_greedy:
-        try:
-            report["greedy_check"] = greedy_check(args.smollm2, log=log)
+            res = greedy_check(args.smollm2, log=log)
         except Exception as err:
             import traceback
 
-            report["greedy_check"] = {"error": repr(err), "traceback": traceback.format_exc()}
+            res = {"error": repr(err), "traceback": traceback.format_exc()}
             log(f"greedy check FAILED: {err!r}")
-        (out / "greedy.json").write_text(json.dumps(report["greedy_check"], indent=1, default=str))
+        (out / "greedy.json").write_text(json.dumps(res, indent=1, default=str))
+    if "e2e" in steps:
+        try:
+            main_job_e2e(Path(args.carry), out, log=log, new_tokens=args.new_tokens, repeats=args.repeats)
+        except Exception as err:
+            import traceback
 
-    models = [m for m in (",".join(bench.SUITE) if args.models is None else args.models).split(",") if m]
-    if not models:
-        log("done (no models)")
-        return 0
-    labels = {}
-    specs = []
-    for m in models:
-        if m == "smollm2-135m":
-            if args.smollm2:
-                labels[args.smollm2] = m
-                specs.append(args.smollm2)
-            else:
-                specs.append("smollm2-135m-shape")
-        else:
-            specs.append(m)
+            (out / "e2e.json").write_text(json.dumps({"error": repr(err), "traceback": traceback.format_exc()}))
+            log(f"e2e FAILED: {err!r}\n{traceback.format_exc()[-2000:]}")
+        _free_cuda()
+    if "suite" in steps:
+        models = [m for m in args.models.split(",") if m]
+        rows_config = tuple(json.loads(args.rows_config)) if args.rows_config else None
+        if rows_config is None:
+            rows_config = tuple(tune_gemv_rows(log=log)["best"] or ()) or None
+        sel = {}
+        try:
+            sel["selection_profile"] = selection_profile(log=log)
+        except Exception as err:  # recorded, never hidden
+            sel["selection_profile"] = {"error": repr(err)}
 
-    def save(result):
-        for mm in result["models"]:
-            mm["model"] = labels.get(mm["model"], mm["model"])
-        (out / "results.json").write_text(json.dumps(result, indent=1, default=str))
+        def save(result):
+            (out / "results.json").write_text(json.dumps({**result, **sel}, indent=1, default=str))
 
-    if args.rows_config:
-        tuning = {"best": json.loads(args.rows_config), "given": True}
-    else:
-        tuning = tune_gemv_rows(log=log)
-    try:
-        tuning["selection_profile"] = selection_profile(log=log)
-    except Exception as err:  # recorded, never hidden
-        tuning["selection_profile"] = {"error": repr(err)}
-    rows_config = tuple(tuning["best"]) if tuning["best"] else None
-    log(f"gather-free down GEMV config: {rows_config}")
-    options = {k: (tuple(v) if isinstance(v, list) else v) for k, v in json.loads(args.options or "{}").items()}
-    result = bench.run_suite(specs, new_tokens=args.new_tokens, repeats=args.repeats, log=log, on_model=save,
-                             rows_config=rows_config, options=options)
-    result["gemv_rows_tuning"] = tuning
-    save(result)
-    save(result)
-    table = bench.format_table(result)
-    (out / "table.md").write_text(table + "\n")
-    log("done")
-    for m in result["models"]:
-        for r in m.get("rows", []):
-            if "profile" in r:
-                print(f"profile {m['model']} {r['path']} beta={r.get('beta')}: {json.dumps(r['profile'])}")
-        if "check" in m:
-            print(f"check {m['model']}: {json.dumps(m['check'])}")
-    if "greedy_check" in report and "configs" in report["greedy_check"]:
-        for c in report["greedy_check"]["configs"]:
-            print(f"greedy SmolLM2 {c['dtype']} {c['config']}: {c['matches']}/{c['prompts']} identical, "
-                  f"teacher-forced top-1 agreement {c['forced_top1_agreement']:.3f}")
-    print(table)
+        result = bench.run_suite(models, new_tokens=args.new_tokens, repeats=args.repeats, log=log, on_model=save,
+                                 rows_config=rows_config)
+        save(result)
+        table = bench.format_table(result)
+        (out / "table.md").write_text(table + "\n")
+        for m in result["models"]:
+            for r in m.get("rows", []):
+                if "profile" in r:
+                    log(f"profile {m['model']} {r['path']} beta={r.get('beta')}: {json.dumps(r['profile'])}")
+            if "check" in m:
+                log(f"check {m['model']}: {json.dumps(m['check'])}")
+        print(table)
+    if "memory" in steps:
+        r = subprocess.run([sys.executable, "-m", "benchmarks.memory_budget", "--out", str(out), *args.memory_args.split()],
+                           capture_output=True, text=True)
+        (out / "memory.log").write_text(r.stdout + r.stderr)
+        log("memory: rc " + str(r.returncode) + "\n" + (r.stdout + r.stderr)[-3000:])
     return 0
 
 
