@@ -13,7 +13,8 @@ can be core), ``"magnitude"`` uses ``|a|`` (a gated activation's negative lobe c
 from __future__ import annotations
 
 import math
-from typing import Literal
+import numbers
+from typing import Literal, Mapping
 
 import torch
 
@@ -45,6 +46,39 @@ def kept_count(beta: float, n_neurons: int) -> int:
     """Number of neurons kept for kept fraction ``beta``: round-half-up of beta * I, at least 1."""
     check_fraction("beta", beta)
     return max(1, min(n_neurons, int(math.floor(beta * n_neurons + 0.5))))
+
+
+def allocation_k(kept: Mapping[int, float], n_neurons: int, n_layers: int) -> dict[int, int]:
+    """Per-layer core-set sizes {layer: k} of an allocation of kept fractions {layer: fraction in (0, 1]}.
+
+    Each k is ``kept_count(fraction, I)``; the result is validated by ``check_layer_k``. This is how a calibrated
+    budget (pipeline/budget.py) becomes the sizes the runtime, the artifact and the fast path use.
+    """
+    if not isinstance(kept, Mapping):
+        raise TypeError(f"an allocation is a mapping {{layer: kept fraction}}, got {type(kept).__name__}")
+    out = {}
+    for layer, frac in kept.items():
+        try:
+            check_fraction(f"kept fraction of layer {layer}", frac)
+        except (TypeError, ValueError) as e:
+            raise type(e)(f"{e} (an allocation maps each layer to its kept fraction)") from None
+        out[layer] = kept_count(float(frac), n_neurons)
+    return check_layer_k(out, n_neurons, n_layers)
+
+
+def check_layer_k(layer_k: Mapping[int, int], n_neurons: int, n_layers: int) -> dict[int, int]:
+    """Validate per-layer core-set sizes {layer: k}: layers in [0, n_layers), 1 <= k <= I; returned sorted by layer."""
+    if not isinstance(layer_k, Mapping):
+        raise TypeError(f"per-layer sizes are a mapping {{layer: k}}, got {type(layer_k).__name__}")
+    out = {}
+    for layer, k in layer_k.items():
+        if isinstance(layer, bool) or not isinstance(layer, numbers.Integral) or not 0 <= layer < n_layers:
+            raise ValueError(f"per-layer k names layer {layer!r}, but the model's layers are 0..{n_layers - 1}")
+        if isinstance(k, bool) or not isinstance(k, numbers.Integral) or not 1 <= k <= n_neurons:
+            raise ValueError(f"per-layer k of layer {layer} is {k!r}, outside 1..{n_neurons} (the layer's FFN width); "
+                             "every sparse layer keeps between 1 and all of its neurons")
+        out[int(layer)] = int(k)
+    return dict(sorted(out.items()))
 
 
 def neuron_scores(acts: torch.Tensor, score: str = "positive") -> torch.Tensor:
@@ -185,16 +219,21 @@ def core_statistics(acts: torch.Tensor, alpha: float, score: str = "positive") -
 
 
 def stability_select_layers(acts: torch.Tensor, alpha: float = 0.4, beta: float = 0.4,
-                            score: str = "positive") -> torch.Tensor:
+                            score: str = "positive", k: int | None = None) -> torch.Tensor:
     """Sentence-wise core sets of L layers at once from ``acts`` (L, T, I) (one prompt's activations of L
     layers, stacked): (L, round(beta * I)) sorted int64 indices, row l = ``stability_select(acts[l])``.
+    ``k`` (1..I) sets the size directly instead of ``beta`` (per-layer sizes: ``allocation_k``).
 
     Sync-free (the result stays on the device, no ``.item()``): the statistics of all layers in one pass,
     then one batched ranking by (count desc, summed score desc, index asc).
     """
     if acts.dim() != 3 or acts.shape[1] == 0:
         raise ValueError(f"activations must be (layers, tokens>=1, neurons), got shape {tuple(acts.shape)}")
-    k = kept_count(beta, acts.shape[2])
+    if k is None:
+        k = kept_count(beta, acts.shape[2])
+    elif isinstance(k, bool) or not isinstance(k, numbers.Integral) or not 1 <= k <= acts.shape[2]:
+        raise ValueError(f"k must be an int in 1..{acts.shape[2]} (neurons of the layer), got {k!r}")
+    k = int(k)
     if acts.is_cuda:
         check_fraction("alpha", alpha)
         check_score(score)
@@ -204,6 +243,18 @@ def stability_select_layers(acts: torch.Tensor, alpha: float = 0.4, beta: float 
             return select_kernels.select(acts, alpha, score, k)
     counts, sums = layer_statistics(acts, alpha, score)
     return select_from_statistics(counts, sums, k, acts.shape[1])
+
+
+def stability_ranking(acts: torch.Tensor, alpha: float = 0.4, score: str = "positive") -> torch.Tensor:
+    """All I neurons of one layer in stability order (count desc, summed score desc, index asc) from ``acts`` (T, I).
+
+    ``stability_select(acts, k=k)`` is ``ranking[:k]`` sorted, for every k: the sensitivity sweep of the budget
+    stage ranks once and slices.
+    """
+    if acts.dim() != 2 or acts.shape[0] == 0:
+        raise ValueError(f"activations must be (tokens>=1, neurons), got shape {tuple(acts.shape)}")
+    counts, sums = layer_statistics(acts[None], alpha, score)
+    return rank_neurons(counts[0], sums[0])
 
 
 def select_from_statistics(counts: torch.Tensor, sums: torch.Tensor, k: int, n_tokens: int) -> torch.Tensor:
@@ -221,16 +272,17 @@ def select_from_statistics(counts: torch.Tensor, sums: torch.Tensor, k: int, n_t
     return top_neurons(counts, k, sums)
 
 
-def stability_select(acts: torch.Tensor, alpha: float = 0.4, beta: float = 0.4, score: str = "positive") -> torch.Tensor:
+def stability_select(acts: torch.Tensor, alpha: float = 0.4, beta: float = 0.4, score: str = "positive",
+                     k: int | None = None) -> torch.Tensor:
     """Sentence-wise core set of one layer from the prompt's own activations ``acts`` (T, I).
 
-    Returns the sorted int64 indices of the ``round(beta * I)`` most frequent token-wise core neurons.
+    Returns the sorted int64 indices of the ``round(beta * I)`` (or ``k``) most frequent token-wise core neurons.
     """
     if acts.dim() != 2 or acts.shape[0] == 0:
         raise ValueError(f"activations must be (tokens>=1, neurons), got shape {tuple(acts.shape)}")
     check_fraction("beta", beta)
     check_score(score)
-    return stability_select_layers(acts[None], alpha, beta, score)[0]
+    return stability_select_layers(acts[None], alpha, beta, score, k=k)[0]
 
 
 def frequency_select(frequency: torch.Tensor, k: int, tiebreak: torch.Tensor | None = None) -> torch.Tensor:

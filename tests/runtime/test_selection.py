@@ -196,3 +196,37 @@ def test_statistics_in_layer_groups_then_select_equals_one_call():
         layer_statistics(acts, 0.4, out=(torch.zeros(L, I + 1, dtype=torch.int32), torch.zeros(L, I, dtype=torch.float64)))
     with pytest.raises(ValueError, match="counts and sums"):
         select_from_statistics(torch.zeros(L, I), torch.zeros(L, I + 1), 3, T)
+
+
+def test_allocation_k_turns_fractions_into_validated_sizes():
+    from coreinfer.runtime.selection import allocation_k, check_layer_k
+
+    # round half up per layer, at least 1, sorted by layer
+    assert allocation_k({3: 0.5, 0: 0.25, 1: 1.0, 2: 0.001}, n_neurons=10, n_layers=4) == {0: 3, 1: 10, 2: 1, 3: 5}
+    assert check_layer_k({1: 10, 0: 1}, 10, 2) == {0: 1, 1: 10}
+    with pytest.raises(ValueError, match=r"per-layer k of layer 0 is 0, outside 1..10"):
+        check_layer_k({0: 0}, 10, 2)
+    with pytest.raises(ValueError, match=r"outside 1..10"):
+        check_layer_k({1: 11}, 10, 2)
+    with pytest.raises(ValueError, match=r"names layer 5, but the model's layers are 0..1"):
+        check_layer_k({5: 3}, 10, 2)
+    with pytest.raises(ValueError, match=r"kept fraction of layer 1 must be in \(0, 1\]"):
+        allocation_k({1: 1.5}, 10, 2)
+    with pytest.raises(TypeError, match="mapping"):
+        allocation_k([0.5, 0.5], 10, 2)
+
+
+def test_stability_select_with_k_is_a_prefix_of_the_ranking():
+    from coreinfer.runtime.selection import stability_ranking
+
+    g = torch.Generator().manual_seed(0)
+    a = torch.randn(7, 20, generator=g)
+    ranking = stability_ranking(a, alpha=0.4, score="magnitude")
+    assert sorted(ranking.tolist()) == list(range(20))
+    for k in (1, 5, 8, 20):
+        got = stability_select(a, alpha=0.4, score="magnitude", k=k)
+        assert got.tolist() == sorted(ranking[:k].tolist())
+    assert stability_select(a, 0.4, beta=0.4, score="magnitude", k=8).tolist() == \
+        stability_select(a, 0.4, beta=0.4, score="magnitude").tolist()  # round(0.4 * 20) = 8
+    with pytest.raises(ValueError, match=r"k must be an int in 1..20"):
+        stability_select(a, 0.4, k=0)
