@@ -1,0 +1,253 @@
+"""The fast path under a memory budget (runtime/cuda/offload.py: BudgetFastLM) against the in-memory fast path.
+
+On CPU (float32, eager step, "device" = CPU, the host blocks separate tensors): logits, core sets, tokens and
+bytes over the bus. On CUDA (@gpu): the graph-captured step against the in-memory FastLM, float32 and bf16, and
+peak ``torch.cuda.max_memory_allocated`` under the budget.
+"""
+
+from __future__ import annotations
+
+import gc
+
+import pytest
+import torch
+
+transformers = pytest.importorskip("transformers")
+
+from coreinfer.runtime.cuda.fastlm import FastLM, FastWeights  # noqa: E402
+from coreinfer.runtime.cuda.offload import BudgetFastLM, HostFFNStore  # noqa: E402
+from coreinfer.runtime.memory import MemoryBudgetError, ModelShape, plan_memory  # noqa: E402
+from coreinfer.runtime.selection import kept_count  # noqa: E402
+
+KEPT = 0.3  # k = 48 of 160 in 64 padded slots: the zero padding is exercised
+CONTEXT = 48
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+
+def _tiny(family: str, seed: int, dtype=torch.float32, n_layers: int = 4, **sizes):
+    torch.manual_seed(seed)
+    common = dict(hidden_size=64, num_hidden_layers=n_layers, num_attention_heads=4, vocab_size=97,
+                  max_position_embeddings=128)
+    common.update(sizes)
+    if family == "llama":
+        cfg = transformers.LlamaConfig(intermediate_size=common.pop("intermediate_size", 160), num_key_value_heads=2,
+                                       **common)
+    else:
+        cfg = transformers.OPTConfig(ffn_dim=common.pop("intermediate_size", 160),
+                                     word_embed_proj_dim=common["hidden_size"], do_layer_norm_before=True, **common)
+    cfg._attn_implementation = "sdpa"
+    model = transformers.AutoModelForCausalLM.from_config(cfg).to(dtype=dtype).eval()
+    with torch.no_grad():  # spread enough that the FFN (and so the core set) moves the logits
+        for name, p in model.named_parameters():
+            if p.dim() >= 2:
+                p.normal_(0, 0.08)
+            elif "norm" in name or name.endswith(".bias"):
+                p.add_(torch.randn_like(p) * 0.1)
+    return model
+
+
+def _ids(n: int, seed: int, vocab: int = 97):
+    return torch.randint(0, vocab, (n,), generator=torch.Generator().manual_seed(seed))
+
+
+def _plan(model, resident_sparse: int, extra: int = 0, dtype=torch.float32, kept=KEPT, context=CONTEXT):
+    """A plan that streams all sparse layers but ``resident_sparse`` (two staging buffers); ``extra`` bytes more."""
+    shape = ModelShape.from_config(model.config)
+    ks = {i: kept_count(kept, shape.n_neurons) for i in range(shape.n_layers)}
+    big = plan_memory(shape, "1TiB", dtype=dtype, layer_k=ks, context_length=context)
+    p = big.parts
+    base = sum(p[k] for k in ("attention", "embeddings", "lm_head_norm", "kv_cache", "workspace", "core_ffn",
+                              "dense_ffn_outside_sparse"))
+    return plan_memory(shape, base + (2 + resident_sparse) * big.dense_layer_bytes + extra, dtype=dtype, layer_k=ks,
+                       context_length=context)
+
+
+def _core_sets(n_layers: int, n: int, k: int, seed: int):
+    g = torch.Generator().manual_seed(seed)
+    return {i: torch.randperm(n, generator=g)[:k].sort().values for i in range(n_layers)}
+
+
+# ---------------------------------------------------------------------------------------------------- CPU
+
+@pytest.mark.parametrize("family", ["llama", "opt"])
+def test_stability_equals_in_memory_fast_path(family):
+    model = _tiny(family, seed=3)
+    prompt, cont = _ids(17, 4), _ids(9, 5)
+    ref, ref_core = FastLM(FastWeights.from_hf(model), max_seq_len=CONTEXT, kept_fraction=KEPT).forced_logits(prompt, cont)
+    plan = _plan(model, resident_sparse=1)
+    assert plan.resident_dense == [0] and plan.streamed == [1, 2, 3] and plan.staging_buffers == 2
+    fast = BudgetFastLM(FastWeights.from_hf(model), plan, "cpu")
+    before = fast.bytes_moved
+    got, _ = fast.forced_logits(prompt, cont)
+    assert (got - ref).abs().max().item() <= 1e-4
+    assert sorted(fast._last_core_sets) == [0, 1, 2, 3]
+    for li, idx in fast._last_core_sets.items():
+        assert torch.equal(idx, ref_core[li])
+    assert fast.bytes_moved - before == 3 * fast.store.block_bytes  # each streamed layer copied once
+    assert fast.store.block_bytes == sum(t.numel() for t in fast.store.views(fast.store.blocks[0]).values()
+                                         if t is not None) * 4
+    # generate: the same greedy tokens as the in-memory fast path
+    mem = FastLM(FastWeights.from_hf(model), max_seq_len=CONTEXT, kept_fraction=KEPT)
+    out = fast.generate_budget(prompt, 12)
+    assert out.tokens == mem.generate(prompt, 12).tokens
+    assert out.bus_bytes == 3 * fast.store.block_bytes and out.sets_from == "prefill" and out.path == "fast-offload"
+
+
+@pytest.mark.parametrize("family", ["llama", "opt"])
+def test_known_core_sets_sparse_prefill_resident_cluster_moves_nothing(family):
+    model = _tiny(family, seed=11)
+    prompt = _ids(15, 12)
+    k = kept_count(KEPT, 160)
+    sets = _core_sets(4, 160, k, 13)
+    mem = FastLM(FastWeights.from_hf(model), max_seq_len=CONTEXT, kept_fraction=KEPT)
+    want = mem.generate(prompt, 10, core_sets=sets, sparse_prefill=True).tokens
+    want_dense_prefill = mem.generate(prompt, 10, core_sets=sets).tokens
+    fast = BudgetFastLM(FastWeights.from_hf(model), _plan(model, resident_sparse=1), "cpu")
+    # only the k core neurons' rows cross the bus (not the padding): gate, up, down (or fc1, its bias, fc2)
+    core_bytes = (3 * 64 * k if family == "llama" else 2 * 64 * k + k) * 4
+    first = fast.generate_budget(prompt, 10, core_sets=sets, cluster="c7", sparse_prefill=True)
+    assert first.tokens == want and first.sets_from == "gathered"
+    assert first.bus_bytes == 3 * core_bytes  # the three streamed layers' core rows; layer 0 from its resident copy
+    again = fast.generate_budget(prompt, 10, core_sets=sets, cluster="c7", sparse_prefill=True)
+    assert again.tokens == want and again.sets_from == "resident" and again.bus_bytes == 0
+    # a stability prompt overwrites the decode buffers (no room for a second set): the cluster comes from host again
+    fast.generate_budget(prompt, 4)
+    third = fast.generate_budget(prompt, 10, core_sets=sets, cluster="c7", sparse_prefill=True)
+    assert third.tokens == want and third.sets_from == "gathered"
+    # dense prefill with the cluster's sets: streams the dense FFN, gathers on the device
+    dense = fast.generate_budget(prompt, 10, core_sets=sets, cluster="c7")
+    assert dense.tokens == want_dense_prefill and dense.sets_from == "prefill"
+    assert dense.bus_bytes == 3 * fast.store.block_bytes
+
+
+def _close(xs, ys, tol=1e-4):
+    assert len(xs) == len(ys) > 0
+    return max((x - y).abs().max().item() for x, y in zip(xs, ys)) <= tol
+
+
+def test_cluster_lru_with_room_for_a_second_set():
+    model = _tiny("llama", seed=21)
+    prompt = _ids(15, 22)
+    k = kept_count(KEPT, 160)
+    a, b = _core_sets(4, 160, k, 1), _core_sets(4, 160, k, 2)
+    one_set = 4 * 3 * 64 * 64 * 4
+    plan = _plan(model, resident_sparse=2, extra=one_set)  # every dense FFN fits, and one more core set
+    assert plan.cluster_slots == 2 and plan.streamed == []
+    fast = BudgetFastLM(FastWeights.from_hf(model), plan, "cpu")
+    mem = FastLM(FastWeights.from_hf(model), max_seq_len=CONTEXT, kept_fraction=KEPT)
+    # (cloned: on CPU in float32, FastLM's returned logits are views of its reused buffer)
+    want_a = [t.clone() for t in mem.generate(prompt, 8, core_sets=a, sparse_prefill=True, keep_logits=True).logits]
+    want_b = [t.clone() for t in mem.generate(prompt, 8, core_sets=b, sparse_prefill=True, keep_logits=True).logits]
+    assert not _close(want_a, want_b)  # the two clusters' sets give different logits
+
+    def run(sets, name):
+        return fast.generate_budget(prompt, 8, core_sets=sets, cluster=name, sparse_prefill=True, keep_logits=True)
+
+    first_a, first_b = run(a, "a"), run(b, "b")
+    assert (first_a.sets_from, first_b.sets_from) == ("gathered", "gathered")
+    assert _close(first_a.logits, want_a) and _close(first_b.logits, want_b)
+    assert first_a.bus_bytes == 0  # every dense FFN is resident: gathered on the device
+    back_a = run(a, "a")  # "a" was kept in the LRU when "b" replaced it in the decode buffers
+    assert back_a.sets_from == "lru" and back_a.bus_bytes == 0 and _close(back_a.logits, want_a)
+    back_b = run(b, "b")  # and "b" was swapped into the LRU
+    assert back_b.sets_from == "lru" and _close(back_b.logits, want_b)
+    assert len(fast._spare) == 1
+    assert run(b, "b").sets_from == "resident"
+
+
+def test_errors():
+    model = _tiny("llama", seed=1)
+    plan = _plan(model, resident_sparse=0)
+    fast = BudgetFastLM(FastWeights.from_hf(model), plan, "cpu")
+    with pytest.raises(MemoryBudgetError, match="positions the memory plan reserved"):
+        fast.generate_budget(_ids(40, 1), 20)
+    with pytest.raises(ValueError, match="sparse_prefill needs core sets"):
+        fast.generate_budget(_ids(10, 1), 4, sparse_prefill=True)
+    with pytest.raises(ValueError, match="one core set per sparse layer"):
+        fast.generate_budget(_ids(10, 1), 4, core_sets={0: torch.arange(48)})
+    big = {i: torch.arange(100) for i in range(4)}
+    with pytest.raises(MemoryBudgetError, match="reserved 48"):
+        fast.generate_budget(_ids(10, 1), 4, core_sets=big)
+    other = _tiny("llama", seed=1, n_layers=3)
+    with pytest.raises(MemoryBudgetError, match="another model"):
+        BudgetFastLM(FastWeights.from_hf(other), plan, "cpu")
+
+
+def test_store_is_shared_between_kept_fractions():
+    model = _tiny("llama", seed=5)
+    weights = FastWeights.from_hf(model)
+    store = HostFFNStore(weights, pin=False)
+    prompt = _ids(12, 6)
+    for kept in (0.2, 0.5):
+        plan = _plan(model, resident_sparse=0, kept=kept)
+        fast = BudgetFastLM(weights, plan, "cpu", store=store)
+        want = FastLM(FastWeights.from_hf(model), max_seq_len=CONTEXT, kept_fraction=kept).generate(prompt, 6).tokens
+        assert fast.store is store and fast.generate_budget(prompt, 6).tokens == want
+
+
+# ---------------------------------------------------------------------------------------------------- CUDA
+
+def _cuda_model(dtype, seed=7):
+    cfg = dict(hidden_size=1024, intermediate_size=2816, num_attention_heads=8, vocab_size=5000)
+    return _tiny("llama", seed=seed, dtype=dtype, n_layers=6, **cfg)
+
+
+@pytest.mark.gpu
+@needs_cuda
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_cuda_budget_fast_path_equals_in_memory_and_stays_under_budget(dtype):
+    model = _cuda_model(dtype)  # on the CPU: the budget path's host copy
+    weights = FastWeights.from_hf(model)
+    prompt, cont = _ids(40, 71, 5000), _ids(12, 72, 5000)
+    kept, context = 0.4, 64
+    plan = _plan(model, resident_sparse=1, dtype=dtype, kept=kept, context=context)
+    assert plan.streamed and plan.staging_buffers == 2
+    gc.collect()
+    torch.cuda.empty_cache()
+    assert torch.cuda.memory_allocated() == 0
+    torch.cuda.reset_peak_memory_stats()
+    fast = BudgetFastLM(weights, plan, "cuda")
+    assert fast.cuda_graph
+    got, _ = fast.forced_logits(prompt, cont)
+    core = {li: idx.cpu() for li, idx in fast._last_core_sets.items()}
+    out = fast.generate_budget(prompt, 16)
+    sim = fast.generate_budget(prompt, 16, core_sets=core, cluster=0, sparse_prefill=True)
+    again = fast.generate_budget(prompt, 16, core_sets=core, cluster=0, sparse_prefill=True, timeline=True)
+    torch.cuda.synchronize()
+    peak = torch.cuda.max_memory_allocated()
+    assert peak <= plan.budget, f"peak {peak} over the budget {plan.budget}"
+    assert fast.resident_bytes() <= plan.resident_bytes
+    assert out.bus_bytes == len(plan.streamed) * fast.store.block_bytes
+    assert again.sets_from == "resident" and again.bus_bytes == 0
+    assert [r["layer"] for r in again.timeline] == list(range(6))
+    del fast
+    gc.collect()
+    torch.cuda.empty_cache()
+
+    mem = FastLM(FastWeights.from_hf(model.cuda()), max_seq_len=context, kept_fraction=kept)
+    ref, ref_core = mem.forced_logits(prompt, cont)
+    for li in core:
+        assert torch.equal(core[li], ref_core[li].cpu()), f"layer {li}: other core set than the in-memory path"
+    if dtype == torch.float32:
+        assert (got - ref).abs().max().item() < 1e-3
+        assert out.tokens == mem.generate(prompt, 16).tokens
+        assert sim.tokens == mem.generate(prompt, 16, core_sets=core, sparse_prefill=True).tokens
+    else:
+        rel = ((got - ref).norm(dim=-1) / ref.norm(dim=-1)).max().item()
+        assert rel < 2e-2
+        assert (got.argmax(-1) == ref.argmax(-1)).float().mean().item() >= 0.9
+
+
+@pytest.mark.gpu
+@needs_cuda
+def test_cuda_streaming_with_one_buffer():
+    model = _cuda_model(torch.float32, seed=9)
+    prompt = _ids(30, 3, 5000)
+    shape = ModelShape.from_config(model.config)
+    ks = {i: kept_count(0.4, shape.n_neurons) for i in range(6)}
+    one = _plan(model, resident_sparse=0, dtype=torch.float32, kept=0.4, context=64)
+    plan = plan_memory(shape, one.budget - one.dense_layer_bytes, dtype=torch.float32, layer_k=ks, context_length=64)
+    assert plan.staging_buffers == 1
+    fast = BudgetFastLM(FastWeights.from_hf(model), plan, "cuda")
+    mem = FastLM(FastWeights.from_hf(model.cuda()), max_seq_len=64, kept_fraction=0.4)
+    assert fast.generate_budget(prompt, 10).tokens == mem.generate(prompt, 10).tokens
