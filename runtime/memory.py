@@ -57,6 +57,8 @@ def parse_budget(value) -> int:
 
 
 def format_bytes(n: int) -> str:
+    if abs(n) < 10 ** 8:
+        return f"{n / 1e6:.2f} MB ({n / 2 ** 20:.2f} MiB)"
     return f"{n / 1e9:.2f} GB ({n / 2 ** 30:.2f} GiB)"
 
 
