@@ -204,7 +204,7 @@ def test_cuda_budget_fast_path_equals_in_memory_and_stays_under_budget(dtype):
     assert plan.streamed and plan.staging_buffers == 2
     gc.collect()
     torch.cuda.empty_cache()
-    assert torch.cuda.memory_allocated() == 0
+    before = torch.cuda.memory_allocated()  # whatever earlier tests left alive
     torch.cuda.reset_peak_memory_stats()
     fast = BudgetFastLM(weights, plan, "cuda")
     assert fast.cuda_graph
@@ -214,7 +214,7 @@ def test_cuda_budget_fast_path_equals_in_memory_and_stays_under_budget(dtype):
     sim = fast.generate_budget(prompt, 16, core_sets=core, cluster=0, sparse_prefill=True)
     again = fast.generate_budget(prompt, 16, core_sets=core, cluster=0, sparse_prefill=True, timeline=True)
     torch.cuda.synchronize()
-    peak = torch.cuda.max_memory_allocated()
+    peak = torch.cuda.max_memory_allocated() - before
     assert peak <= plan.budget, f"peak {peak} over the budget {plan.budget}"
     assert fast.resident_bytes() <= plan.resident_bytes
     assert out.bus_bytes == len(plan.streamed) * fast.store.block_bytes
