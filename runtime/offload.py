@@ -25,6 +25,7 @@ the CUDA fast path, ``cuda/offload.py``, overlaps them). ``memory_budget=None`` 
 from __future__ import annotations
 
 import dataclasses
+import sys
 import threading
 import time
 import weakref
@@ -345,19 +346,24 @@ def _place(lm: OffloadedSparseLM, plan: MemoryPlan, device: torch.device) -> Non
     lm.loaded.device = device
 
 
-def from_pretrained_offloaded(spec, artifact=None, device=None, dtype=None, memory_budget=None) -> OffloadedSparseLM:
+def from_pretrained_offloaded(spec, artifact=None, device=None, dtype=None, memory_budget=None,
+                              verbose: bool = False) -> OffloadedSparseLM:
     """``SparseLM.from_pretrained(..., memory_budget=...)``: load into host memory, plan, then place the weights.
 
     Every check (budget syntax, GPU present and large enough, what fits) runs before a weight reaches the device.
-    ``device="cpu"`` simulates the mode on the CPU: the "device" copies are separate CPU tensors.
+    ``device="cpu"`` simulates the mode on the CPU: the "device" copies are separate CPU tensors. ``verbose``
+    prints the plan (stderr) and shows the libraries' loading output.
     """
     budget_spec = MemoryBudget.of(memory_budget)
     budget = parse_budget(budget_spec.size)
     dev = check_budget_device(budget, device)
     dt = resolve_dtype(dtype, dev)
-    loaded = load_model(spec, device="cpu", dtype=dt)  # host memory; nothing on the device yet
+    loaded = load_model(spec, device="cpu", dtype=dt, verbose=verbose)  # host memory; nothing on the device yet
     lm = OffloadedSparseLM(loaded, artifact=artifact)
-    return offload_loaded(lm, budget_spec, dev)
+    offload_loaded(lm, budget_spec, dev)
+    if verbose:
+        print(lm.describe_memory(), file=sys.stderr)
+    return lm
 
 
 def offload_loaded(lm: OffloadedSparseLM, memory_budget, device) -> OffloadedSparseLM:

