@@ -12,7 +12,7 @@ import time
 
 from .config import ConfigError, load_config
 
-STAGES = ("prepare", "profile", "embed", "cluster", "coreset", "report")
+STAGES = ("prepare", "profile", "embed", "cluster", "budget", "coreset", "report")
 
 
 def run_stage(stage: str, cfg):
@@ -24,6 +24,8 @@ def run_stage(stage: str, cfg):
         from .embed import embed as fn
     elif stage == "cluster":
         from .cluster import cluster as fn
+    elif stage == "budget":
+        from .budget import budget as fn
     elif stage == "coreset":
         from .coreset import coreset as fn
     elif stage == "report":
@@ -49,7 +51,13 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     for stage in STAGES if args.stage == "all" else (args.stage,):
         t0 = time.perf_counter()
-        written = run_stage(stage, cfg)
+        from .budget import BudgetError
+
+        try:
+            written = run_stage(stage, cfg)
+        except BudgetError as e:  # a target out of reach, a corpus too small: the message says what to change
+            print(f"error: {e}", file=sys.stderr)
+            return 2
         print(f"[{stage}] done in {time.perf_counter() - t0:.1f}s: " + ", ".join(str(p) for p in written))
     return 0
 

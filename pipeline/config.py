@@ -103,6 +103,21 @@ class CoresetConfig:
     min_stable_tokens: Optional[int] = None  # override the value read off the stability curve (runtime "auto")
 
 
+BUDGET_TARGETS = ("agreement", "kl", "bytes")
+
+
+@dataclass
+class BudgetConfig:
+    # {agreement: 0.9} (joint top-1 agreement with dense), {kl: 0.1} (joint KL, nats per token) or {bytes: 0.6}
+    # (FFN bytes per decoded token over dense); null: no budget, one beta (coreset.beta) on every layer
+    target: Optional[dict[str, float]] = None
+    prompts: int = 12  # calibration prompts: a seeded sample of the train split (held-out prompts stay unseen)
+    min_prompts: int = 8  # fewer train prompts than this: sensitivity cannot be measured, the stage refuses
+    continuation: int = 16  # dense greedy tokens per prompt, scored by teacher forcing
+    # kept fractions each layer is measured at (one batched run per layer and fraction and prompt)
+    grid: list[float] = field(default_factory=lambda: [0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9])
+
+
 @dataclass
 class ReportConfig:
     pair_sample: int = 2000  # prompt pairs for the similarity-vs-Jaccard plot
@@ -116,6 +131,7 @@ class PipelineConfig:
     embed: EmbedConfig = field(default_factory=EmbedConfig)
     cluster: ClusterConfig = field(default_factory=ClusterConfig)
     coreset: CoresetConfig = field(default_factory=CoresetConfig)
+    budget: BudgetConfig = field(default_factory=BudgetConfig)
     report: ReportConfig = field(default_factory=ReportConfig)
     seed: int = 0
     work_dir: str = "artifacts/work"
@@ -141,6 +157,10 @@ class PipelineConfig:
     @property
     def profile_path(self) -> Path:
         return self.model_dir / "profile.zarr"
+
+    @property
+    def budget_path(self) -> Path:
+        return self.model_dir / "budget.json"
 
     @property
     def artifact_path(self) -> Path:
@@ -243,6 +263,25 @@ def validate(cfg: PipelineConfig) -> PipelineConfig:
         e.append(f"cluster.n_exemplars: must be >= 1, got {k.n_exemplars}")
     _fraction(e, "coreset.beta", cfg.coreset.beta)
     _fraction(e, "coreset.gamma", cfg.coreset.gamma)
+    b = cfg.budget
+    if b.target is not None:
+        if len(b.target) != 1 or next(iter(b.target)) not in BUDGET_TARGETS:
+            e.append(f"budget.target: must be one of {{agreement: A}}, {{kl: K}}, {{bytes: B}} (one key) or null, "
+                     f"got {dict(b.target)!r}")
+        else:
+            (name, v), = b.target.items()
+            if v is None or isinstance(v, bool) or math.isnan(v) or (
+                    not 0.0 < v < 1.0 if name in ("agreement", "bytes") else not v > 0.0):
+                rng = "(0, 1)" if name in ("agreement", "bytes") else "> 0"
+                e.append(f"budget.target.{name}: must be {rng}, got {v!r}")
+    if b.min_prompts < 2:
+        e.append(f"budget.min_prompts: must be >= 2, got {b.min_prompts}")
+    if b.prompts < b.min_prompts:
+        e.append(f"budget.prompts: must be >= budget.min_prompts ({b.min_prompts}), got {b.prompts}")
+    if b.continuation < 2:
+        e.append(f"budget.continuation: must be >= 2 tokens, got {b.continuation}")
+    if not b.grid or any(not 0.0 < g < 1.0 for g in b.grid) or sorted(set(b.grid)) != list(b.grid):
+        e.append(f"budget.grid: must be increasing kept fractions in (0, 1), got {list(b.grid)}")
     if cfg.report.pair_sample < 1:
         e.append(f"report.pair_sample: must be >= 1, got {cfg.report.pair_sample}")
     if cfg.coreset.min_stable_tokens is not None and cfg.coreset.min_stable_tokens < 1:

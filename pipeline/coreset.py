@@ -3,7 +3,7 @@
 For cluster c with n_c train members, and layer l:
   freq_c[n]  = fraction of members whose sentence-wise core set (profile stage) holds neuron n
   passing    = { n : freq_c[n] >= gamma }
-  k          = round(coreset.beta * I)
+  k          = round(coreset.beta * I), or layer l's size in the budget stage's allocation (budget.json)
   |passing| >= k  (cap):  the k passing neurons with the highest freq_c (ties: global core frequency, index)
   |passing| <  k  (fill): every passing neuron, plus the k - |passing| others with the highest *global* core
                           frequency (ties: freq_c, index): below gamma a small cluster's own counts are noise,
@@ -23,7 +23,8 @@ from coreinfer.runtime.artifact import library_versions, pack_bits, unpack_bits,
 from coreinfer.runtime.selection import frequency_select, kept_count, pack_core_set, top_neurons
 
 from .config import PipelineConfig
-from .io import read_corpus, read_zarr_arrays, write_json
+from .budget import read_allocation
+from .io import read_corpus, read_json, read_zarr_arrays, write_json
 from .profile import min_stable_tokens
 
 
@@ -82,17 +83,32 @@ def coreset(cfg: PipelineConfig) -> list[Path]:
     activation_frequency = np.asarray(prof["active_count"][...], np.float64) / max(1, int(pattrs["train_tokens"]))
     k = kept_count(cfg.coreset.beta, n_neurons)
     n_l = layer_end - layer_start
+    layer_k, budget_attrs = [k] * n_l, None
+    if cfg.budget.target is not None:  # per-layer sizes: the budget stage's allocation
+        rec = read_json(cfg.budget_path)
+        if rec.get("target") != {str(a): float(v) for a, v in cfg.budget.target.items()}:
+            raise ValueError(f"{cfg.budget_path} was computed for target {rec.get('target')}, not {dict(cfg.budget.target)}: "
+                             "rerun the budget stage (dvc repro)")
+        alloc = read_allocation(cfg.budget_path, n_neurons, int(pattrs["n_layers"]))
+        missing = [l for l in range(layer_start, layer_end) if l not in alloc]
+        if missing:
+            raise ValueError(f"{cfg.budget_path} has no size for layers {missing} of the profile's range: rerun `dvc repro`")
+        layer_k = [alloc[l] for l in range(layer_start, layer_end)]
+        a = rec["allocation"]
+        budget_attrs = {"target": rec["target"], "bytes_fraction": a["bytes_fraction"], "joint": a["joint"],
+                        "dense_layers": a["dense_layers"], "calibration_prompts": rec["calibration"]["prompts"]}
     core_sets = np.zeros((n_clusters, n_l, (n_neurons + 7) // 8), np.uint8)
     n_passing = np.zeros((n_clusters, n_l), np.int32)
     for c in range(n_clusters):
         for pos in range(n_l):
             freq_c = torch.from_numpy(per[c, pos] / max(1, n_members[c]))
-            cs, n_pass = cluster_core_set(freq_c, torch.from_numpy(core_frequency[pos]), cfg.coreset.gamma, k)
+            cs, n_pass = cluster_core_set(freq_c, torch.from_numpy(core_frequency[pos]), cfg.coreset.gamma, layer_k[pos])
             core_sets[c, pos] = pack_bits(pack_core_set(cs, n_neurons))
             n_passing[c, pos] = n_pass
     hot = np.zeros((n_l, (n_neurons + 7) // 8), np.uint8)
     for pos in range(n_l):
-        hs = frequency_select(torch.from_numpy(core_frequency[pos]), k, torch.from_numpy(activation_frequency[pos]))
+        hs = frequency_select(torch.from_numpy(core_frequency[pos]), layer_k[pos],
+                              torch.from_numpy(activation_frequency[pos]))
         hot[pos] = pack_bits(pack_core_set(hs, n_neurons))
 
     prefixes = [int(x) for x in pattrs["prefixes"]]
@@ -118,16 +134,20 @@ def coreset(cfg: PipelineConfig) -> list[Path]:
         "seed": cfg.seed,
         "library_versions": library_versions(),
     }
+    if budget_attrs is not None:  # sizes differ per layer: no one beta or k (schema 2, docs/artifact-format.md)
+        attrs.update(beta=None, k=None, layer_k=[int(x) for x in layer_k], budget=budget_attrs)
     arrays = {
         "centroids": carrs["centroids"], "radii": carrs["radii"], "sizes": carrs["sizes"], "core_sets": core_sets,
         "n_passing": n_passing, "hot_set": hot, "frequency": activation_frequency.astype(np.float32),
         "core_frequency": core_frequency.astype(np.float32),
     }
     path = write_artifact(cfg.artifact_path, arrays, attrs)
-    fill = float((n_passing < k).mean()) if n_passing.size else 0.0
-    metrics = {"k": int(k), "n_clusters": n_clusters, "min_stable_tokens": int(mst),
+    fill = float((n_passing < np.asarray(layer_k)[None, :]).mean()) if n_passing.size else 0.0
+    k_text = f"k={k}" if budget_attrs is None else f"per-layer k {min(layer_k)}..{max(layer_k)}"
+    metrics = {"k": int(k) if budget_attrs is None else None, "layer_k": [int(x) for x in layer_k],
+               "n_clusters": n_clusters, "min_stable_tokens": int(mst),
                "filled_fraction": fill, "mean_passing": float(n_passing.mean()) if n_passing.size else 0.0}
     mpath = write_json(cfg.metrics_dir / "coreset.json", metrics)
-    print(f"coreset: {n_clusters} clusters x {n_l} layers, k={k} of {n_neurons}; gamma={cfg.coreset.gamma}: "
+    print(f"coreset: {n_clusters} clusters x {n_l} layers, {k_text} of {n_neurons}; gamma={cfg.coreset.gamma}: "
           f"{fill:.0%} of cluster/layer sets needed filling; min_stable_tokens={mst} -> {path}")
     return [path, mpath]

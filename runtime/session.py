@@ -43,10 +43,10 @@ class CoreSetSession(Session):
     activations), then ``freeze`` gathers compact FFNs once and every later token runs them.
     """
 
-    def __init__(self, layers: range, select: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    def __init__(self, layers, select: Callable[[int, torch.Tensor], torch.Tensor] | None = None,
                  core_sets: dict[int, torch.Tensor] | None = None, sparse_prefill: bool = False):
-        self.layers = layers
-        self.select = select  # acts (T, I) -> core set; None when core sets are given up front
+        self.layers = layers  # the sparse layers (a range, or any sorted collection of layer indices)
+        self.select = select  # (layer, acts (T, I)) -> core set; None when core sets are given up front
         self.core_sets: dict[int, torch.Tensor] = dict(core_sets or {})
         self.compact: dict[int, FFNWeights] = {}
         self.select_s = 0.0
@@ -67,7 +67,7 @@ class CoreSetSession(Session):
         a = dense.intermediate(x)
         if self.select is not None:
             t0 = time.perf_counter()
-            self.core_sets[layer_idx] = self.select(a.reshape(-1, a.shape[-1]))
+            self.core_sets[layer_idx] = self.select(layer_idx, a.reshape(-1, a.shape[-1]))
             self.select_s += time.perf_counter() - t0
         return dense.output(a)
 
@@ -86,8 +86,16 @@ class CoreSetSession(Session):
                 self._gather(i, dense[i])
 
 
-def stability_selector(alpha: float, beta: float, score: str) -> Callable[[torch.Tensor], torch.Tensor]:
-    return lambda acts: stability_select(acts, alpha=alpha, beta=beta, score=score)
+    def core_sizes(self) -> dict[int, int]:
+        """{layer: k} of the core sets chosen so far (after ``freeze``: every sparse layer)."""
+        return {i: int(c.numel()) for i, c in sorted(self.core_sets.items())}
+
+
+def stability_selector(alpha: float, beta: float, score: str,
+                       layer_k: dict[int, int] | None = None) -> Callable[[int, torch.Tensor], torch.Tensor]:
+    """Stability-guided selection per layer: ``layer_k[layer]`` neurons where given, else round(beta * I)."""
+    sizes = dict(layer_k or {})
+    return lambda layer, acts: stability_select(acts, alpha=alpha, beta=beta, score=score, k=sizes.get(layer))
 
 
 class TokenMaskSession(Session):

@@ -123,8 +123,8 @@ def prompt_embedder(lm, model_id: str) -> PromptEmbedder:
     return cache[model_id]
 
 
-def similarity_session(lm, method: str, input_ids, prompt: str, alpha: float, beta: float, layers: range,
-                       score: str, sparse_prefill: bool = False):
+def similarity_session(lm, method: str, input_ids, prompt: str, alpha: float, beta: float, layers,
+                       score: str, sparse_prefill: bool = False, layer_k: dict[int, int] | None = None):
     """(session, method used, extra stats) for ``method`` in {"similarity", "auto"}.
 
     auto: prompts of at least ``min_stable_tokens`` tokens (``lm.min_stable_tokens`` if set, else the
@@ -133,6 +133,9 @@ def similarity_session(lm, method: str, input_ids, prompt: str, alpha: float, be
     sets; outside every radius the call falls back to stability-guided selection. A similarity-guided core
     set is known before the prefill, so ``sparse_prefill=True`` runs the prefill FFN sparse too; the
     stability path always prefills dense.
+
+    ``layer_k`` ({layer: k}, from an artifact with a calibrated budget: ``SparseLM.artifact_layer_k``) makes both
+    paths per-layer: the cluster's sets have those sizes, and the stability fallback selects that many per layer.
     """
     from .artifact import CoreArtifact, open_for_model
     from .session import CoreSetSession, stability_selector
@@ -149,7 +152,7 @@ def similarity_session(lm, method: str, input_ids, prompt: str, alpha: float, be
     extra: dict = {"cluster": None, "min_stable_tokens": int(min_stable), "auto_tokens": n_tokens}
 
     def stability():
-        return CoreSetSession(layers, stability_selector(alpha, beta, score)), "stability", extra
+        return CoreSetSession(layers, stability_selector(alpha, beta, score, layer_k)), "stability", extra
 
     if method == "auto" and n_tokens >= min_stable:
         extra["path"] = "long prompt"
@@ -168,10 +171,17 @@ def similarity_session(lm, method: str, input_ids, prompt: str, alpha: float, be
     if a.cluster is None:
         extra["path"] = "outside every cluster radius"
         return stability()
-    art_beta = float(art.attrs["beta"])
-    if abs(art_beta - beta) > 1e-9:
-        raise ValueError(f"the artifact's core sets keep beta={art_beta:g} of the neurons but beta={beta:g} was asked "
-                         f"for; pass beta={art_beta:g}, or rebuild the artifact (dvc exp run -S coreset.beta={beta:g})")
+    if art.per_layer:
+        if layer_k is None:
+            raise ValueError("this artifact holds per-layer core-set sizes (a calibrated budget), so its core sets have "
+                             "no one beta and cover no fixed layer range: leave beta and layers unset")
+        extra.update(cluster=a.cluster, path="nearest cluster")
+    else:
+        art_beta = float(art.attrs["beta"])
+        if abs(art_beta - beta) > 1e-9:
+            raise ValueError(f"the artifact's core sets keep beta={art_beta:g} of the neurons but beta={beta:g} was "
+                             f"asked for; pass beta={art_beta:g}, or rebuild the artifact "
+                             f"(dvc exp run -S coreset.beta={beta:g})")
+        extra.update(cluster=a.cluster, beta=art_beta, path="nearest cluster")
     core_sets = {i: art.core_set(a.cluster, i) for i in layers}
-    extra.update(cluster=a.cluster, beta=art_beta, path="nearest cluster")
     return CoreSetSession(layers, None, core_sets=core_sets, sparse_prefill=sparse_prefill), "similarity", extra

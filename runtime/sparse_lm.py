@@ -17,7 +17,7 @@ import torch
 from . import adapters
 from .decode import DecodeResult, Sampling, decode_loop
 from .loading import DEFAULT_MODEL, LoadedModel, load_model
-from .selection import DEFAULT_SCORE, check_fraction, check_score, kept_count
+from .selection import DEFAULT_SCORE, check_fraction, check_layer_k, check_score
 from .session import CaptureSession, CoreSetSession, Session, stability_selector
 
 METHODS = ("dense", "stability", "similarity", "auto")
@@ -37,7 +37,8 @@ class Stats:
     prompt_tokens: int
     new_tokens: int
     layers: list[int] = field(default_factory=list)  # the sparse layers
-    neurons_per_layer: int | None = None  # k in each sparse layer
+    neurons_per_layer: int | None = None  # k in each sparse layer when they all keep the same number, else None
+    layer_k: dict[int, int] | None = None  # {sparse layer: k}: per-layer core-set sizes (a calibrated budget)
     ffn_bytes_per_token: int = 0  # FFN weight bytes read per decoded token
     alpha: float | None = None
     beta: float | None = None
@@ -171,19 +172,25 @@ class SparseLM:
 
     # ---- sessions ---------------------------------------------------------------------------------
     def core_session(self, method: str, input_ids: torch.Tensor, prompt: str, alpha: float, beta: float,
-                     layers: range, score: str, sparse_prefill: bool = False) -> tuple[Session, str, dict]:
-        """The session that realises ``method`` for this prompt, the method actually used, and extra stats."""
+                     layers: range, score: str, sparse_prefill: bool = False,
+                     layer_k: dict[int, int] | None = None) -> tuple[Session, str, dict]:
+        """The session that realises ``method`` for this prompt, the method actually used, and extra stats.
+
+        ``layer_k`` ({layer: k}, e.g. the artifact's calibrated budget) sets per-layer core-set sizes."""
         if method not in METHODS:
             raise ValueError(f"unknown method {method!r}; choose one of {METHODS}")
         if method == "dense":
             return Session(), "dense", {}
+        if layer_k is not None:
+            layer_k = check_layer_k(layer_k, self.adapter.n_neurons, self.adapter.n_layers)
         if method in ("similarity", "auto"):
             from .similarity import similarity_session  # needs a calibration artifact
 
-            return similarity_session(self, method, input_ids, prompt, alpha, beta, layers, score, sparse_prefill)
+            return similarity_session(self, method, input_ids, prompt, alpha, beta, layers, score, sparse_prefill,
+                                      layer_k=layer_k)
         if sparse_prefill:
             raise ValueError("sparse_prefill=True needs core sets known before the prefill: use method='similarity'")
-        return CoreSetSession(layers, stability_selector(alpha, beta, score)), "stability", {}
+        return CoreSetSession(layers, stability_selector(alpha, beta, score, layer_k)), "stability", {}
 
     def _forward(self, ids: torch.Tensor, cache, last_only: bool):
         kwargs = {"logits_to_keep": 1} if last_only and self._takes_logits_to_keep else {}
@@ -205,22 +212,25 @@ class SparseLM:
 
     def _stats(self, method_used, session, layers, beta, alpha, score, prefill_s, n_prompt, extra) -> Stats:
         sparse = isinstance(session, CoreSetSession)
-        beta = extra.get("beta", beta)  # similarity-guided core sets have the artifact's size
-        k = kept_count(beta, self.adapter.n_neurons) if sparse else None
+        sizes = session.core_sizes() if sparse else {}  # what was really kept (artifact sets have its sizes)
+        n_layers, n_neurons = self.adapter.n_layers, self.adapter.n_neurons
+        uniform = len(set(sizes.values())) == 1
+        beta = extra.get("beta", beta) if uniform else None
         ffn_bytes = sum(
             (session.compact[i] if sparse and i in session.compact else d).nbytes()
             for i, d in enumerate(self.adapter.dense)
         )
         return Stats(
             method_used=method_used,
-            kept_fraction=self.kept_fraction(layers, k) if sparse else 1.0,
+            kept_fraction=(sum(sizes.values()) + (n_layers - len(sizes)) * n_neurons) / (n_layers * n_neurons),
             prefill_ms=1e3 * prefill_s,
             select_ms=1e3 * (session.select_s + session.gather_s) if sparse else 0.0,
             decode_tokens_per_s=0.0,
             prompt_tokens=n_prompt,
             new_tokens=0,
             layers=list(layers) if sparse else [],
-            neurons_per_layer=k,
+            neurons_per_layer=next(iter(sizes.values())) if uniform else None,
+            layer_k=sizes if sparse else None,
             ffn_bytes_per_token=ffn_bytes,
             alpha=alpha if sparse else None,
             beta=beta if sparse else None,
@@ -229,19 +239,38 @@ class SparseLM:
         )
 
     def default_beta(self, method: str, beta: float | None) -> float:
-        """beta=None: the artifact's kept fraction for artifact methods (its core sets exist at that size), else 0.4."""
+        """beta=None: the artifact's kept fraction for artifact methods (its core sets exist at that size), else 0.4.
+
+        An artifact with per-layer sizes has no one beta: its mean kept fraction over its sparse layers."""
         if beta is not None:
             return beta
         if self.artifact is not None and method in ("similarity", "auto"):
+            if self.artifact.per_layer:
+                ks = [k for k in self.artifact.layer_k.values() if k < self.adapter.n_neurons] or [self.adapter.n_neurons]
+                return sum(ks) / (len(ks) * self.adapter.n_neurons)
             return float(self.artifact.attrs["beta"])
         return DEFAULT_BETA
 
-    def _validate(self, method, alpha, beta, score, layers) -> range:
+    def artifact_layer_k(self, method: str, beta: float | None, layers) -> dict[int, int] | None:
+        """The artifact's per-layer sizes {layer: k < I} when they apply: an artifact method, an artifact with a
+        calibrated budget, and neither beta nor layers given (those ask for one beta on a layer range instead).
+        Layers the budget keeps whole stay dense."""
+        art = self.artifact
+        if art is None or method not in ("similarity", "auto") or beta is not None or layers is not None:
+            return None
+        if not art.per_layer:
+            return None
+        return {i: k for i, k in art.layer_k.items() if k < self.adapter.n_neurons}
+
+    def _validate(self, method, alpha, beta, score, layers, layer_k: dict[int, int] | None = None):
+        """The sparse layers: ``layers`` resolved, or those of ``layer_k`` (validated: 1 <= k <= I)."""
         if not isinstance(method, str) or method not in METHODS:
             raise ValueError(f"unknown method {method!r}; choose one of {METHODS}")
         check_fraction("alpha", alpha)
         check_fraction("beta", beta)
         check_score(score)
+        if layer_k is not None:
+            return list(check_layer_k(layer_k, self.adapter.n_neurons, self.adapter.n_layers))
         return self.resolve_layers(layers)
 
     # ---- public API -------------------------------------------------------------------------------
@@ -260,11 +289,13 @@ class SparseLM:
         if unknown:
             raise TypeError(f"unknown generation arguments {sorted(unknown)}; supported: {GENERATION_KWARGS}")
         method = method or ("auto" if self.artifact is not None else "stability")
+        layer_k = self.artifact_layer_k(method, beta, layers)
         beta = self.default_beta(method, beta)
-        layers = self._validate(method, alpha, beta, score, layers)
+        layers = self._validate(method, alpha, beta, score, layers, layer_k)
         if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be a positive int, got {max_new_tokens!r}")
-        if session is None and self.device.type == "cuda":  # graph-captured fast path (runtime/cuda/hook.py)
+        # graph-captured fast path (runtime/cuda/hook.py); per-layer sizes are not wired into it yet
+        if session is None and self.device.type == "cuda" and layer_k is None:
             from .cuda.hook import fast_generate
 
             fast = fast_generate(self, prompt, method, alpha, beta, layers, max_new_tokens, score, sparse_prefill,
@@ -283,7 +314,8 @@ class SparseLM:
         self._check_length(n_prompt, max_new_tokens)
         extra: dict = {}
         if session is None:
-            session, method_used, extra = self.core_session(method, ids, prompt, alpha, beta, layers, score, sparse_prefill)
+            session, method_used, extra = self.core_session(method, ids, prompt, alpha, beta, layers, score, sparse_prefill,
+                                                            layer_k=layer_k)
 
         t0 = time.perf_counter()
         logits, cache = self._run_prefill(session, ids, last_only=True)
@@ -324,29 +356,31 @@ class SparseLM:
         if not isinstance(continuation, str) or not continuation:
             raise ValueError("continuation must be a non-empty str")
         method = method or ("auto" if self.artifact is not None else "stability")
+        layer_k = self.artifact_layer_k(method, beta, layers)
         beta = self.default_beta(method, beta)
-        layers = self._validate(method, alpha, beta, score, layers)
+        layers = self._validate(method, alpha, beta, score, layers, layer_k)
         ids = self.encode(prompt, chat=chat)
         cont = self.tokenizer(continuation, add_special_tokens=False)["input_ids"]
         if not cont:
             raise ValueError("continuation tokenises to no tokens")
-        return self.score_ids(ids, cont, method, alpha, beta, layers, score, sparse_prefill, prompt=prompt)
+        return self.score_ids(ids, cont, method, alpha, beta, layers, score, sparse_prefill, prompt=prompt,
+                              layer_k=layer_k)
 
     def score_ids(self, ids: torch.Tensor, cont: list[int], method: str, alpha: float, beta: float, layers: range,
                   score: str = DEFAULT_SCORE, sparse_prefill: bool = False, prompt: str = "",
                   session: Session | None = None, method_used: str | None = None,
-                  keep_logprobs: bool = False) -> ScoreOutput:
+                  keep_logprobs: bool = False, layer_k: dict[int, int] | None = None) -> ScoreOutput:
         """``score`` on token ids; ``session`` overrides the method's own (evaluation baselines).
 
         ``keep_logprobs=True`` also returns the full (N, V) log-softmax (for KL against another run).
         """
         return self.score_choices(ids, [cont], method, alpha, beta, layers, score, prompt, session, method_used,
-                                  sparse_prefill=sparse_prefill, keep_logprobs=keep_logprobs)[0]
+                                  sparse_prefill=sparse_prefill, keep_logprobs=keep_logprobs, layer_k=layer_k)[0]
 
     def score_choices(self, ids: torch.Tensor, conts: list[list[int]], method: str, alpha: float, beta: float,
                       layers: range, score: str = DEFAULT_SCORE, prompt: str = "", session: Session | None = None,
                       method_used: str | None = None, sparse_prefill: bool = False,
-                      keep_logprobs: bool = False) -> list[ScoreOutput]:
+                      keep_logprobs: bool = False, layer_k: dict[int, int] | None = None) -> list[ScoreOutput]:
         """``score_ids`` for several continuations of one prompt (multiple choice): one prefill, so one core set,
         then each continuation is scored sparse from its own copy of the prompt's KV cache. Same numbers as one
         ``score_ids`` call per continuation, without re-running the prompt."""
@@ -357,7 +391,8 @@ class SparseLM:
         self._check_length(ids.shape[1], max(len(c) for c in conts))
         extra: dict = {}
         if session is None:
-            session, method_used, extra = self.core_session(method, ids, prompt, alpha, beta, layers, score, sparse_prefill)
+            session, method_used, extra = self.core_session(method, ids, prompt, alpha, beta, layers, score, sparse_prefill,
+                                                            layer_k=layer_k)
         t0 = time.perf_counter()
         logits, cache = self._run_prefill(session, ids, last_only=True)
         prefill_s = time.perf_counter() - t0

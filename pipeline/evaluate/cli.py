@@ -79,12 +79,18 @@ def build_parser() -> argparse.ArgumentParser:
                    help="where 'static' takes its hot set: the artifact (default) or the evaluation's profile corpus")
     p.add_argument("--svd-rank", type=int, help="rank of the svd-predictor (default 128)")
     p.add_argument("--profile-dir", help="folder of the cached calibration profile (default: --out)")
+    p.add_argument("--budget", help="the budget stage's budget.json: enables method 'budget' (per-layer sizes; its "
+                                    "kept fractions are FFN bytes per decoded token over dense)")
     p.add_argument("--dtype", help="model dtype (float32, bfloat16, ...)")
     p.add_argument("--device", help="cpu, cuda, cuda:N")
     p.add_argument("--fresh", action="store_true", help="discard existing results in --out instead of resuming")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.add_argument("--plots", action="store_true", help="also draw PNG plots (matplotlib) into <out>/plots")
     p.add_argument("--json", action="store_true", help="print the summary as JSON instead of tables")
+    p.add_argument("--frontier", type=_csv, metavar="LABEL=DIR,...",
+                   help="no run: draw quality against FFN bytes per token over finished runs (each DIR's summary.json) "
+                        "into --frontier-png, and print each series' points")
+    p.add_argument("--frontier-png", default="frontier.png", help="where --frontier draws (default frontier.png)")
     return p
 
 
@@ -95,7 +101,7 @@ def config_from_args(args) -> "object":
     if args.config:
         cfg = load_yaml_config(args.config)
     for name in ("model", "artifact", "methods", "kept", "scores", "tasks", "limit", "seed", "alpha", "layers", "out",
-                 "static_source", "svd_rank", "profile_dir", "dtype", "device"):
+                 "static_source", "svd_rank", "profile_dir", "budget", "dtype", "device"):
         v = getattr(args, name)
         if v is not None:
             setattr(cfg, name, v)
@@ -173,6 +179,8 @@ def main(argv: list[str] | None = None) -> int:
     from .runner import EvalError, run, validate
     from .tasks import TaskError
 
+    if args.frontier:
+        return frontier_main(args.frontier, args.frontier_png)
     try:
         cfg = config_from_args(args)
         validate(cfg)
@@ -190,6 +198,27 @@ def main(argv: list[str] | None = None) -> int:
         print(f"coreinfer eval: error: {e}", file=sys.stderr)
         return 2
     print_summary(summary, args.json)
+    return 0
+
+
+def frontier_main(runs: list[str], png: str) -> int:
+    """``--frontier``: the bytes-vs-quality plot over finished runs, and its points as a table."""
+    from pathlib import Path
+
+    from .plots import draw_frontier, frontier_series
+
+    summaries = {}
+    for run in runs:
+        label, _, folder = run.rpartition("=")
+        f = Path(folder) / "summary.json"
+        if not f.is_file():
+            print(f"coreinfer eval: error: {f} not found; --frontier takes LABEL=DIR of finished runs", file=sys.stderr)
+            return 2
+        summaries[label or Path(folder).name] = json.loads(f.read_text(encoding="utf-8"))
+    for task, metric in (("agreement", "top1_agreement"), ("wikitext", "ppl")):
+        for name, pts in frontier_series(summaries, task, metric).items():
+            print(f"{task} {metric} | {name} | " + " ".join(f"{b:.3f}:{v:.3f}" for b, v in pts))
+    print(f"frontier plot: {draw_frontier(summaries, png)}")
     return 0
 
 

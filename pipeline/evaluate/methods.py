@@ -15,6 +15,8 @@ always the shared code of ``coreinfer.runtime.selection``.
   oracle-token   per-token top-k by |activation|: an upper bound for any per-token predictor, NOT a speed path
   svd-predictor  training-free per-token predictor: truncated SVD of the gate projection, per-layer
                  thresholds calibrated on the profile corpus to the target kept fraction
+  budget         stability-guided with per-layer core-set sizes: the budget stage's allocation (budget.json's
+                 greedy path) at the kept fraction, read as FFN bytes per decoded token over dense (model-wide)
 """
 
 from __future__ import annotations
@@ -26,9 +28,9 @@ import numpy as np
 import torch
 
 from coreinfer.runtime.selection import (
-    SCORES, check_fraction, core_statistics, frequency_select, griffin_select, kept_count, token_topk_mask,
+    DEFAULT_SCORE, SCORES, check_fraction, core_statistics, frequency_select, griffin_select, kept_count, token_topk_mask,
 )
-from coreinfer.runtime.session import CoreSetSession, Session, TokenMaskSession
+from coreinfer.runtime.session import CoreSetSession, Session, TokenMaskSession, stability_selector
 
 
 @dataclass(frozen=True)
@@ -40,6 +42,7 @@ class MethodInfo:
     needs_profile: bool  # needs the evaluation's calibration profile
     speed_path: bool  # False: a quality bound, not something that could run faster
     description: str
+    needs_budget: bool = False  # needs a budget stage output (budget.json)
 
 
 METHODS: dict[str, MethodInfo] = {
@@ -55,6 +58,8 @@ METHODS: dict[str, MethodInfo] = {
         MethodInfo("oracle-token", True, False, False, False, False,
                    "per-token top-k by |activation| (upper bound; not a speed path)"),
         MethodInfo("svd-predictor", True, False, False, True, True, "truncated-SVD gate predictor, calibrated thresholds"),
+        MethodInfo("budget", True, False, False, False, True,
+                   "per-layer budget (budget.json) at the kept fraction of FFN bytes, stability-guided", needs_budget=True),
     )
 }
 
@@ -63,7 +68,8 @@ class MethodError(ValueError):
     pass
 
 
-def check_methods(names: list[str], have_artifact: bool, static_source: str = "artifact") -> list[str]:
+def check_methods(names: list[str], have_artifact: bool, static_source: str = "artifact",
+                  have_budget: bool = False) -> list[str]:
     """Validate method names before anything is loaded; errors name the method and the fix."""
     if not names:
         raise MethodError(f"no methods given; choose from {', '.join(METHODS)}")
@@ -73,6 +79,9 @@ def check_methods(names: list[str], have_artifact: bool, static_source: str = "a
         if METHODS[n].needs_artifact and not have_artifact:
             raise MethodError(f"method {n!r} needs --artifact (a calibration artifact, coreneurons.zarr); "
                               "build one with `dvc repro`")
+        if METHODS[n].needs_budget and not have_budget:
+            raise MethodError(f"method {n!r} needs --budget (the budget stage's budget.json); build one with "
+                              "`python -m coreinfer.pipeline budget budget.target=...` or `dvc repro budget`")
         if n == "static" and static_source == "artifact" and not have_artifact:
             raise MethodError("method 'static' needs --artifact (its global hot set); build one with `dvc repro`, "
                               "or use --static-source profile to take the hot set from the evaluation's profile corpus")
@@ -248,6 +257,7 @@ class MethodContext:
     static_source: str = "artifact"
     profile: Profile | None = None
     predictors: dict[int, SVDPredictor] = field(default_factory=dict)
+    budget: str | None = None  # path of a budget stage output (method "budget")
 
     def static_core_sets(self, kept: float) -> dict[int, torch.Tensor]:
         n = self.lm.adapter.n_neurons
@@ -300,6 +310,30 @@ class MethodRun:
     def beta(self) -> float:
         return self.kept
 
+    @property
+    def layer_k(self) -> dict[int, int] | None:
+        """Per-layer core-set sizes of the sparse layers, where they apply: the budget's allocation at this kept
+        fraction of the FFN bytes, or a budget artifact's own sizes (similarity/auto); else None (one beta)."""
+        lm = self.ctx.lm
+        if self.method == "budget":
+            from coreinfer.pipeline.budget import path_allocation
+
+            return path_allocation(self.ctx.budget, self.kept, lm.adapter.n_neurons, lm.adapter.n_layers)
+        if self.method in ("similarity", "auto") and self.artifact_allocation:
+            return lm.artifact_layer_k(self.method, None, None)
+        return None
+
+    @property
+    def artifact_allocation(self) -> bool:
+        """True when the artifact holds per-layer sizes (a budget): its methods run at those sizes."""
+        art = self.ctx.artifact
+        return bool(art is not None and getattr(art, "per_layer", False))
+
+    @property
+    def sparse_layers(self):
+        layer_k = self.layer_k
+        return self.ctx.layers if layer_k is None else list(layer_k)
+
     def runtime_method(self) -> str:
         """The SparseLM method name used for the call (baselines pass their own session)."""
         return self.method if self.method in ("dense", "stability", "similarity", "auto") else "stability"
@@ -311,11 +345,14 @@ class MethodRun:
             return None, None
         n = ctx.lm.adapter.n_neurons
         k = kept_count(self.kept, n)
+        if m == "budget":
+            layer_k = self.layer_k
+            return CoreSetSession(list(layer_k), stability_selector(ctx.alpha, self.kept, DEFAULT_SCORE, layer_k)), None
         if m == "static":
             return CoreSetSession(ctx.layers, core_sets=ctx.static_core_sets(self.kept)), None
         if m == "griffin":
             beta = self.kept
-            return CoreSetSession(ctx.layers, select=lambda acts: griffin_select(acts, beta)), None
+            return CoreSetSession(ctx.layers, select=lambda layer, acts: griffin_select(acts, beta)), None
         if m == "random":
             g = torch.Generator().manual_seed(item_seed(ctx.seed, item_id))
             sets = {i: torch.randperm(n, generator=g)[:k].sort().values for i in ctx.layers}
@@ -354,10 +391,10 @@ class MethodRun:
         if self.method == "dense":
             return {"kept_sparse": 1.0, "kept_model": 1.0, "ffn_bytes_per_token": int(stats.ffn_bytes_per_token)}
         if tracker is None:
-            k = stats.neurons_per_layer
-            if k is None:
+            sizes = stats.layer_k or {}
+            if not sizes:
                 raise RuntimeError(f"method {self.method!r} ran without core sets (dense): refusing to report it as sparse")
-            return {"kept_sparse": k / n, "kept_model": float(stats.kept_fraction),
+            return {"kept_sparse": sum(sizes.values()) / (len(sizes) * n), "kept_model": float(stats.kept_fraction),
                     "ffn_bytes_per_token": int(stats.ffn_bytes_per_token)}
         if tracker.total == 0:
             # nothing ran after the prefill (one scored token, or generation ended on its first token):
@@ -379,16 +416,19 @@ class MethodRun:
 
 
 def method_configs(methods: list[str], kept: list[float], scores: list[str],
-                   artifact_beta: float | None = None) -> list[tuple[str, float, str | None]]:
+                   artifact_beta: float | None = None, artifact_kept: float | None = None) -> list[tuple[str, float, str | None]]:
     """The (method, kept, score) grid: dense once; score-free methods once per kept fraction.
 
     Artifact core sets exist at the artifact's kept fraction only, so ``similarity``/``auto`` run there alone.
+    An artifact with per-layer sizes (``artifact_kept``: its FFN bytes over dense) runs them once, at its sizes.
     """
     out = []
     for m in methods:
         info = METHODS[m]
         ks = kept if info.uses_kept else [1.0]
-        if info.needs_artifact and artifact_beta is not None:
+        if info.needs_artifact and artifact_kept is not None:
+            ks = [round(float(artifact_kept), 6)]
+        elif info.needs_artifact and artifact_beta is not None:
             ks = [k for k in ks if abs(float(k) - artifact_beta) < 1e-9]
             if not ks:
                 raise ValueError(f"method {m!r} uses the artifact's core sets, built at kept {artifact_beta:g}; "

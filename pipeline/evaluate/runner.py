@@ -51,6 +51,7 @@ class EvalConfig:
     profile_gsm8k: int = 64  # GSM8K train questions in the profile corpus
     profile_max_tokens: int = 256
     profile_dir: str | None = None  # where the profile cache (profile-<hash>.npz) lives; None: ``out``
+    budget: str | None = None  # the budget stage's budget.json (method "budget": per-layer sizes at each kept bytes)
     task_config: dict[str, T.TaskConfig] = field(default_factory=dict)
     dtype: str | None = None
     device: str | None = None
@@ -69,7 +70,9 @@ def validate(cfg: EvalConfig) -> EvalConfig:
     T.check_tasks(list(cfg.tasks))
     if cfg.static_source not in ("artifact", "profile"):
         raise EvalError(f"static_source must be 'artifact' or 'profile', got {cfg.static_source!r}")
-    MM.check_methods(list(cfg.methods), cfg.artifact is not None, cfg.static_source)
+    MM.check_methods(list(cfg.methods), cfg.artifact is not None, cfg.static_source, cfg.budget is not None)
+    if cfg.budget is not None and not Path(cfg.budget).is_file():
+        raise EvalError(f"--budget {cfg.budget}: no such file; the budget stage writes artifacts/<model>/budget.json")
     if not cfg.kept:
         raise EvalError("no kept fractions given; e.g. --kept 0.2,0.4,0.6,0.8")
     for k in cfg.kept:
@@ -220,7 +223,7 @@ def run(cfg: EvalConfig, lm=None) -> dict:
     data_hashes = {_data_name(f): T.file_sha256(f) for t in tasks for f in t.files() if f.is_file()}
 
     ctx = MM.MethodContext(lm, layers, cfg.alpha, cfg.seed, artifact=lm.artifact if cfg.artifact else None,
-                           static_source=cfg.static_source)
+                           static_source=cfg.static_source, budget=cfg.budget)
     profile_info = None
     needs_profile = any(MM.METHODS[m].needs_profile and (m != "static" or cfg.static_source == "profile")
                         for m in cfg.methods)
@@ -233,6 +236,7 @@ def run(cfg: EvalConfig, lm=None) -> dict:
         "model_source": str(lm.loaded.source),
         "artifact": cfg.artifact,
         "artifact_sha256": _artifact_hash(Path(cfg.artifact)) if cfg.artifact else None,
+        "budget_sha256": T.file_sha256(Path(cfg.budget)) if cfg.budget else None,
         "alpha": cfg.alpha,
         "layers": [layers.start, layers.stop],
         "seed": cfg.seed,
@@ -244,9 +248,17 @@ def run(cfg: EvalConfig, lm=None) -> dict:
     meta = {"type": "meta", "format": FORMAT, "identity": identity}
     results = ResultsFile(out / RESULTS_FILE, meta, fresh=cfg.fresh)
 
-    artifact_beta = float(lm.artifact.attrs["beta"]) if cfg.artifact and lm.artifact is not None else None
+    artifact_beta = artifact_kept = None
+    if cfg.artifact and lm.artifact is not None:
+        if lm.artifact.per_layer:  # per-layer sizes: its methods run once, at its FFN bytes over dense
+            n, n_layers = lm.adapter.n_neurons, lm.adapter.n_layers
+            sizes = lm.artifact.layer_k
+            artifact_kept = (sum(sizes.values()) + (n_layers - len(sizes)) * n) / (n_layers * n)
+        else:
+            artifact_beta = float(lm.artifact.attrs["beta"])
     try:
-        configs = MM.method_configs(list(cfg.methods), [float(k) for k in cfg.kept], list(cfg.scores), artifact_beta)
+        configs = MM.method_configs(list(cfg.methods), [float(k) for k in cfg.kept], list(cfg.scores), artifact_beta,
+                                    artifact_kept)
     except ValueError as err:
         raise EvalError(str(err)) from None
     runs = [MM.MethodRun(m, k, s, ctx) for m, k, s in configs]

@@ -171,9 +171,10 @@ def score_with(lm, run, item_id: str, ids: torch.Tensor, cont: list[int], keep_l
                prompt: str = ""):
     """``prompt``: the text of ``ids`` (similarity/auto embed it to find the cluster)."""
     session, tracker = run.session(item_id)
-    out = lm.score_ids(ids, cont, run.runtime_method(), run.ctx.alpha, run.beta, run.ctx.layers,
+    out = lm.score_ids(ids, cont, run.runtime_method(), run.ctx.alpha, run.beta, run.sparse_layers,
                        score=run.score or "positive", prompt=prompt or _decode(lm, ids), session=session,
-                       method_used=run.method if session else None, keep_logprobs=keep_logprobs)
+                       method_used=run.method if session else None, keep_logprobs=keep_logprobs,
+                       layer_k=None if session else run.layer_k)
     return out, _call_stats(run, out.stats, tracker)
 
 
@@ -184,15 +185,18 @@ def _decode(lm, ids: torch.Tensor) -> str:
 def score_choices_with(lm, run, item_id: str, ids: torch.Tensor, conts: list[list[int]], prompt: str = ""):
     """One prefill (one core set) for the prompt, every continuation scored sparse (``SparseLM.score_choices``)."""
     session, tracker = run.session(item_id)
-    outs = lm.score_choices(ids, conts, run.runtime_method(), run.ctx.alpha, run.beta, run.ctx.layers,
+    outs = lm.score_choices(ids, conts, run.runtime_method(), run.ctx.alpha, run.beta, run.sparse_layers,
                             score=run.score or "positive", prompt=prompt or _decode(lm, ids), session=session,
-                            method_used=run.method if session else None)
+                            method_used=run.method if session else None, layer_k=None if session else run.layer_k)
     return outs, _call_stats(run, outs[0].stats, tracker)
 
 
 def generate_with(lm, run, item_id: str, prompt: str, max_new_tokens: int, stop: list[str]):
     session, tracker = run.session(item_id)
-    out = lm.generate(prompt, run.runtime_method(), alpha=run.ctx.alpha, beta=run.beta, layers=run.ctx.layers,
+    # a budget artifact's own per-layer sizes apply when beta and layers are left unset (SparseLM.artifact_layer_k)
+    own = session is None and run.artifact_allocation
+    out = lm.generate(prompt, run.runtime_method(), alpha=run.ctx.alpha, beta=None if own else run.beta,
+                      layers=None if own else run.ctx.layers,
                       max_new_tokens=max_new_tokens, score=run.score or "positive", stop=stop,
                       session=session, method_used=run.method if session else None)
     return out, _call_stats(run, out.stats, tracker)

@@ -218,3 +218,44 @@ def test_static_from_artifact_follows_the_pipeline_hot_set_rule(lm_ref):
     for i in (1, 2):
         order = sorted(range(n), key=lambda j: (-core[i - 1, j], -freq[i - 1, j], j))
         assert sets[i].tolist() == sorted(order[:k])
+
+
+def _budget_file(tmp_path, n_layers=4):
+    import json
+
+    path = [{"kept": [1.0, 1.0, 1.0, 1.0], "predicted_kl": 0.0, "bytes_fraction": 1.0},
+            {"kept": [1.0, 0.5, 1.0, 1.0], "predicted_kl": 0.01, "bytes_fraction": 0.875},
+            {"kept": [0.25, 0.5, 1.0, 1.0], "predicted_kl": 0.05, "bytes_fraction": 0.6875}]
+    f = tmp_path / "budget.json"
+    f.write_text(json.dumps({"layers": [0, 1, 2, 3], "n_layers": n_layers, "n_neurons": 128, "path": path,
+                             "allocation": {"kept": path[1]["kept"]}}))
+    return str(f)
+
+
+def test_budget_method_runs_the_paths_allocation_at_equal_bytes(lm_ref, tmp_path):
+    from coreinfer.pipeline.budget import BudgetError
+    from coreinfer.runtime.selection import stability_select
+
+    lm, _ = lm_ref
+    ids, cont = _ids(lm)
+    ctx = _ctx(lm, budget=_budget_file(tmp_path))
+    assert MM.MethodRun("budget", 0.9, None, ctx).layer_k == {1: 64}  # first path state at or under 0.9
+    run = MM.MethodRun("budget", 0.7, None, ctx)
+    assert run.layer_k == {0: 32, 1: 64} and run.sparse_layers == [0, 1]
+    session, tracker = run.session("x")
+    out = lm.score_ids(ids, cont, run.runtime_method(), 0.4, run.beta, run.sparse_layers, session=session,
+                       method_used="budget")
+    acts = {}
+    lm.capture(ids, None, lambda layer, a: acts.__setitem__(layer, a[0].clone()))
+    for layer, k in run.layer_k.items():  # the runtime's own selection at each layer's size
+        assert torch.equal(out.core_sets[layer], stability_select(acts[layer], 0.4, score="magnitude", k=k))
+    cost = run.cost(out.stats, tracker)
+    assert cost["kept_model"] == pytest.approx(0.6875) and cost["kept_sparse"] == pytest.approx(96 / 256)
+    per_neuron = lm.adapter.dense[0].nbytes() / 128
+    assert cost["ffn_bytes_per_token"] == pytest.approx(0.6875 * 512 * per_neuron, rel=1e-6)
+    with pytest.raises(BudgetError, match="no allocation on its path reads <= 0.5"):
+        MM.MethodRun("budget", 0.5, None, ctx).session("x")
+    with pytest.raises(MM.MethodError, match="needs --budget"):
+        MM.check_methods(["budget"], have_artifact=False)
+    with pytest.raises(BudgetError, match="computed for a model with 8 layers"):
+        MM.MethodRun("budget", 0.9, None, _ctx(lm, budget=_budget_file(tmp_path, n_layers=8))).layer_k
