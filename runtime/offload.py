@@ -1,8 +1,14 @@
-"""The eager path under a memory budget (``SparseLM.from_pretrained(..., memory_budget=...)``, issue 11).
+"""Memory-budget mode for ``SparseLM`` (``SparseLM.from_pretrained(..., memory_budget=...)``, issue 11).
 
 The model loads into host memory first; ``memory.plan_memory`` decides from its config what stays on the device;
-only then does any weight move. Attention, embeddings, lm_head, norms and the dense FFN of the resident layers go
-to the device; the dense FFN of each streamed layer stays in host memory (pinned where CUDA exists) behind a
+only then does any weight move. On CUDA, for the fast path's architectures, ``cuda.offload.BudgetFastLM`` holds
+everything that is resident (the graph-captured decode over compact core-FFN buffers, the prefill streaming the
+rest): ``generate`` serves one greedy str prompt per call there (stability- or similarity-guided), anything else
+gets a clear error; ``stats.path`` says "fast-offload". Elsewhere (other architectures, ``device="cpu"``) the eager
+offloaded path below serves every call (``stats.path`` "eager-offload").
+
+Eager offloaded path: attention, embeddings, lm_head, norms and the dense FFN of the resident layers go to the
+device; the dense FFN of each streamed layer stays in host memory (pinned where CUDA exists) behind a
 ``HostFFN``, which behaves like the layer's ``FFNWeights`` but copies the layer into one of the plan's staging
 buffers on the device when it is used:
 
@@ -36,10 +42,10 @@ import torch
 
 from . import adapters
 from .ffn import FFNWeights
-from .generation import Stats
+from .generation import GenerateOutput, Stats
 from .loading import load_model, resolve_dtype
 from .memory import MemoryBudgetError, MemoryPlan, ModelShape, check_budget_device, parse_budget, plan_memory
-from .selection import kept_count
+from .selection import DEFAULT_SCORE, kept_count
 from .session import CoreSetSession
 from .sparse_lm import DEFAULT_BETA, SparseLM
 
@@ -156,6 +162,8 @@ class Offload:
         self.cache: OrderedDict = OrderedDict()  # (layer, core-set bytes) -> compact FFNWeights on the device
         self.bus = weakref.WeakKeyDictionary()  # session -> bytes moved host -> device during its call
         self.total_bus_bytes = 0
+        self.fast = None  # cuda.offload.BudgetFastLM: on CUDA for the fast path's architectures (then nothing is placed)
+        self.fast_unsupported: str | None = None  # why the fast path does not serve this model (eager offloading runs)
 
     # ---- bookkeeping
     def _count(self, n: int) -> None:
@@ -164,7 +172,7 @@ class Offload:
             self.bus[s] = self.bus.get(s, 0) + n
 
     def session_bytes(self, session) -> int:
-        return self.bus.get(session, 0)
+        return 0 if session is None else self.bus.get(session, 0)
 
     # ---- streaming
     def stage(self, ffn: HostFFN) -> FFNWeights:
@@ -247,20 +255,90 @@ class OffloadedSparseLM(SparseLM):
     offload: Offload
 
     def generate(self, *args, **kwargs):
+        if self.offload.fast is not None:
+            with self.offload.lock:
+                return self._generate_fast(*args, **kwargs)
         if kwargs.get("fast_path"):
-            raise ValueError("fast_path=True: the graph-captured fast path under a memory budget is "
-                             "runtime/cuda/offload.py's BudgetFastLM; SparseLM runs the eager offloaded path")
+            raise ValueError(f"fast_path=True: the graph-captured path does not serve this model under a memory budget "
+                             f"({self.offload.fast_unsupported or 'it runs on CUDA only'}); leave fast_path out")
         kwargs["fast_path"] = False
         with self.offload.lock:
             return super().generate(*args, **kwargs)
 
+    def _eager_only(self, what: str):
+        if self.offload.fast is not None:
+            raise ValueError(f"{what} under a memory budget on CUDA is not available: the model's weights live in the "
+                             "graph-captured path's buffers, not in its modules; load with device='cpu' (the eager "
+                             "offloaded path) or without memory_budget")
+
     def score_choices(self, *args, **kwargs):
+        self._eager_only("scoring")
         with self.offload.lock:
             return super().score_choices(*args, **kwargs)
 
     def capture(self, *args, **kwargs):
+        self._eager_only("capturing activations")
         with self.offload.lock:
             return super().capture(*args, **kwargs)
+
+    def _generate_fast(self, prompt, method=None, alpha: float = 0.4, beta=None, layers=None, max_new_tokens: int = 64,
+                       score: str = DEFAULT_SCORE, sparse_prefill: bool = False, *, chat: bool = False,
+                       fast_path=None, **unsupported):
+        """One greedy prompt on ``BudgetFastLM`` (CUDA): the core sets as ``generate`` chooses them (stability from the
+        prefill, similarity from the artifact), decoded from the resident compact buffers."""
+        extra_args = sorted(k for k, v in unsupported.items() if v not in (None, False))
+        if fast_path is False or extra_args or not isinstance(prompt, str):
+            what = ("fast_path=False" if fast_path is False else f"{extra_args}" if extra_args
+                    else "a batch or token ids")
+            raise ValueError(f"under a memory budget on CUDA, generate runs the graph-captured path: one str prompt, "
+                             f"greedy; {what} needs the eager path, which under a budget runs with device='cpu', or "
+                             "load without memory_budget")
+        method = method or ("auto" if self.artifact is not None else "stability")
+        if method == "dense":
+            raise ValueError("method='dense' under a memory budget would stream every streamed layer's dense FFN for "
+                             "every token; use a sparse method, or load without memory_budget")
+        artifact_k = getattr(self, "artifact_layer_k", None)
+        layer_k = artifact_k(method, beta, layers) if artifact_k is not None else None
+        beta = self.default_beta(method, beta)
+        layers = self._validate(method, alpha, beta, score, layers, layer_k)
+        if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be a positive int, got {max_new_tokens!r}")
+        fast, plan = self.offload.fast, self.offload.plan
+        if list(layers) != sorted(plan.layer_k):
+            raise ValueError(f"the memory plan's sparse layers are {_span(plan.layer_k)} but layers {_span(layers)} were "
+                             "asked for; generate with the planned layers, or load with MemoryBudget(layers=...)")
+        ids = self.encode(prompt, chat=chat)
+        self._check_length(ids.shape[1], max_new_tokens)
+        session, used, extra = self.core_session(method, ids, prompt, alpha, beta, layers, score, sparse_prefill,
+                                                 layer_k=layer_k)
+        given = dict(session.core_sets) if (isinstance(session, CoreSetSession) and session.select is None) else None
+        sizes = {i: (layer_k or {}).get(i, kept_count(beta, self.adapter.n_neurons)) for i in layers}
+        fast.alpha, fast.score = alpha, score
+        eos = self._eos_ids()
+        gen = fast.generate_budget(ids[0], max_new_tokens, core_sets=given, cluster=extra.get("cluster"),
+                                   sparse_prefill=bool(sparse_prefill and given is not None), eos_token_id=sorted(eos),
+                                   layer_k=None if given is not None else sizes)
+        tokens, stop = list(gen.tokens), "length"
+        if tokens and tokens[-1] in eos:
+            tokens, stop = tokens[:-1], "eos"
+        t = gen.timings
+        steps = max(len(tokens) - 1, 0)
+        kept = {i: int(c.numel()) for i, c in gen.core_sets.items()}
+        n, width = self.adapter.n_layers, self.adapter.n_neurons
+        values = dict(method_used=used, kept_fraction=(sum(kept.values()) + (n - len(kept)) * width) / (n * width),
+                      prefill_ms=t.get("prefill_ms", 0.0), select_ms=t.get("select_ms", 0.0) + t.get("gather_ms", 0.0),
+                      decode_tokens_per_s=steps / (t["decode_ms"] / 1e3) if steps and t.get("decode_ms") else 0.0,
+                      prompt_tokens=int(ids.shape[1]), new_tokens=len(tokens), layers=list(layers),
+                      neurons_per_layer=next(iter(kept.values())) if len(set(kept.values())) == 1 else None,
+                      layer_k=kept, ffn_bytes_per_token=fast.w.ffn_bytes(layer_k={}), alpha=alpha,
+                      beta=extra.get("beta", beta), score=score, cluster=extra.get("cluster"), stop_reason=stop,
+                      path="fast-offload")
+        names = {f.name for f in dataclasses.fields(Stats)}
+        stats = OffloadStats(**{k: v for k, v in values.items() if k in names},
+                             memory={"bus_bytes": gen.bus_bytes, "core_sets_from": gen.sets_from,
+                                     **{k: v for k, v in self.offload.stats(None).items() if k != "bus_bytes"}})
+        text = self.tokenizer.decode(tokens, skip_special_tokens=True)
+        return GenerateOutput(text, tokens, stats, {i: c.to("cpu") for i, c in gen.core_sets.items()})
 
     def _check_length(self, n_prompt: int, n_more: int) -> None:
         super()._check_length(n_prompt, n_more)
@@ -299,6 +377,11 @@ def _plan_for(lm: SparseLM, spec: MemoryBudget, budget: int, dtype: torch.dtype)
     if context is None:
         context = min(lm.context_length, DEFAULT_CONTEXT)
     return plan_memory(shape, budget, dtype=dtype, kept_fraction=kept, sparse_layers=layers, context_length=context)
+
+
+def _span(layers) -> str:
+    xs = sorted(layers)
+    return f"{xs[0]}:{xs[-1] + 1}" if xs and xs == list(range(xs[0], xs[-1] + 1)) else str(xs)
 
 
 def _ffn_modules(layer, fam) -> list[torch.nn.Module]:
@@ -366,14 +449,32 @@ def from_pretrained_offloaded(spec, artifact=None, device=None, dtype=None, memo
     return lm
 
 
-def offload_loaded(lm: OffloadedSparseLM, memory_budget, device) -> OffloadedSparseLM:
-    """Plan and place an ``OffloadedSparseLM`` whose model is still entirely in host memory (CPU)."""
+def offload_loaded(lm: OffloadedSparseLM, memory_budget, device, fast: bool | None = None) -> OffloadedSparseLM:
+    """Plan and place an ``OffloadedSparseLM`` whose model is still entirely in host memory (CPU).
+
+    ``fast`` (default: on CUDA): for the fast path's architectures the graph-captured ``BudgetFastLM`` holds the
+    device copies and the model's modules stay in host memory; otherwise (and with ``fast=False``) the eager
+    offloaded path places them. ``fast=True`` on the CPU runs ``BudgetFastLM`` eagerly (tests)."""
     spec = MemoryBudget.of(memory_budget)
     budget = parse_budget(spec.size)
     dev = check_budget_device(budget, device)
     if any(p.device.type != "cpu" for p in lm.model.parameters()):
         raise MemoryBudgetError("offload_loaded needs the model in host memory (load it on the CPU first)")
     plan = _plan_for(lm, spec, budget, lm.loaded.dtype)
-    lm.offload = Offload(plan, dev, lm._active)
+    offload = Offload(plan, dev, lm._active)
+    if fast or (fast is None and dev.type == "cuda"):
+        from .cuda.fastlm import FastPathError, FastWeights
+        from .cuda.offload import BudgetFastLM
+
+        try:
+            weights = FastWeights.from_hf(lm.model, adapter=lm.adapter)  # host memory: the model stays there
+        except FastPathError as err:
+            offload.fast_unsupported = str(err)
+        else:
+            lm.offload = offload
+            offload.fast = BudgetFastLM(weights, plan, dev)
+            lm.loaded.device = dev
+            return lm
+    lm.offload = offload
     _place(lm, plan, dev)
     return lm

@@ -84,6 +84,7 @@ class _Request:
     cluster: object = None
     sparse_prefill: bool = False
     timeline: bool = False
+    layer_k: dict | None = None  # stability-guided sizes (default: the plan's)
 
 
 @dataclass
@@ -201,11 +202,13 @@ class BudgetFastLM(FastLM):
     # ---- the public call
     def generate_budget(self, input_ids, max_new_tokens: int, *, core_sets: dict[int, torch.Tensor] | None = None,
                         cluster=None, sparse_prefill: bool = False, eos_token_id=None, timing: bool = True,
-                        timeline: bool = False, keep_logits: bool = False) -> BudgetGeneration:
+                        timeline: bool = False, keep_logits: bool = False,
+                        layer_k: dict[int, int] | None = None) -> BudgetGeneration:
         """Greedy decoding of one prompt. ``core_sets`` (every sparse layer -> sorted indices; a cluster's) skip the
         selection; ``cluster`` (any hashable) names them for the LRU; ``sparse_prefill`` runs the prompt's FFN on
         them too (then only core rows cross the bus). ``timeline`` records CUDA events per layer of the prefill (it
-        synchronises: not for timed runs). ``keep_logits`` returns each new token's (V,) logits."""
+        synchronises: not for timed runs). ``keep_logits`` returns each new token's (V,) logits. ``layer_k``: the
+        stability-guided core-set sizes, at most the plan's (default: the plan's)."""
         with self._budget_lock:
             if sparse_prefill and core_sets is None:
                 raise FastPathError("sparse_prefill needs core sets known before the prefill (similarity-guided prompts)")
@@ -216,10 +219,15 @@ class BudgetFastLM(FastLM):
                     raise FastPathError(f"need one core set per sparse layer {sorted(self.plan.layer_k)}, got layers "
                                         f"{sorted(core_sets)}")
                 self.plan.check_request({li: int(c.numel()) for li, c in core_sets.items()}, 1)
+            if layer_k is not None:
+                if sorted(layer_k) != sorted(self.plan.layer_k):
+                    raise FastPathError(f"layer_k must name the plan's sparse layers {sorted(self.plan.layer_k)}, got "
+                                        f"{sorted(layer_k)}")
+                self.plan.check_request(layer_k, 1)
             n = torch.as_tensor(input_ids).numel()
             self.plan.check_request({}, n + max_new_tokens)
             before = self.bytes_moved
-            self._budget_request = _Request(core_sets, cluster, sparse_prefill, timeline)
+            self._budget_request = _Request(core_sets, cluster, sparse_prefill, timeline, layer_k)
             try:
                 gen = self.generate(input_ids, max_new_tokens, eos_token_id=eos_token_id, timing=timing,
                                     keep_logits=keep_logits)
@@ -430,7 +438,8 @@ class BudgetFastLM(FastLM):
                 dense_lw = dataclasses.replace(lw, up_w=src["up_w"], up_b=src["up_b"], down=src["down"])
                 y = self._ffn_dense(dense_lw, h, acts)
                 if select:
-                    idx = stability_select_layers(acts, self.alpha, score=self.score, k=self.plan.layer_k[li])[0]
+                    k_li = (req.layer_k or self.plan.layer_k)[li]
+                    idx = stability_select_layers(acts, self.alpha, score=self.score, k=k_li)[0]
                 else:
                     idx = req.core_sets[li].to(w.device, torch.long).view(-1)
                 self._gather_into(li, idx, src)

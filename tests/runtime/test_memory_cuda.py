@@ -251,3 +251,35 @@ def test_cuda_streaming_with_one_buffer():
     fast = BudgetFastLM(FastWeights.from_hf(model), plan, "cuda")
     mem = FastLM(FastWeights.from_hf(model.cuda()), max_seq_len=64, kept_fraction=0.4)
     assert fast.generate_budget(prompt, 10).tokens == mem.generate(prompt, 10).tokens
+
+
+@pytest.mark.gpu
+@needs_cuda
+def test_cuda_sparse_lm_with_a_budget_runs_the_graph_path(tokenizer):
+    """SparseLM under a budget on CUDA: BudgetFastLM answers (stats.path "fast-offload"), the in-memory SparseLM's
+    tokens (float32), the decode within the plan."""
+    import copy
+
+    from coreinfer.runtime.loading import LoadedModel
+    from coreinfer.runtime.offload import MemoryBudget, OffloadedSparseLM, offload_loaded
+    from coreinfer.runtime.sparse_lm import SparseLM
+    from tests.conftest import build_tiny
+
+    model, _ = build_tiny("llama", tokenizer, seed=7)
+    ref = SparseLM(LoadedModel(copy.deepcopy(model).cuda(), tokenizer, "ref", "memory", torch.device("cuda"),
+                               torch.float32))
+    lm = OffloadedSparseLM(LoadedModel(model, tokenizer, "off", "memory", torch.device("cpu"), torch.float32))
+    shape = ModelShape.from_config(model.config)
+    ks = {i: kept_count(0.4, shape.n_neurons) for i in range(4)}
+    big = plan_memory(shape, "1TiB", dtype=torch.float32, layer_k=ks, context_length=96)
+    p = big.parts
+    budget = sum(p[k] for k in ("attention", "embeddings", "lm_head_norm", "kv_cache", "workspace", "core_ffn",
+                                "dense_ffn_outside_sparse")) + 2 * big.dense_layer_bytes + 8
+    offload_loaded(lm, MemoryBudget(budget, kept_fraction=0.4, context_length=96, layers="0:4"), "cuda")
+    assert lm.offload.fast is not None and lm.offload.plan.streamed == [0, 1, 2, 3]
+    prompt = "Paris is the capital of France and Berlin is the capital of Germany."
+    kw = dict(method="stability", beta=0.4, layers="0:4", max_new_tokens=12)
+    want, got = ref.generate(prompt, **kw), lm.generate(prompt, **kw)
+    assert got.stats.path == "fast-offload"
+    assert got.token_ids == want.token_ids
+    assert got.stats.memory["bus_bytes"] == 4 * lm.offload.fast.store.block_bytes

@@ -199,3 +199,30 @@ def test_from_pretrained_with_a_budget_on_cpu(capsys):
     _same(want, got)
     assert got.stats.memory["bus_bytes"] == len(lm.offload.plan.streamed) * ffn_bytes(
         lm.adapter.dense[lm.offload.plan.streamed[0]].host)
+
+
+def test_graph_path_route_equals_in_memory(tokenizer):
+    """What SparseLM runs on CUDA under a budget (BudgetFastLM), here eagerly on the CPU (fast=True): the tokens
+    of the in-memory eager path, stats saying which path ran and what crossed the bus; other calls refused."""
+    model, _ = build_tiny("llama", tokenizer, seed=7)
+    ref = SparseLM(LoadedModel(copy.deepcopy(model), tokenizer, "ref", "memory", torch.device("cpu"), torch.float32))
+    lm = OffloadedSparseLM(LoadedModel(model, tokenizer, "off", "memory", torch.device("cpu"), torch.float32))
+    offload_loaded(lm, MemoryBudget(_budget(lm, 0), kept_fraction=0.4, context_length=CONTEXT, layers=LAYERS), "cpu",
+                   fast=True)
+    assert lm.offload.fast is not None and all(not isinstance(d, HostFFN) for d in lm.adapter.dense)
+    kw = dict(method="stability", beta=0.4, layers=LAYERS, max_new_tokens=8)
+    want, got = ref.generate(PROMPT, **kw), lm.generate(PROMPT, **kw)
+    assert got.token_ids == want.token_ids and got.text == want.text
+    for i in want.core_sets:
+        assert torch.equal(got.core_sets[i], want.core_sets[i])
+    assert got.stats.path == "fast-offload" and got.stats.kept_fraction == want.stats.kept_fraction
+    assert got.stats.memory["bus_bytes"] == 4 * lm.offload.fast.store.block_bytes
+    assert got.stats.memory["core_sets_from"] == "prefill"
+    with pytest.raises(ValueError, match="graph-captured path: one str prompt, greedy"):
+        lm.generate(PROMPT, do_sample=True, max_new_tokens=2)
+    with pytest.raises(ValueError, match="planned layers"):
+        lm.generate(PROMPT, method="stability", layers="1:3", max_new_tokens=2)
+    with pytest.raises(ValueError, match="scoring under a memory budget on CUDA"):
+        lm.score(PROMPT, " Rome.")
+    with pytest.raises(ValueError, match="method='dense'"):
+        lm.generate(PROMPT, method="dense", max_new_tokens=2)
