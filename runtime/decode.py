@@ -1,99 +1,135 @@
-"""Sampling and the decode loop: one token per step, stop on EOS, stop strings or the token budget."""
+"""What the eager path adds to transformers' ``generate``; transformers itself decodes (sampling, beams,
+logits processors, stopping criteria, streamers).
+
+- ``BatchSession``: one session per prompt of a left-padded batch, so each prompt decodes with its own core set.
+- ``PrefillEnd``: a logits processor that ends the prefill (gathers the compact FFNs) after the first forward.
+- ``TextCallbackStreamer``: a transformers streamer handing ``on_text`` the generated text in final chunks.
+"""
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+import time
 from typing import Callable
 
 import torch
+from transformers import LogitsProcessor
+from transformers.generation.streamers import BaseStreamer
+
+from .ffn import FFNWeights
+from .session import CoreSetSession, Session
 
 
-@dataclass
-class Sampling:
-    do_sample: bool = False
-    temperature: float = 1.0
-    top_k: int | None = None
-    top_p: float | None = None
-    seed: int | None = None
+class BatchSession(Session):
+    """The sessions of a batch's prompts, row by row.
 
-    def __post_init__(self):
-        if self.temperature <= 0:
-            raise ValueError(f"temperature must be > 0, got {self.temperature}; use do_sample=False for greedy")
-        if self.top_k is not None and self.top_k < 1:
-            raise ValueError(f"top_k must be >= 1, got {self.top_k}")
-        if self.top_p is not None and not 0 < self.top_p <= 1:
-            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+    The prefill hands each prompt's session only that prompt's own positions (left padding dropped), so its
+    core sets are selected from its tokens alone; pad positions run dense. ``generate`` may repeat each
+    prompt's row (beams, several sequences): rows ``p * g .. (p + 1) * g - 1`` belong to prompt ``p``, and in
+    the prefill, where those copies are identical, the session runs once per prompt.
+    """
 
-    def generator(self, device) -> torch.Generator | None:
-        if not self.do_sample:
-            return None
-        g = torch.Generator(device=device)
-        g.manual_seed(self.seed if self.seed is not None else torch.seed())
-        return g
+    def __init__(self, sessions: list[Session], lengths: list[int]):
+        if len(sessions) != len(lengths):
+            raise ValueError("a BatchSession needs one prompt length per session")
+        self.sessions = sessions
+        self.lengths = lengths
+        self.prefilling = True
 
-    def pick(self, logits: torch.Tensor, generator: torch.Generator | None) -> int:
-        """Next token from the last position's logits (V,)."""
-        if not self.do_sample:
-            return int(logits.argmax())
-        logits = logits.float() / self.temperature
-        if self.top_k is not None:
-            kth = logits.topk(min(self.top_k, logits.shape[-1])).values[-1]
-            logits = logits.masked_fill(logits < kth, float("-inf"))
-        if self.top_p is not None and self.top_p < 1:
-            sorted_logits, order = logits.sort(descending=True)
-            cum = sorted_logits.softmax(-1).cumsum(-1)
-            drop = cum - sorted_logits.softmax(-1) >= self.top_p  # keep the smallest prefix reaching top_p
-            logits = logits.masked_fill(torch.zeros_like(drop).scatter(0, order, drop), float("-inf"))
-        return int(torch.multinomial(logits.softmax(-1), 1, generator=generator))
+    def ffn(self, layer_idx: int, x: torch.Tensor, dense: FFNWeights) -> torch.Tensor:
+        if x.dim() == 2:  # families that flatten (rows * positions, H) around the FFN (OPT)
+            positions = max(self.lengths) if self.prefilling else 1
+            return self.ffn(layer_idx, x.view(-1, positions, x.shape[-1]), dense).reshape(x.shape[0], -1)
+        n = len(self.sessions)
+        group = x.shape[0] // n
+        if group * n != x.shape[0]:
+            raise RuntimeError(f"batch of {x.shape[0]} rows for {n} prompts")
+        if n == 1 and not self.prefilling:
+            return self.sessions[0].ffn(layer_idx, x, dense)
+        outs = []
+        for p, session in enumerate(self.sessions):
+            rows = x[p * group:(p + 1) * group]
+            if not self.prefilling:
+                outs.append(session.ffn(layer_idx, rows, dense))
+                continue
+            pad = x.shape[1] - self.lengths[p]
+            own = session.ffn(layer_idx, rows[:1, pad:], dense).expand(group, -1, -1)
+            outs.append(torch.cat([dense(rows[:, :pad]), own], dim=1) if pad else own)
+        return outs[0] if n == 1 else torch.cat(outs, dim=0)
+
+    def end_prefill(self, dense: list[FFNWeights]) -> None:
+        """Freeze every prompt's core sets: each later token runs its compact FFNs."""
+        self.prefilling = False
+        for session in self.sessions:
+            if isinstance(session, CoreSetSession):
+                session.freeze(dense)
+            if hasattr(session, "prefill_done"):  # per-token baselines switch on after the prompt
+                session.prefill_done = True
 
 
-@dataclass
-class DecodeResult:
-    token_ids: list[int] = field(default_factory=list)
-    text: str = ""
-    stop_reason: str = "length"
-    logits: list[torch.Tensor] = field(default_factory=list)  # per step, when asked for
+class PrefillEnd(LogitsProcessor):
+    """Ends the batch's prefill at the first logits ``generate`` processes, and notes when (the prefill time).
+
+    Changes no score. ``generate`` calls its logits processors after every forward and before the next one.
+    """
+
+    def __init__(self, session: BatchSession, dense: list[FFNWeights]):
+        self.session = session
+        self.dense = dense
+        self.ended_at: float | None = None
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        if self.ended_at is None:
+            self.session.end_prefill(self.dense)
+            self.ended_at = time.perf_counter()
+        return scores
 
 
-def decode_loop(step: Callable[[int], torch.Tensor], first_logits: torch.Tensor, max_new_tokens: int,
-                sampling: Sampling, eos_ids: set[int], tokenizer, stop: list[str] | None = None,
-                on_text: Callable[[str], None] | None = None, streamer=None, keep_logits: bool = False) -> DecodeResult:
-    """Greedy or sampled decoding. ``step(token) -> logits (V,)`` runs the model on one token."""
-    generator = sampling.generator(first_logits.device)
-    out = DecodeResult()
-    stop = [s for s in (stop or []) if s]
-    hold = max((len(s) for s in stop), default=1) - 1  # never stream text that may start a stop string
-    emitted = 0
-    logits = first_logits
-    for i in range(max_new_tokens):
-        if keep_logits:
-            out.logits.append(logits.float().cpu())
-        token = sampling.pick(logits, generator)
-        if token in eos_ids:
-            out.stop_reason = "eos"
-            break
-        out.token_ids.append(token)
-        if streamer is not None:
-            streamer.put(torch.tensor([token]))
-        if not stop and on_text is None:  # nothing looks at the text mid-stream: decode once at the end
-            if i + 1 < max_new_tokens:
-                logits = step(token)
-            continue
-        text = tokenizer.decode(out.token_ids, skip_special_tokens=True)
-        hit = min((text.find(s) for s in stop if s in text), default=-1)
-        if hit >= 0:
-            out.text, out.stop_reason = text[:hit], "stop_string"
-            break
-        out.text = text
-        if on_text is not None and len(text) - hold > emitted:
-            on_text(text[emitted:len(text) - hold])
-            emitted = len(text) - hold
-        if i + 1 < max_new_tokens:
-            logits = step(token)
-    if not stop and on_text is None:
-        out.text = tokenizer.decode(out.token_ids, skip_special_tokens=True)
-    if on_text is not None and len(out.text) > emitted:
-        on_text(out.text[emitted:])
-    if streamer is not None:
-        streamer.end()
-    return out
+def text_before_stop(text: str, stop_strings: list[str]) -> tuple[str, bool]:
+    """``text`` up to the first stop string (excluded), and whether one occurred."""
+    hits = [i for i in (text.find(s) for s in stop_strings if s) if i >= 0]
+    return (text[:min(hits)], True) if hits else (text, False)
+
+
+class TextCallbackStreamer(BaseStreamer):
+    """Calls ``on_text(chunk)`` with each piece of generated text once it is final.
+
+    Text that could still turn into a stop string (its last ``len(longest stop) - 1`` characters) or an
+    unfinished multi-byte character is held back; the chunks join to the call's final text. ``inner``, a
+    user's streamer, receives every token as well.
+    """
+
+    def __init__(self, tokenizer, on_text: Callable[[str], None], stop_strings: list[str] | None = None,
+                 inner: BaseStreamer | None = None):
+        self.tokenizer = tokenizer
+        self.on_text = on_text
+        self.stop_strings = [s for s in (stop_strings or []) if s]
+        self.hold = max((len(s) for s in self.stop_strings), default=1) - 1
+        self.inner = inner
+        self.tokens: list[int] = []
+        self.prompt_seen = False
+        self.emitted = 0
+
+    def put(self, value: torch.Tensor) -> None:
+        if self.inner is not None:
+            self.inner.put(value)
+        if not self.prompt_seen:  # generate first puts the prompt
+            self.prompt_seen = True
+            return
+        if value.dim() > 1 and value.shape[0] != 1:
+            raise ValueError("on_text follows one sequence; it takes no batch")
+        self.tokens.extend(value.reshape(-1).tolist())
+        text, stopped = text_before_stop(self.tokenizer.decode(self.tokens, skip_special_tokens=True), self.stop_strings)
+        end = len(text) if stopped else len(text) - self.hold
+        if text.endswith("\ufffd"):  # a character split across tokens: wait for the rest
+            end = min(end, len(text) - 1)
+        if end > self.emitted:
+            self.on_text(text[self.emitted:end])
+            self.emitted = end
+
+    def end(self) -> None:
+        if self.inner is not None:
+            self.inner.end()
+        text, _ = text_before_stop(self.tokenizer.decode(self.tokens, skip_special_tokens=True), self.stop_strings)
+        if len(text) > self.emitted:
+            self.on_text(text[self.emitted:])
+            self.emitted = len(text)

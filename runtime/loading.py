@@ -7,6 +7,7 @@ GGUF file's sha256, written to a temporary folder and renamed so no half-written
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import importlib.util
 import os
@@ -168,9 +169,33 @@ def _resolve_source(spec: str) -> tuple[str, str | None]:
     )
 
 
-def load_model(spec: str = DEFAULT_MODEL, device=None, dtype=None) -> LoadedModel:
-    """Load a causal LM and its tokenizer, on ``device`` in ``dtype`` (float32 on CPU, bf16 on CUDA)."""
+@contextlib.contextmanager
+def library_output(verbose: bool):
+    """transformers' progress bars and warnings while loading: shown with ``verbose``, else silenced (and restored)."""
+    from transformers.utils import logging as hf_logging
+
+    if verbose:
+        yield
+        return
+    bars, level = hf_logging.is_progress_bar_enabled(), hf_logging.get_verbosity()
+    hf_logging.disable_progress_bar()
+    hf_logging.set_verbosity_error()
+    try:
+        yield
+    finally:
+        hf_logging.set_verbosity(level)
+        if bars:
+            hf_logging.enable_progress_bar()
+
+
+def load_model(spec: str = DEFAULT_MODEL, device=None, dtype=None, verbose: bool = False) -> LoadedModel:
+    """Load a causal LM and its tokenizer, on ``device`` in ``dtype`` (float32 on CPU, bf16 on CUDA).
+
+    A ``coreinfer export`` folder (per-layer FFN sizes in its config) loads through ``export.load_sparse_model``.
+    """
     from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from .export import intermediate_sizes, load_sparse_model
 
     if not isinstance(spec, (str, os.PathLike)):
         raise TypeError(f"model must be an alias, a path or a hub id (str), got {type(spec).__name__}")
@@ -178,11 +203,15 @@ def load_model(spec: str = DEFAULT_MODEL, device=None, dtype=None) -> LoadedMode
     dev = resolve_device(device)
     dt = resolve_dtype(dtype, dev)
     source, kind = _resolve_source(spec)
-    if source.endswith(".gguf"):
-        source = str(_converted_gguf(Path(source)))
     try:
-        tokenizer = AutoTokenizer.from_pretrained(source)
-        model = AutoModelForCausalLM.from_pretrained(source, dtype=dt)
+        with library_output(verbose):
+            if source.endswith(".gguf"):
+                source = str(_converted_gguf(Path(source)))
+            tokenizer = AutoTokenizer.from_pretrained(source)
+            if kind != "hub" and intermediate_sizes(source) is not None:
+                model = load_sparse_model(source, dtype=dt)
+            else:
+                model = AutoModelForCausalLM.from_pretrained(source, dtype=dt)
     except OSError as err:
         if kind == "hub":
             raise ModelLoadError(

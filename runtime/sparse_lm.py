@@ -6,16 +6,22 @@ the compact FFN of each sparse layer once, then decode every token through it.
 
 from __future__ import annotations
 
+import contextlib
+import copy
+import logging
 import math
 import time
 from contextvars import ContextVar
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from typing import Callable
 
 import torch
+from transformers import GenerationConfig, LogitsProcessorList
 
 from . import adapters
-from .decode import DecodeResult, Sampling, decode_loop
+from .decode import BatchSession, PrefillEnd, TextCallbackStreamer, text_before_stop
+from .export import SIZES_KEY
+from .generation import GenerateOutput, GenerationRequest, Stats
 from .loading import DEFAULT_MODEL, LoadedModel, load_model
 from .selection import DEFAULT_SCORE, check_fraction, check_layer_k, check_score
 from .session import CaptureSession, CoreSetSession, Session, stability_selector
@@ -23,40 +29,7 @@ from .session import CaptureSession, CoreSetSession, Session, stability_selector
 METHODS = ("dense", "stability", "similarity", "auto")
 DEFAULT_LAYERS = (5 / 32, 27 / 32)  # the paper keeps layers 5..26 of 32 sparse; first and last stay dense
 DEFAULT_BETA = 0.4
-GENERATION_KWARGS = ("do_sample", "temperature", "top_k", "top_p", "seed", "stop", "streamer", "on_text", "chat",
-                     "return_logits")
-
-
-@dataclass
-class Stats:
-    method_used: str
-    kept_fraction: float  # FFN neurons used per decoded token / all FFN neurons of the model
-    prefill_ms: float
-    select_ms: float  # core-set selection + compact gather
-    decode_tokens_per_s: float
-    prompt_tokens: int
-    new_tokens: int
-    layers: list[int] = field(default_factory=list)  # the sparse layers
-    neurons_per_layer: int | None = None  # k in each sparse layer when they all keep the same number, else None
-    layer_k: dict[int, int] | None = None  # {sparse layer: k}: per-layer core-set sizes (a calibrated budget)
-    ffn_bytes_per_token: int = 0  # FFN weight bytes read per decoded token
-    alpha: float | None = None
-    beta: float | None = None
-    score: str | None = None
-    cluster: int | None = None
-    stop_reason: str | None = None
-
-    def to_dict(self) -> dict:
-        return asdict(self)
-
-
-@dataclass
-class GenerateOutput:
-    text: str
-    token_ids: list[int]
-    stats: Stats
-    core_sets: dict[int, torch.Tensor] = field(default_factory=dict)  # layer -> sorted neuron indices
-    logits: list[torch.Tensor] = field(default_factory=list)  # (V,) per generated token, with return_logits=True
+logger = logging.getLogger("coreinfer")
 
 
 @dataclass
@@ -71,6 +44,13 @@ class ScoreOutput:
     @property
     def total(self) -> float:
         return float(self.token_logprobs.sum())
+
+
+def _as_list(ids) -> list:
+    """A token id (or stop string), a list of them or None, as GenerationConfig holds them, as a list."""
+    if ids is None:
+        return []
+    return [ids] if isinstance(ids, (int, str)) else list(ids)
 
 
 def _as_prompt(prompt) -> str:
@@ -100,15 +80,16 @@ class SparseLM:
 
     @classmethod
     def from_pretrained(cls, spec: str = DEFAULT_MODEL, artifact=None, device=None, dtype=None,
-                        memory_budget=None) -> "SparseLM":
+                        memory_budget=None, verbose: bool = False) -> "SparseLM":
         """``memory_budget`` ("12GiB", bytes, or an ``offload.MemoryBudget``): weights that do not fit stay in host
-        memory (runtime/offload.py, issue 11); None loads the whole model on the device."""
+        memory (runtime/offload.py, issue 11); None loads the whole model on the device. ``verbose`` shows the
+        libraries' loading progress bars and warnings. ``spec`` may be a ``coreinfer export`` folder."""
         if memory_budget is not None:
             from .offload import from_pretrained_offloaded
 
             return from_pretrained_offloaded(spec, artifact=artifact, device=device, dtype=dtype,
-                                             memory_budget=memory_budget)
-        loaded = load_model(spec, device=device, dtype=dtype)
+                                             memory_budget=memory_budget, verbose=verbose)
+        loaded = load_model(spec, device=device, dtype=dtype, verbose=verbose)
         return cls(loaded, artifact=artifact)
 
     @property
@@ -194,8 +175,8 @@ class SparseLM:
 
     def _forward(self, ids: torch.Tensor, cache, last_only: bool):
         kwargs = {"logits_to_keep": 1} if last_only and self._takes_logits_to_keep else {}
-        out = self.model(input_ids=ids, past_key_values=cache, use_cache=True, **kwargs)
-        return out.logits[0], out.past_key_values
+        out = self.model(input_ids=ids, cache=cache, use_cache=True, **kwargs)
+        return out.logits[0], out.cache
 
     def _run_prefill(self, session: Session, ids: torch.Tensor, last_only: bool):
         token = self._active.set(session)
@@ -238,6 +219,12 @@ class SparseLM:
             cluster=extra.get("cluster"),
         )
 
+    def default_method(self) -> str:
+        """auto with an artifact; dense on an exported sparse model (its core FFNs are already cut); else stability."""
+        if self.artifact is not None:
+            return "auto"
+        return "dense" if getattr(self.model.config, SIZES_KEY, None) else "stability"
+
     def default_beta(self, method: str, beta: float | None) -> float:
         """beta=None: the artifact's kept fraction for artifact methods (its core sets exist at that size), else 0.4.
 
@@ -274,77 +261,228 @@ class SparseLM:
         return self.resolve_layers(layers)
 
     # ---- public API -------------------------------------------------------------------------------
-    def generate(self, prompt: str, method: str | None = None, alpha: float = 0.4, beta: float | None = None, layers=None,
+    def generate(self, prompt, method: str | None = None, alpha: float = 0.4, beta: float | None = None, layers=None,
                  max_new_tokens: int = 64, score: str = DEFAULT_SCORE, sparse_prefill: bool = False,
-                 session: Session | None = None, method_used: str | None = None,
-                 **generation_kwargs) -> GenerateOutput:
+                 session: Session | None = None, method_used: str | None = None, *, chat: bool = False,
+                 generation_config: GenerationConfig | None = None, stop=None, on_text: Callable[[str], None] | None = None,
+                 streamer=None, return_logits: bool = False, seed: int | None = None, fast_path: bool | None = None,
+                 **generation_kwargs):
         """Generate from ``prompt`` decoding with the prompt's core neurons (``method="dense"`` for none).
 
-        generation_kwargs: do_sample, temperature, top_k, top_p, seed, stop (list of strings),
-        streamer (a transformers TextStreamer), on_text (callback receiving text chunks), chat (bool),
-        return_logits (bool: keep each step's logits in the output).
-        ``session`` overrides the method's own (evaluation baselines), as in ``score_ids``.
+        ``prompt``: a str or a 1-D tensor of token ids (one ``GenerateOutput``), or a list of str or a 2-D
+        tensor (a list of outputs, one per prompt; a batch runs left-padded, each prompt with its own core
+        sets, and gives what each prompt run alone gives). ``num_return_sequences > 1`` also returns a list.
+
+        Decoding is transformers' own ``generate`` with this call's sessions active: ``generation_config``
+        and any keyword that ``GenerationConfig`` takes (``do_sample``, ``temperature``, ``top_k``, ``top_p``,
+        ``repetition_penalty``, ``num_beams``, ``min_new_tokens``, ``stop_strings``, ...) or ``generate`` takes
+        (``logits_processor``, ``stopping_criteria``) reach it, over the model's generation defaults; an
+        unknown keyword gets transformers' own error. Ours: ``chat`` (apply the chat template), ``stop``
+        (stop strings, as ``stop_strings``: ``text`` ends before the stop string, ``token_ids`` keep its
+        tokens), ``on_text`` (callback receiving the generated text in final chunks), ``streamer`` (a
+        transformers streamer), ``return_logits`` (each step's (V,) logits), ``session``/``method_used``
+        (an evaluation baseline's session, for one prompt).
+
+        ``seed``: torch's generator is seeded with it for the call and restored afterwards, so a sampled call
+        with a seed gives the same tokens every time on the same device and library versions, provided no other
+        sampled call runs in the process at the same time (transformers samples from torch's global generator).
+        ``fast_path``: None uses the CUDA fast path where it applies (else ``stats.fallback_reason`` says why),
+        True raises where it cannot apply, False always decodes on the eager path.
         """
-        unknown = set(generation_kwargs) - set(GENERATION_KWARGS)
-        if unknown:
-            raise TypeError(f"unknown generation arguments {sorted(unknown)}; supported: {GENERATION_KWARGS}")
-        method = method or ("auto" if self.artifact is not None else "stability")
+        if fast_path not in (None, True, False):
+            raise ValueError(f"fast_path must be None, True or False, got {fast_path!r}")
+        method = method or self.default_method()
         layer_k = self.artifact_layer_k(method, beta, layers)
         beta = self.default_beta(method, beta)
         layers = self._validate(method, alpha, beta, score, layers, layer_k)
         if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be a positive int, got {max_new_tokens!r}")
-        # graph-captured fast path (runtime/cuda/hook.py); per-layer sizes are not wired into it yet
-        if session is None and self.device.type == "cuda" and layer_k is None:
-            from .cuda.hook import fast_generate
+        prompts, single = self._prompts(prompt, chat)
+        config, model_kwargs, stop_strings = self._generation_config(generation_config, max_new_tokens, stop,
+                                                                     generation_kwargs)
+        single = single and (config.num_return_sequences or 1) == 1
+        if len(prompts) > 1 and (on_text is not None or streamer is not None):
+            raise ValueError("on_text and streamer follow one prompt; generate a batch without them, or one prompt at a time")
+        if len(prompts) > 1 and session is not None:
+            raise ValueError("session= is one prompt's session; pass a single prompt with it")
+        for _, ids in prompts:
+            self._check_length(ids.shape[1], max_new_tokens)
 
-            fast = fast_generate(self, prompt, method, alpha, beta, layers, max_new_tokens, score, sparse_prefill,
-                                 generation_kwargs)
-            if fast is not None:
-                return fast
-        gk = dict(generation_kwargs)
-        stop = gk.pop("stop", None)
-        stop = [stop] if isinstance(stop, str) else list(stop or [])
-        streamer, on_text, chat = gk.pop("streamer", None), gk.pop("on_text", None), gk.pop("chat", False)
-        return_logits = gk.pop("return_logits", False)
-        sampling = Sampling(**gk)
+        sessions = None if session is None else [(session, method_used or method, {})]
+        reason = None
+        if fast_path is not False:
+            if len(prompts) > 1:
+                reason = "the fast path decodes one prompt at a time"
+            elif session is not None:
+                reason = "an explicit session= runs on the eager path"
+            elif self.device.type != "cuda":
+                reason = f"the fast path runs on CUDA and this model is on {self.device.type}"
+            elif model_kwargs:
+                reason = f"{sorted(model_kwargs)} are not generation settings the fast path takes"
+            else:
+                text, ids = prompts[0]
+                sessions = [self.core_session(method, ids, text, alpha, beta, layers, score, sparse_prefill,
+                                              layer_k=layer_k)]
+                request = GenerationRequest(
+                    input_ids=ids, prompt=text, method=method, alpha=alpha, beta=beta, layers=layers, score=score,
+                    sparse_prefill=sparse_prefill, max_new_tokens=max_new_tokens, config=config,
+                    eos_ids=set(_as_list(config.eos_token_id)), stop_strings=stop_strings, streamer=streamer,
+                    on_text=on_text, return_logits=return_logits, seed=seed, layer_k=layer_k)
+                from .cuda.hook import fast_generate
 
-        ids = self.encode(prompt, chat=chat)
-        n_prompt = ids.shape[1]
-        self._check_length(n_prompt, max_new_tokens)
-        extra: dict = {}
-        if session is None:
-            session, method_used, extra = self.core_session(method, ids, prompt, alpha, beta, layers, score, sparse_prefill,
-                                                            layer_k=layer_k)
+                out, reason = fast_generate(self, request, *sessions[0])
+                if out is not None:
+                    out.stats.path = "fast"
+                    return out
+            if fast_path:
+                raise ValueError(f"{reason}; pass fast_path=None to fall back to the eager path, or leave out what "
+                                 "the fast path does not implement")
+            logger.info("generate: eager path (%s)", reason)
+        if sessions is None:
+            sessions = [self.core_session(method, ids, text, alpha, beta, layers, score, sparse_prefill, layer_k=layer_k)
+                        for text, ids in prompts]
+        outs = self._generate_eager(prompts, sessions, (method, alpha, beta, layers, score), config, model_kwargs,
+                                    stop_strings, on_text, streamer, return_logits, seed)
+        for out in outs:
+            out.stats.fallback_reason = reason
+        return outs[0] if single else outs
 
+    def _prompts(self, prompt, chat: bool) -> tuple[list[tuple[str, torch.Tensor]], bool]:
+        """[(prompt text, ids (1, T) on the device)] and whether one prompt (not a list) was given."""
+        if isinstance(prompt, torch.Tensor):
+            if chat:
+                raise ValueError("chat=True applies the chat template to text: pass the prompt as a str, or ids without chat")
+            if prompt.dim() not in (1, 2) or prompt.shape[-1] == 0 or prompt.shape[0] == 0:
+                raise ValueError(f"token ids must be a non-empty 1-D (one prompt) or 2-D (a batch) tensor, "
+                                 f"got shape {tuple(prompt.shape)}")
+            if prompt.dtype.is_floating_point or prompt.dtype == torch.bool:
+                raise ValueError(f"token ids must be integers, got {prompt.dtype}")
+            rows = [prompt] if prompt.dim() == 1 else list(prompt)
+            return [(self.tokenizer.decode(r, skip_special_tokens=True), r.to(self.device, torch.long).view(1, -1))
+                    for r in rows], prompt.dim() == 1
+        if isinstance(prompt, (list, tuple)):
+            if not prompt:
+                raise ValueError("the list of prompts is empty; pass at least one prompt")
+            bad = next((i for i, p in enumerate(prompt) if not isinstance(p, str)), None)
+            if bad is not None:
+                raise TypeError(f"a list of prompts holds str only, but item {bad} is {type(prompt[bad]).__name__}; "
+                                "pass token ids as one tensor")
+            return [(p, self.encode(p, chat=chat)) for p in prompt], False
+        if not isinstance(prompt, str):
+            raise TypeError(f"prompt must be a str, a list of str or a tensor of token ids, got {type(prompt).__name__}")
+        return [(prompt, self.encode(prompt, chat=chat))], True
+
+    def _generation_config(self, generation_config, max_new_tokens: int, stop, kwargs: dict):
+        """(GenerationConfig: the model's defaults, then ``generation_config``, then ``kwargs``; the keywords it
+        does not take, for ``generate`` itself; the stop strings)."""
+        config = copy.deepcopy(self.model.generation_config)
+        if generation_config is not None:
+            if not isinstance(generation_config, GenerationConfig):
+                raise TypeError(f"generation_config must be a transformers GenerationConfig, got "
+                                f"{type(generation_config).__name__}")
+            config.update(**generation_config.to_diff_dict())
+        model_kwargs = config.update(**kwargs)
+        config.max_new_tokens = max_new_tokens
+        stops = [stop] if isinstance(stop, str) else list(stop or [])
+        stops += [s for s in _as_list(config.stop_strings) if s not in stops]
+        config.stop_strings = stops or None
+        user_eos = "eos_token_id" in kwargs or (generation_config is not None and generation_config.eos_token_id is not None)
+        if not user_eos:
+            config.eos_token_id = sorted(self._eos_ids()) or None
+        if config.pad_token_id is None:
+            pad = self.tokenizer.pad_token_id
+            config.pad_token_id = pad if pad is not None else (_as_list(config.eos_token_id) or [0])[0]
+        config.validate()
+        return config, model_kwargs, stops
+
+    def _generate_eager(self, prompts, sessions, request: tuple, config: GenerationConfig, model_kwargs: dict,
+                        stop_strings: list[str], on_text, streamer, return_logits: bool, seed: int | None):
+        """transformers' ``generate`` on the left-padded batch, each prompt's session active on its rows."""
+        method, alpha, beta, layers, score = request
+        lengths = [ids.shape[1] for _, ids in prompts]
+        width = max(lengths)
+        input_ids = torch.full((len(prompts), width), int(config.pad_token_id), dtype=torch.long, device=self.device)
+        mask = torch.zeros_like(input_ids)
+        for row, (_, ids) in enumerate(prompts):
+            input_ids[row, width - ids.shape[1]:] = ids[0]
+            mask[row, width - ids.shape[1]:] = 1
+        batch = BatchSession([s for s, _, _ in sessions], lengths)
+        prefill_end = PrefillEnd(batch, self.adapter.dense)
+        processors = LogitsProcessorList(model_kwargs.pop("logits_processor", None) or [])
+        processors.append(prefill_end)
+        if on_text is not None:
+            streamer = TextCallbackStreamer(self.tokenizer, on_text, stop_strings, inner=streamer)
+        if stop_strings:
+            model_kwargs["tokenizer"] = self.tokenizer  # transformers matches stop strings on tokens through it
+        config.return_dict_in_generate = True
+        config.output_logits = bool(return_logits)
+        cuda = [self.device] if self.device.type == "cuda" else []
+        rng = torch.random.fork_rng(devices=cuda) if seed is not None else contextlib.nullcontext()
+        token = self._active.set(batch)
         t0 = time.perf_counter()
-        logits, cache = self._run_prefill(session, ids, last_only=True)
-        prefill_s = time.perf_counter() - t0
-        if streamer is not None:
-            streamer.put(ids[0].cpu())
-
-        def step(token: int) -> torch.Tensor:
-            nonlocal cache
-            logits, cache = self._forward(torch.tensor([[token]], device=self.device), cache, last_only=True)
-            return logits[-1]
-
-        t1 = time.perf_counter()
-        tok = self._active.set(session)
         try:
-            with torch.inference_mode():
-                result: DecodeResult = decode_loop(step, logits[-1], max_new_tokens, sampling, self._eos_ids(),
-                                                   self.tokenizer, stop=stop, on_text=on_text, streamer=streamer,
-                                                   keep_logits=return_logits)
+            with rng, torch.inference_mode():
+                if seed is not None:
+                    torch.manual_seed(seed)
+                out = self.model.generate(input_ids=input_ids, attention_mask=mask, generation_config=config,
+                                          logits_processor=processors, streamer=streamer, **model_kwargs)
         finally:
-            self._active.reset(tok)
-        decode_s = time.perf_counter() - t1
+            self._active.reset(token)
+        t_end = time.perf_counter()
+        t_prefill = prefill_end.ended_at or t_end
+        eos = set(_as_list(config.eos_token_id))
+        group = out.sequences.shape[0] // len(prompts)
+        outs = []
+        for row in range(out.sequences.shape[0]):
+            p = row // group
+            tokens, stop_reason, steps = self._trim(out.sequences[row, width:].tolist(), eos, stop_strings)
+            text, _ = text_before_stop(self.tokenizer.decode(tokens, skip_special_tokens=True), stop_strings)
+            session, used, extra = sessions[p]
+            stats = self._stats(used or method, session, layers, beta, alpha, score, t_prefill - t0, lengths[p], extra)
+            stats.new_tokens = len(tokens)
+            # the first new token comes from the prefill: len - 1 decode steps
+            stats.decode_tokens_per_s = (len(tokens) - 1) / (t_end - t_prefill) if len(tokens) > 1 and t_end > t_prefill else 0.0
+            stats.stop_reason = stop_reason
+            logits = [step[row].float().cpu() for step in out.logits[:steps]] if return_logits else []
+            outs.append(GenerateOutput(text, tokens, stats, dict(getattr(session, "core_sets", {})), logits))
+        return outs
 
-        stats = self._stats(method_used or method, session, layers, beta, alpha, score, prefill_s, n_prompt, extra)
-        stats.new_tokens = len(result.token_ids)
-        # the first new token comes from the prefill; the decode loop ran len-1 model steps
-        stats.decode_tokens_per_s = (len(result.token_ids) - 1) / decode_s if len(result.token_ids) > 1 and decode_s > 0 else 0.0
-        stats.stop_reason = result.stop_reason
-        return GenerateOutput(result.text, result.token_ids, stats, dict(getattr(session, "core_sets", {})), result.logits)
+    def _trim(self, tokens: list[int], eos: set[int], stop_strings: list[str]) -> tuple[list[int], str, int]:
+        """(one row's generated tokens up to where it stopped, why, how many tokens it generated). The rows of a
+        batch that stop early are filled up with padding; an end-of-sequence token is not kept."""
+        for i, t in enumerate(tokens):
+            if t in eos:
+                return tokens[:i], "eos", i + 1
+        decode = lambda ids: self.tokenizer.decode(ids, skip_special_tokens=True)  # noqa: E731
+        if stop_strings and text_before_stop(decode(tokens), stop_strings)[1]:
+            n = next(n for n in range(1, len(tokens) + 1) if text_before_stop(decode(tokens[:n]), stop_strings)[1])
+            return tokens[:n], "stop_string", n
+        return tokens, "length", len(tokens)
+
+    def sparse_model(self, prompt_or_core_sets, method: str | None = None, alpha: float = 0.4, beta: float | None = None,
+                     layers=None, score: str = DEFAULT_SCORE, chat: bool = False):
+        """A plain transformers model (this model's own class) whose sparse layers hold the compact FFN, as the
+        family's own MLP module with k neurons: for a prompt's core sets (chosen as ``generate`` chooses them)
+        or for ``{layer: sorted neuron indices}``. ``generate``, ``pipeline`` and ``save_pretrained`` work on
+        it; its logits are this SparseLM's with the same core sets and ``sparse_prefill`` (every token, the
+        prompt's too, runs the compact FFN). Other weights are shared with ``self.model``. Saving and loading
+        it back: ``coreinfer export`` and ``runtime/export.py``."""
+        from .export import build_sparse_model
+
+        if isinstance(prompt_or_core_sets, dict):
+            core_sets = prompt_or_core_sets
+        else:
+            method = method or self.default_method()
+            if method == "dense":
+                raise ValueError("method='dense' keeps every neuron: there is no sparse model to build; pick a sparse method")
+            layer_k = self.artifact_layer_k(method, beta, layers)
+            beta = self.default_beta(method, beta)
+            layers = self._validate(method, alpha, beta, score, layers, layer_k)
+            (text, ids), = self._prompts(_as_prompt(prompt_or_core_sets), chat)[0]
+            session, _, _ = self.core_session(method, ids, text, alpha, beta, layers, score, layer_k=layer_k)
+            self._run_prefill(session, ids, last_only=True)
+            core_sets = dict(session.core_sets)
+        return build_sparse_model(self.model, core_sets)
 
     def score(self, prompt: str, continuation: str, method: str | None = None, alpha: float = 0.4, beta: float | None = None,
               layers=None, score: str = DEFAULT_SCORE, sparse_prefill: bool = False, chat: bool = False) -> ScoreOutput:
@@ -355,7 +493,7 @@ class SparseLM:
         """
         if not isinstance(continuation, str) or not continuation:
             raise ValueError("continuation must be a non-empty str")
-        method = method or ("auto" if self.artifact is not None else "stability")
+        method = method or self.default_method()
         layer_k = self.artifact_layer_k(method, beta, layers)
         beta = self.default_beta(method, beta)
         layers = self._validate(method, alpha, beta, score, layers, layer_k)

@@ -47,14 +47,14 @@ def test_sparse_decode_uses_only_core_neurons(lm, tokenizer):
     with torch.no_grad():
         o = ref(input_ids=lm.encode(PROMPT), use_cache=True)
         assert (o.logits[0, -1] - out.logits[0]).abs().max() <= 1e-5  # the prefill is dense
-        cache = o.past_key_values
+        cache = o.cache
         for layer, core in out.core_sets.items():
             keep = torch.zeros(lm.adapter.n_neurons, dtype=torch.bool)
             keep[core] = True
             ref.model.layers[layer].mlp.down_proj.weight[:, ~keep] = 0
         for step, token in enumerate(out.token_ids[:-1]):
-            o = ref(input_ids=torch.tensor([[token]]), past_key_values=cache, use_cache=True)
-            cache = o.past_key_values
+            o = ref(input_ids=torch.tensor([[token]]), cache=cache, use_cache=True)
+            cache = o.cache
             assert (o.logits[0, -1] - out.logits[step + 1]).abs().max() <= 1e-5
 
 
@@ -97,7 +97,14 @@ def test_text_streamer(lm, tokenizer, capsys):
     (dict(method="magic"), "unknown method"),
     (dict(max_new_tokens=0), "positive int"),
     (dict(max_new_tokens=300), "context window of 256"),
-    (dict(temperature=0.0, do_sample=True), "temperature"),
+    (dict(temperature=0.0, do_sample=True), "strictly positive"),  # transformers' own check
+    (dict(foo=3), "not used by the model"),  # an unknown keyword: transformers' own error
+    (dict(prompt=[]), "list of prompts is empty"),
+    (dict(prompt=torch.zeros(2, 0, dtype=torch.long)), "non-empty"),
+    (dict(prompt=torch.ones(3)), "must be integers"),
+    (dict(prompt=[PROMPT, "x"], on_text=print), "follow one prompt"),
+    (dict(fast_path=True), "the fast path runs on CUDA and this model is on cpu; pass fast_path=None"),
+    (dict(fast_path="yes"), "fast_path must be"),
 ])
 def test_bad_input_errors(lm, kwargs, match):
     args = dict(prompt=PROMPT, max_new_tokens=2) | kwargs
@@ -106,10 +113,12 @@ def test_bad_input_errors(lm, kwargs, match):
 
 
 def test_bad_types(lm):
-    with pytest.raises(TypeError, match="prompt must be a str"):
-        lm.generate(["list"])
-    with pytest.raises(TypeError, match="unknown generation arguments"):
-        lm.generate(PROMPT, num_beams=4)
+    with pytest.raises(TypeError, match="prompt must be a str, a list of str or a tensor"):
+        lm.generate(42)
+    with pytest.raises(TypeError, match="item 1 is int"):
+        lm.generate([PROMPT, 3])
+    with pytest.raises(ValueError, match="chat template to text"):
+        lm.generate(lm.encode(PROMPT)[0], chat=True)
     with pytest.raises(ValueError, match="needs core sets known before the prefill"):
         lm.generate(PROMPT, sparse_prefill=True)
 
@@ -159,3 +168,98 @@ def test_no_session_leaks_after_call(lm):
         direct = lm.model(input_ids=ids).logits
     dense = lm.score(PROMPT, " sea", method="dense")
     assert torch.allclose(direct[0, -1].log_softmax(-1)[dense.token_ids[0]], dense.token_logprobs[0], atol=1e-5)
+
+
+# ---- transformers' generation arguments, batches, seeds, the fast-path switch -------------------------------
+
+def _hf_generate(ref, ids, **kwargs):
+    """The untouched dense model's own transformers generate: the reference for generation arguments."""
+    with torch.no_grad():
+        out = ref.generate(ids, attention_mask=torch.ones_like(ids), **(dict(eos_token_id=0, pad_token_id=1) | kwargs))
+    return out[:, ids.shape[1]:].tolist()
+
+
+def _dense_twin(tokenizer):
+    return build_tiny("llama", tokenizer, seed=0)[1]  # the fixture's weights, in a model we never wrapped
+
+
+@pytest.mark.parametrize("kwargs", [
+    dict(repetition_penalty=1.5),
+    dict(num_beams=3),
+    dict(no_repeat_ngram_size=2),
+    dict(do_sample=True, top_k=5, temperature=0.7),
+])
+def test_generation_keywords_reach_transformers(lm, tokenizer, kwargs):
+    """At kept fraction 1.0 SparseLM.generate with a transformers keyword equals plain transformers' generate."""
+    ids, twin = lm.encode(PROMPT), _dense_twin(tokenizer)
+    torch.manual_seed(11)
+    expected = _hf_generate(twin, ids, max_new_tokens=10, **(dict(do_sample=False) | kwargs))[0]
+    out = lm.generate(PROMPT, beta=1.0, layers="0:4", max_new_tokens=10, seed=11, **kwargs)
+    assert out.stats.kept_fraction == 1.0
+    assert out.token_ids == expected[:len(out.token_ids)] and len(out.token_ids) >= 1
+    plain = lm.generate(PROMPT, beta=1.0, layers="0:4", max_new_tokens=10)
+    assert out.token_ids != plain.token_ids  # the keyword changed the output
+
+
+def test_generation_config_and_eos_and_min_new_tokens(lm, tokenizer):
+    from transformers import GenerationConfig
+
+    by_kwarg = lm.generate(PROMPT, method="dense", max_new_tokens=10, repetition_penalty=1.5)
+    by_config = lm.generate(PROMPT, method="dense", max_new_tokens=10,
+                            generation_config=GenerationConfig(repetition_penalty=1.5))
+    assert by_config.token_ids == by_kwarg.token_ids
+    third = by_kwarg.token_ids[2]
+    cut = lm.generate(PROMPT, method="dense", max_new_tokens=10, repetition_penalty=1.5, eos_token_id=third)
+    assert cut.token_ids == by_kwarg.token_ids[:2] and cut.stats.stop_reason == "eos"
+    longer = lm.generate(PROMPT, method="dense", max_new_tokens=10, repetition_penalty=1.5, eos_token_id=third,
+                         min_new_tokens=5)
+    expected = _hf_generate(_dense_twin(tokenizer), lm.encode(PROMPT), max_new_tokens=10, repetition_penalty=1.5,
+                            min_new_tokens=5, do_sample=False, eos_token_id=third)[0]
+    expected = expected[:5 + expected[5:].index(third)] if third in expected[5:] else expected
+    assert longer.token_ids == expected and len(longer.token_ids) >= 5
+    greedy = lm.generate(PROMPT, method="dense", max_new_tokens=6, do_sample=False, temperature=0.0)
+    assert greedy.token_ids == lm.generate(PROMPT, method="dense", max_new_tokens=6).token_ids
+
+
+def test_stop_strings_alias(lm):
+    out = lm.generate(PROMPT, method="dense", max_new_tokens=12)
+    stop = out.text[3:5]
+    a = lm.generate(PROMPT, method="dense", max_new_tokens=12, stop=[stop])
+    b = lm.generate(PROMPT, method="dense", max_new_tokens=12, stop_strings=[stop])
+    assert a.token_ids == b.token_ids and a.text == b.text == out.text[:out.text.index(stop)]
+    assert stop in lm.tokenizer.decode(a.token_ids)  # the tokens that completed the stop string are kept
+
+
+def test_batch_equals_prompts_run_alone(lm):
+    prompts = ["Two plus two equals four; three times five", "def add(a, b):\n    return a + b\nprint(add",
+               "Paris is"]
+    alone = [lm.generate(p, beta=0.3, layers="0:4", max_new_tokens=8, return_logits=True) for p in prompts]
+    assert any(not torch.equal(alone[0].core_sets[i], alone[2].core_sets[i]) for i in range(4))
+    batch = lm.generate(prompts, beta=0.3, layers="0:4", max_new_tokens=8, return_logits=True)
+    assert isinstance(batch, list) and len(batch) == 3
+    for one, row in zip(alone, batch):
+        assert row.token_ids == one.token_ids and row.text == one.text
+        assert row.stats.prompt_tokens == one.stats.prompt_tokens and row.stats.stop_reason == one.stats.stop_reason
+        for i in range(4):
+            assert torch.equal(row.core_sets[i], one.core_sets[i])
+        assert len(row.logits) == len(one.logits)
+        assert max((a - b).abs().max() for a, b in zip(row.logits, one.logits)) <= 1e-4
+    ids = torch.cat([lm.encode(prompts[0]), lm.encode(prompts[0])])  # a 2-D tensor of ids is a batch too
+    twice = lm.generate(ids, beta=0.3, layers="0:4", max_new_tokens=8)
+    assert [o.token_ids for o in twice] == [alone[0].token_ids] * 2
+    assert lm.generate(ids[0], beta=0.3, layers="0:4", max_new_tokens=8).token_ids == alone[0].token_ids
+
+
+def test_seed_leaves_global_rng_alone(lm):
+    torch.manual_seed(0)
+    state = torch.get_rng_state()
+    a = lm.generate(PROMPT, max_new_tokens=8, do_sample=True, seed=5)
+    assert torch.equal(torch.get_rng_state(), state)
+    b = lm.generate(PROMPT, max_new_tokens=8, do_sample=True, seed=5)
+    assert a.token_ids == b.token_ids
+
+
+def test_eager_path_records_why(lm):
+    out = lm.generate(PROMPT, max_new_tokens=2)
+    assert out.stats.path == "eager" and out.stats.fallback_reason == "the fast path runs on CUDA and this model is on cpu"
+    assert lm.generate(PROMPT, max_new_tokens=2, fast_path=False).stats.fallback_reason is None
