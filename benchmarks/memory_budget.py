@@ -132,8 +132,8 @@ def timeline_summary(rows: list[dict]) -> dict:
     end = max(r.get("compute_end_ms", 0.0) for r in rows)
     compute = sum(r["compute_end_ms"] - r["compute_start_ms"] for r in rows if "compute_end_ms" in r)
     copy = sum(r["copy_end_ms"] - r["copy_start_ms"] for r in copies)
-    # a streamed layer stalls when its compute starts before its copy ends (the compute waits on the event)
-    stall = sum(max(0.0, r["copy_end_ms"] - r["compute_start_ms"]) for r in copies)
+    # a streamed layer's FFN waits for its copy: the gap between its attention's end and its FFN's start
+    stall = sum(r["ffn_start_ms"] - r["attention_end_ms"] for r in copies if "ffn_start_ms" in r)
     return {"prefill_ms": end, "compute_ms": compute, "copy_ms": copy, "stall_ms": stall,
             "copy_share_of_prefill": copy / end if end else None, "streamed_layers": len(copies)}
 

@@ -279,7 +279,9 @@ class BudgetFastLM(FastLM):
             c_up[kp:kp + k].copy_(up[k:], non_blocking=True)
         else:
             c_up[:k].copy_(up, non_blocking=True)
-        c_down[:, :k].copy_(down, non_blocking=True)
+        landed = torch.empty(H, k, dtype=self.w.dtype, device=c_down.device)  # contiguous target, then a strided copy
+        landed.copy_(down, non_blocking=True)
+        c_down[:, :k].copy_(landed)
         if c_up_b is not None:
             b = torch.empty(k, dtype=self.w.dtype, pin_memory=pin)
             torch.index_select(host["up_b"], 0, idx, out=b)
@@ -434,7 +436,10 @@ class BudgetFastLM(FastLM):
             x = x + F.linear(o.transpose(1, 2).reshape(1, T, -1), lw.o_w, lw.o_b)
             h = self._norm(x, lw.norm2_w, lw.norm2_b)
             if li in self._core_buffers and not req.sparse_prefill:
-                src = self._dense_source(li)
+                attn_end = self._event() if timeline else None
+                src = self._dense_source(li)  # waits for a streamed layer's copy
+                if timeline:
+                    self._timeline_marks.setdefault(li, {}).update(attention_end=attn_end, ffn_start=self._event())
                 dense_lw = dataclasses.replace(lw, up_w=src["up_w"], up_b=src["up_b"], down=src["down"])
                 y = self._ffn_dense(dense_lw, h, acts)
                 if select:
