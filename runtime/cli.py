@@ -75,6 +75,21 @@ def _add_method_args(p: argparse.ArgumentParser) -> None:
                    help="wrap the prompt in the tokenizer's chat template (default: when the tokenizer has one)")
 
 
+def _add_memory_budget_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--memory-budget", default=None,
+                   help="GPU memory the model may use, e.g. 12GiB or 16GB: what does not fit stays in host memory and "
+                        "streams (runtime/offload.py); with --device cpu the mode runs on the CPU (default: none)")
+
+
+def _memory_budget(args, kept=None, layers=None):
+    """The --memory-budget as ``offload.MemoryBudget`` planned for the command's kept fraction and layers, or None."""
+    if getattr(args, "memory_budget", None) is None:
+        return None
+    from .offload import MemoryBudget
+
+    return MemoryBudget(args.memory_budget, kept_fraction=kept, layers=layers)
+
+
 def _chat(args, lm) -> bool:
     return args.chat if args.chat is not None else getattr(lm.tokenizer, "chat_template", None) is not None
 
@@ -87,7 +102,7 @@ def _cmd_generate(args) -> int:
         check_fraction("beta", args.beta)  # cheap checks before the model loads
     check_fraction("alpha", args.alpha)
     lm = SparseLM.from_pretrained(args.model, artifact=args.artifact, device=args.device, dtype=args.dtype,
-                                  verbose=args.verbose)
+                                  verbose=args.verbose, memory_budget=_memory_budget(args, args.beta, args.layers))
     stream = None if args.json else (lambda text: print(text, end="", flush=True))
     kwargs = {"do_sample": args.sample, "seed": args.seed, "chat": _chat(args, lm), "stop": args.stop or None}
     for name in ("temperature", "top_k", "top_p", "repetition_penalty"):  # unset: the model's generation defaults
@@ -110,6 +125,8 @@ def _cmd_bench(args) -> int:
     from .loading import resolve_device
 
     device = resolve_device(args.device)
+    if device.type == "cuda" and args.memory_budget is not None:
+        return _bench_memory_budget(args)
     if device.type == "cuda":
         from .cuda import bench as cuda_bench  # graph-captured fast path, see docs/benchmarks.md
 
@@ -117,9 +134,27 @@ def _cmd_bench(args) -> int:
     from .bench import format_table, run_bench
     from .sparse_lm import SparseLM
 
-    lm = SparseLM.from_pretrained(args.model, device=device, dtype=args.dtype, verbose=args.verbose)
+    lm = SparseLM.from_pretrained(args.model, device=device, dtype=args.dtype, verbose=args.verbose,
+                                  memory_budget=_memory_budget(args, max(args.beta), args.layers))
     result = run_bench(lm, betas=args.beta, layers=args.layers, new_tokens=args.new_tokens, repeats=args.repeats)
     print(json.dumps(result, indent=2) if args.json else format_table(result))
+    return 0
+
+
+def _bench_memory_budget(args) -> int:
+    """`coreinfer bench --memory-budget` on a GPU: the issue-11 comparison (benchmarks/memory_budget.py, in the
+    repository checkout) on the published shape ``--model`` names."""
+    from .memory import parse_budget
+
+    parse_budget(args.memory_budget)
+    try:
+        from benchmarks.memory_budget import run
+    except ImportError as err:
+        raise ValueError(f"bench --memory-budget on a GPU runs benchmarks/memory_budget.py from the repository "
+                         f"checkout ({err}); run it from the repository root") from None
+    result = run(shape=args.model, budget=args.memory_budget, kept=tuple(args.beta), new_tokens=args.new_tokens,
+                 repeats=args.repeats, log=(lambda m: None) if args.json else print)
+    print(json.dumps(result, indent=2, default=str) if args.json else json.dumps(result["ratios"], indent=2))
     return 0
 
 
@@ -190,6 +225,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--seed", type=int, default=None, help="seed for reproducible sampling (default: unseeded)")
     g.add_argument("--stop", action="append", help="stop string, repeatable (default: none)")
     g.add_argument("--json", action="store_true", help="print one JSON object with text and stats")
+    _add_memory_budget_arg(g)
     g.set_defaults(func=_cmd_generate)
 
     b = _subcommand(sub, "bench", "dense vs sparse prefill/decode speed and memory, side by side")
@@ -200,6 +236,7 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--new-tokens", type=int, default=64, help="tokens decoded per run (end-of-sequence ignored)")
     b.add_argument("--repeats", type=int, default=3, help="timed runs per configuration, after one warm-up; the median is shown")
     b.add_argument("--json", action="store_true", help="print the result as JSON instead of a table")
+    _add_memory_budget_arg(b)
     b.set_defaults(func=_cmd_bench)
 
     e = _subcommand(sub, "export", "write a prompt's sparse model (compact FFNs) as a transformers model folder")
