@@ -226,3 +226,13 @@ def test_graph_path_route_equals_in_memory(tokenizer):
         lm.score(PROMPT, " Rome.")
     with pytest.raises(ValueError, match="method='dense'"):
         lm.generate(PROMPT, method="dense", max_new_tokens=2)
+
+
+def test_cli_memory_budget_errors_before_loading(capsys):
+    from coreinfer.runtime.cli import main
+
+    assert main(["generate", "hello", "--device", "cpu", "--memory-budget", "12 gigs"]) == 2
+    err = capsys.readouterr().err
+    assert "coreinfer generate: error: memory budget '12 gigs' is not a size" in err and "\n" == err[-1]
+    assert main(["bench", "--device", "cpu", "--memory-budget", "-1"]) == 2
+    assert "is not a size" in capsys.readouterr().err
