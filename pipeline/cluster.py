@@ -11,7 +11,7 @@ prompt and compares cosine similarities, and it never runs UMAP.
 
 ``<work_dir>/clusters.zarr``: labels (N,) i64 (final: -1 noise / outside every radius), hdbscan_labels (N,),
 probabilities (N,) f32, centroids (C, D) f32, radii (C,) f32, sizes (C,) i64; attrs: exemplar ids and the
-noise accounting, which also go to ``<work_dir>/metrics/cluster.json`` (``dvc metrics``).
+noise accounting, whose headline numbers also go to ``<work_dir>/metrics/cluster.json`` (``dvc metrics``).
 """
 
 from __future__ import annotations
@@ -149,7 +149,9 @@ def cluster(cfg: PipelineConfig) -> list[Path]:
         "labels": labels, "hdbscan_labels": hard, "probabilities": prob,
         "centroids": centroids, "radii": radii, "sizes": sizes,
     }, attrs)
-    mpath = write_json(Path(cfg.work_dir) / "metrics" / "cluster.json", metrics)
+    headline = {k: metrics[k] for k in ("n_clusters", "noise_fraction", "noise_fraction_hdbscan", "heldout_prompts",
+                                         "heldout_inside_radius")}  # dvc metrics; the rest: clusters.zarr attrs
+    mpath = write_json(Path(cfg.work_dir) / "metrics" / "cluster.json", headline)
     print(f"cluster: {metrics['n_clusters']} clusters over {n_tr} train prompts; HDBSCAN noise "
           f"{metrics['noise_fraction_hdbscan']:.0%}, {metrics['soft_assigned']} joined a cluster by soft membership, "
           f"{n_noise} ({metrics['noise_fraction']:.0%}) left as noise; held out inside a radius: "

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import math
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Optional
 
@@ -133,6 +133,8 @@ class PipelineConfig:
     coreset: CoresetConfig = field(default_factory=CoresetConfig)
     budget: BudgetConfig = field(default_factory=BudgetConfig)
     report: ReportConfig = field(default_factory=ReportConfig)
+    # the evaluate stage's settings (pipeline/evaluate/runner.py:EvalConfig, conf/eval/); checked by check_eval
+    eval: dict[str, Any] = field(default_factory=dict)
     seed: int = 0
     work_dir: str = "artifacts/work"
     artifacts_dir: str = "artifacts"
@@ -287,8 +289,35 @@ def validate(cfg: PipelineConfig) -> PipelineConfig:
     if cfg.coreset.min_stable_tokens is not None and cfg.coreset.min_stable_tokens < 1:
         e.append(f"coreset.min_stable_tokens: must be >= 1 or null, got {cfg.coreset.min_stable_tokens}")
     if e:
-        raise ConfigError("invalid pipeline configuration:\n  " + "\n  ".join(e))
+        raise ConfigError("invalid pipeline configuration: " + "; ".join(e) + FIX)
     return cfg
+
+
+FIX = (". Fix the value in conf/ (or pass a valid one: dvc exp run -S key=value), then rerun; "
+       "after a refused `dvc exp run`, `git checkout params.yaml` restores the committed config")
+
+
+def check_eval(cfg: PipelineConfig):
+    """The evaluate stage's settings as a checked ``EvalConfig`` (model, artifact and output from ``cfg``).
+
+    Everything that needs no model is checked here, so the validate stage refuses a bad ``eval`` value too.
+    """
+    from .evaluate.cli import config_from_mapping
+    from .evaluate.runner import EvalError, validate as validate_eval
+
+    try:
+        ec = config_from_mapping(dict(cfg.eval), source="eval")
+        ec.model = cfg.model.spec
+        ec.dtype = None if cfg.model.dtype == "auto" else cfg.model.dtype
+        ec.device = None if cfg.model.device == "auto" else cfg.model.device
+        ec.artifact = str(cfg.artifact_path)
+        ec.out = str(cfg.model_dir / "eval")
+        if "agreement" in ec.tasks and ec.task_cfg("agreement").file is None:
+            # the held-out prompts of the calibration corpus: in the project, never seen by the clustering
+            ec.task_config["agreement"] = replace(ec.task_cfg("agreement"), file=str(cfg.corpus_path))
+        return validate_eval(ec)
+    except (EvalError, ValueError, TypeError) as e:
+        raise ConfigError(f"invalid pipeline configuration: eval: {e}{FIX}") from None
 
 
 def from_dict(data: dict[str, Any]) -> PipelineConfig:
@@ -300,7 +329,7 @@ def from_dict(data: dict[str, Any]) -> PipelineConfig:
     except OmegaConfBaseException as ex:
         key = getattr(ex, "full_key", None) or "?"
         msg = str(ex).splitlines()[0]
-        raise ConfigError(f"invalid pipeline configuration: {key}: {msg}") from None
+        raise ConfigError(f"invalid pipeline configuration: {key}: {msg}{FIX}") from None
     assert isinstance(obj, PipelineConfig)
     return validate(obj)
 

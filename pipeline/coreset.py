@@ -144,7 +144,8 @@ def coreset(cfg: PipelineConfig) -> list[Path]:
     path = write_artifact(cfg.artifact_path, arrays, attrs)
     fill = float((n_passing < np.asarray(layer_k)[None, :]).mean()) if n_passing.size else 0.0
     k_text = f"k={k}" if budget_attrs is None else f"per-layer k {min(layer_k)}..{max(layer_k)}"
-    metrics = {"k": int(k) if budget_attrs is None else None, "layer_k": [int(x) for x in layer_k],
+    # headline numbers for dvc metrics (the per-layer sizes themselves are in the artifact's layer_k)
+    metrics = {"k": int(k) if budget_attrs is None else None, "k_min": int(min(layer_k)), "k_max": int(max(layer_k)),
                "n_clusters": n_clusters, "min_stable_tokens": int(mst),
                "filled_fraction": fill, "mean_passing": float(n_passing.mean()) if n_passing.size else 0.0}
     mpath = write_json(cfg.metrics_dir / "coreset.json", metrics)

@@ -4,8 +4,9 @@
   similarity_jaccard.csv/png semantic (cosine) similarity vs core-set Jaccard for sampled prompt pairs,
                             within vs across clusters
   cluster_sizes.csv/png     members per cluster (plus noise)
-  report.json               the numbers behind them, plus held-out prompts: Jaccard of their own core set
+  details.json              every number behind them, plus held-out prompts: Jaccard of their own core set
                             with their cluster's core set vs with the static hot set
+  metrics/report.json       the headline numbers of details.json (``dvc metrics``)
 """
 
 from __future__ import annotations
@@ -165,7 +166,15 @@ def report(cfg: PipelineConfig) -> list[Path]:
         "heldout_jaccard_own_vs_hot": _mean(j_hot_all),
         "n_clusters": len(sizes), "noise_prompts": n_noise,
     }
-    written.append(write_json(cfg.metrics_dir / "report.json", summary))
+    written.append(write_json(out_dir / "details.json", summary))
+    headline = {
+        "stability_at_16_tokens": summary["stability"].get("16") or None,
+        "min_stable_tokens": summary["min_stable_tokens"],
+        "similarity_jaccard_correlation": summary["similarity_jaccard_correlation"],
+        "heldout_jaccard_own_vs_cluster": summary["heldout_jaccard_own_vs_cluster"],
+        "heldout_jaccard_own_vs_hot": summary["heldout_jaccard_own_vs_hot_same_prompts"],
+    }
+    written.append(write_json(cfg.metrics_dir / "report.json", headline))
     print(f"report: stability {summary['stability']}; core-set Jaccard within clusters {within_m} vs across "
           f"{across_m}; held-out own-vs-cluster {summary['heldout_jaccard_own_vs_cluster']} vs own-vs-hot "
           f"{summary['heldout_jaccard_own_vs_hot_same_prompts']} ({len(j_cluster)}/{ho.size} assigned)")

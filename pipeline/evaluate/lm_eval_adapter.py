@@ -288,7 +288,9 @@ def main(argv: list[str] | None = None) -> int:
         for path in write_task_configs(a.out, Path(a.data) if a.data else None):
             print(path)
         return 0
-    _require_lm_eval()
+    if not HAVE_LM_EVAL:  # --help included: lm-eval's own options come from lm-eval
+        print("coreinfer lm-eval: error: needs lm-evaluation-harness: pip install 'coreinfer[lm-eval]'", file=sys.stderr)
+        return 2
     from lm_eval.__main__ import cli_evaluate
 
     sys.argv = ["lm_eval"] + argv

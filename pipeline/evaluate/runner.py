@@ -192,11 +192,26 @@ def _artifact_hash(path: Path) -> str:
     return hashlib.sha256((path / "zarr.json").read_bytes()).hexdigest()
 
 
+def portable_path(p) -> str:
+    """How results record a path: relative to the working directory (the repository) when inside it, else
+    ``~/``-relative when under the home folder, so a clone elsewhere finds its own results valid. A name that
+    is no path (a hub id) is kept as it is."""
+    if not Path(str(p)).expanduser().exists():
+        return str(p)
+    p = Path(p).expanduser().resolve()
+    for base, prefix in ((Path.cwd().resolve(), ""), (Path.home().resolve(), "~/")):
+        try:
+            return prefix + str(p.relative_to(base))
+        except ValueError:
+            continue
+    return str(p)
+
+
 def _data_name(f: Path) -> str:
     try:
         return str(f.resolve().relative_to(T.data_dir().resolve()))
     except ValueError:
-        return str(f)
+        return portable_path(f)
 
 
 def _finite(v: Any) -> Any:
@@ -233,8 +248,8 @@ def run(cfg: EvalConfig, lm=None) -> dict:
     items = {t.name: t.items(lm, cfg.task_limit(t.name)) for t in tasks}
     identity = {
         "model": cfg.model,
-        "model_source": str(lm.loaded.source),
-        "artifact": cfg.artifact,
+        "model_source": portable_path(lm.loaded.source),
+        "artifact": portable_path(cfg.artifact) if cfg.artifact else None,
         "artifact_sha256": _artifact_hash(Path(cfg.artifact)) if cfg.artifact else None,
         "budget_sha256": T.file_sha256(Path(cfg.budget)) if cfg.budget else None,
         "alpha": cfg.alpha,
@@ -243,7 +258,8 @@ def run(cfg: EvalConfig, lm=None) -> dict:
         "static_source": cfg.static_source if "static" in cfg.methods else None,
         "profile": profile_info,
         "data_sha256": data_hashes,
-        "task_config": {t.name: asdict(t.cfg) for t in tasks},
+        "task_config": {t.name: {k: portable_path(v) if k == "file" and v else v for k, v in asdict(t.cfg).items()}
+                        for t in tasks},
     }
     meta = {"type": "meta", "format": FORMAT, "identity": identity}
     results = ResultsFile(out / RESULTS_FILE, meta, fresh=cfg.fresh)
@@ -307,7 +323,7 @@ def _profile(cfg: EvalConfig, lm, layers: range, out: Path):
     prompts, files = T.profile_prompts(cfg.profile_alpaca, cfg.profile_gsm8k, cfg.seed)
     predictors = MM.build_predictors(lm, layers, cfg.svd_rank) if "svd-predictor" in cfg.methods else {}
     h = hashlib.sha256(json.dumps({
-        "prompts": hashlib.sha256("\n\x00".join(prompts).encode()).hexdigest(), "model": str(lm.loaded.source),
+        "prompts": hashlib.sha256("\n\x00".join(prompts).encode()).hexdigest(), "model": portable_path(lm.loaded.source),
         "layers": [layers.start, layers.stop], "alpha": cfg.alpha, "rank": cfg.svd_rank if predictors else None,
         "max_tokens": cfg.profile_max_tokens, "v": 1}, sort_keys=True).encode()).hexdigest()[:16]
     path = Path(cfg.profile_dir or out) / f"profile-{h}.npz"

@@ -1,33 +1,26 @@
 """The DVC ``evaluate`` stage: quality of every method on the artifact the pipeline built.
 
-    python -m coreinfer.pipeline.evaluate.stage [--params params.yaml] [--config conf/eval/default.yaml]
+    python -m coreinfer.pipeline evaluate          (what dvc.yaml runs)
 
 The model comes from ``params.yaml`` (``model.spec``/``dtype``/``device``), the artifact is
-``<artifacts_dir>/<model.slug>/coreneurons.zarr``, the evaluation settings are ``conf/eval/default.yaml``
-(``EvalConfig``). Writes ``<artifacts_dir>/<model.slug>/eval/``: ``results.jsonl`` (resumable, kept
-between runs with the same settings), ``metrics.json`` and one json per task (``dvc metrics``), and
-``plots/<task>__<metric>.csv`` (x: kept, one column per method, ``dvc plots``) plus PNGs.
+``<artifacts_dir>/<model.slug>/coreneurons.zarr``, the evaluation settings are the ``eval`` section of
+``params.yaml`` (composed from ``conf/eval/``; ``EvalConfig``). Writes ``<artifacts_dir>/<model.slug>/eval/``:
+``results.jsonl`` (resumable, kept between runs with the same settings), ``headline.json`` (the DVC metric: top-1
+agreement of each method at the artifact's kept fraction), the full tables ``metrics.json``, ``summary.json`` and
+one json per task, and ``plots/<task>__<metric>.csv`` (x: kept, one column per method) plus PNGs.
 """
 
 from __future__ import annotations
 
-import argparse
 import csv
-import sys
-from dataclasses import dataclass, replace
+import json
 from pathlib import Path
 
-from . import methods as MM
+from coreinfer.runtime.atomic import atomic_output
 
 PLOT_METRICS = {"agreement": ("top1_agreement", "kl", "ppl_dense_continuation"), "wikitext": ("ppl",),
                 "truthfulqa_mc": ("mc1", "mc2"), "truthfulqa_gen": ("rougeL_acc",), "nq_open": ("exact_match", "f1"),
                 "gsm8k": ("accuracy",), "summarization": ("rougeL",), "translation": ("bleu",)}
-
-
-@dataclass
-class StageArgs:
-    params: str = "params.yaml"
-    config: str = "conf/eval/default.yaml"
 
 
 def series_name(method: str, score: str, scores: list[str]) -> str:
@@ -65,53 +58,44 @@ def write_wide_csvs(summary: dict, out: Path, scores: list[str]) -> list[Path]:
     return written
 
 
-def stage_config(args: StageArgs):
-    from coreinfer.pipeline.config import load_config
-
-    from .cli import load_yaml_config
-
-    pc = load_config(args.params)
-    cfg = load_yaml_config(args.config)
-    cfg.model = pc.model.spec
-    cfg.dtype = None if pc.model.dtype == "auto" else pc.model.dtype
-    cfg.device = None if pc.model.device == "auto" else pc.model.device
-    needs_artifact = any(MM.METHODS[m].needs_artifact for m in cfg.methods) or (
-        "static" in cfg.methods and cfg.static_source == "artifact")
-    cfg.artifact = str(pc.artifact_path) if needs_artifact else None
-    cfg.out = str(pc.model_dir / "eval")
-    if "agreement" in cfg.tasks and cfg.task_cfg("agreement").file is None:
-        # held-out prompts of the calibration corpus: in the project, never seen by the clustering
-        cfg.task_config["agreement"] = replace(cfg.task_cfg("agreement"), file=str(Path(pc.corpus_path).resolve()))
-    return cfg
+HEADLINE_METRIC = "top1_agreement"
 
 
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m coreinfer.pipeline.evaluate.stage", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--params", default=StageArgs.params)
-    p.add_argument("--config", default=StageArgs.config)
-    a = p.parse_args(argv)
+def headline(summary: dict, score: str) -> dict:
+    """A handful of numbers for ``dvc metrics``: each method's top-1 agreement with dense on the held-out prompts
+    at the artifact's kept fraction (where ``similarity`` runs), with the runtime's default score where several
+    were swept."""
+    task = summary["tasks"].get("agreement", {"rows": [], "n_items": 0})
+    art_rows = [r for r in task["rows"] if r["method"] in ("similarity", "auto")]
+    kept = art_rows[0]["kept"] if art_rows else None
+    agreement = {r["method"]: None if r[HEADLINE_METRIC] is None else round(r[HEADLINE_METRIC], 4)
+                 for r in task["rows"]
+                 if r["method"] != "dense" and kept is not None and abs(r["kept"] - kept) < 1e-6 and r["score"] in (score, "-")}
+    return {"kept": kept, "score": score, "items": task["n_items"], HEADLINE_METRIC: agreement}
+
+
+def evaluate(cfg) -> list[Path]:
+    """Run (or resume) the evaluation of ``cfg.eval`` on the pipeline's artifact; returns the paths it wrote."""
+    from coreinfer.pipeline.config import check_eval
+    from coreinfer.runtime.sparse_lm import DEFAULT_SCORE
+
     from .plots import draw_plots
     from .runner import EvalError, run
 
+    ec = check_eval(cfg)
     try:
-        cfg = stage_config(StageArgs(a.params, a.config))
-        try:
-            summary = run(cfg)
-        except EvalError as e:
-            if "holds results of a different evaluation" not in str(e):
-                raise
-            # DVC reruns this stage because a dependency or parameter changed: old results are stale
-            print(f"evaluate: settings changed, starting over ({e})", file=sys.stderr)
-            cfg.fresh = True
-            summary = run(cfg)
-    except (ValueError, FileNotFoundError, ImportError) as e:
-        print(f"evaluate: error: {e}", file=sys.stderr)
-        return 2
-    write_wide_csvs(summary, Path(cfg.out), list(cfg.scores))
-    draw_plots(summary, cfg.out)
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())
+        summary = run(ec)
+    except EvalError as e:
+        if "holds results of a different evaluation" not in str(e):
+            raise
+        # DVC reruns this stage because a dependency or parameter changed: old results are stale
+        print(f"evaluate: settings changed, starting over ({e})")
+        ec.fresh = True
+        summary = run(ec)
+    out = Path(ec.out)
+    written = write_wide_csvs(summary, out, list(ec.scores)) + draw_plots(summary, out)
+    score = DEFAULT_SCORE if DEFAULT_SCORE in ec.scores else ec.scores[0]
+    path = out / "headline.json"
+    with atomic_output(path) as tmp:
+        tmp.write_text(json.dumps(headline(summary, score), indent=2, sort_keys=True) + "\n")
+    return [out / "results.jsonl", out / "metrics.json", path, *written]

@@ -1,9 +1,10 @@
-"""DVC: the artifact round-trips through a remote byte-identical; repro is incremental; the smoke experiment
-runs every stage."""
+"""DVC: the artifact round-trips through a remote byte-identical; in a `coreinfer init` project the smoke experiment
+runs every stage, a rejected value keeps every output, and repro is incremental."""
 
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import shutil
 import subprocess
@@ -11,12 +12,12 @@ import sys
 from pathlib import Path
 
 import pytest
+import yaml
 
 from coreinfer.runtime.artifact import read_artifact, write_artifact
 
 from .synthetic import synthetic_artifact_inputs
 
-REPO = Path(__file__).resolve().parents[2]
 DVC = [sys.executable, "-m", "dvc"]
 
 
@@ -57,40 +58,76 @@ def test_push_pull_round_trip_is_byte_identical(tmp_path):
     assert read_artifact(art).n_clusters == 3
 
 
-def _project_copy(dst: Path) -> Path:
-    for rel in ("conf", "pipeline", "runtime", "dvc.yaml", "params.yaml", ".dvc/config", ".dvcignore", ".gitignore"):
-        s = REPO / rel
-        if s.is_dir():
-            shutil.copytree(s, dst / rel, ignore=shutil.ignore_patterns("__pycache__"))
-        elif s.exists():
-            (dst / rel).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(s, dst / rel)
-    git_repo(dst)
-    sh(DVC + ["init", "-q", "--force"], dst)
-    shutil.copy2(REPO / ".dvc" / "config", dst / ".dvc" / "config")
-    sh(["git", "add", "-A"], dst)
-    sh(["git", "commit", "-q", "-m", "project"], dst)
-    return dst
-
-
 def _ran(output: str) -> set[str]:
     return {line.split("'")[1] for line in output.splitlines() if line.startswith("Running stage '")}
 
 
+def _env() -> dict:
+    """The stages run `python -m coreinfer.pipeline`: this interpreter's folder first on PATH; a git identity."""
+    return dict(os.environ, OMP_WAIT_POLICY="PASSIVE", PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
+                GIT_AUTHOR_NAME="test", GIT_AUTHOR_EMAIL="t@example.com", GIT_COMMITTER_NAME="test",
+                GIT_COMMITTER_EMAIL="t@example.com")
+
+
+def _outputs(proj: Path) -> dict:
+    """Every stage output (and the committed config slices), by content."""
+    return {k: v for k, v in digest(proj / "artifacts").items() if ".tmp-" not in k}
+
+
+def _strings(obj):
+    if isinstance(obj, str):
+        yield obj
+    elif isinstance(obj, dict):
+        for v in obj.values():
+            yield from _strings(v)
+            yield from (k for k in obj if isinstance(k, str))
+    elif isinstance(obj, list):
+        for v in obj:
+            yield from _strings(v)
+
+
 @pytest.mark.slow
-def test_smoke_experiment_and_incremental_repro(tmp_path):
-    """`dvc exp run -S corpus=smoke` runs every stage, nothing reruns unchanged, beta reruns coreset+report.
-    (How long it takes is a measurement for docs/pipeline.md, not an assertion: a timed test fails on a busy
-    or cold machine without anything being wrong.)"""
-    proj = _project_copy(tmp_path / "proj")
-    env = dict(os.environ, OMP_WAIT_POLICY="PASSIVE")
-    out = sh(DVC + ["exp", "run", "-S", "corpus=smoke"], proj, env=env)  # every stage, evaluation included
-    assert _ran(out) == {"prepare", "embed", "profile", "cluster", "coreset", "report", "evaluate"}, out
+def test_init_project_smoke_experiment_rejected_values_and_incremental_repro(tmp_path):
+    """`coreinfer init` makes a project outside this repository; in it, `dvc exp run -S corpus=smoke` runs every
+    stage, with several clusters and held-out prompts inside a radius. A rejected value (`-S coreset.beta=2`) or a
+    corpus that is not UTF-8 fails in one line and leaves every output in place; nothing reruns unchanged; beta
+    reruns only validate, coreset and report. (The duration is measured in docs/pipeline.md, not asserted here.)"""
+    env = _env()
+    proj = tmp_path / "calib"
+    sh([sys.executable, "-m", "coreinfer.runtime.cli", "init", str(proj)], tmp_path, env=env)
+    assert sh(["git", "status", "--porcelain"], proj) == "" and (proj / ".dvc" / "config").is_file()
+    assert not any(d.startswith(("pipeline/", "runtime/")) for st in yaml.safe_load((proj / "dvc.yaml").read_text())["stages"].values()
+                   for d in st.get("deps", []) if isinstance(d, str))
+
+    out = sh(DVC + ["exp", "run", "-S", "corpus=smoke"], proj, env=env)
+    assert {"validate", "prepare", "embed", "profile", "cluster", "coreset", "report", "evaluate"} <= _ran(out), out
     art = read_artifact(proj / "artifacts" / "smollm2-135m" / "coreneurons.zarr")
     assert art.attrs["corpus"]["name"] == "smoke"
-    out = sh(DVC + ["repro", "report"], proj, env=env)
-    assert _ran(out) == set(), out
+    clusters = json.loads((proj / "artifacts" / "work" / "metrics" / "cluster.json").read_text())
+    assert clusters["n_clusters"] >= 3 and clusters["heldout_inside_radius"] >= 1, clusters
+    headline = json.loads((proj / "artifacts" / "smollm2-135m" / "eval" / "headline.json").read_text())
+    assert headline["kept"] == pytest.approx(art.attrs["beta"]) and "similarity" in headline["top1_agreement"]
+    meta = json.loads((proj / "artifacts" / "smollm2-135m" / "eval" / "results.jsonl").read_text().splitlines()[0])
+    assert not [s for s in _strings(meta) if s.startswith("/") or str(tmp_path) in s], meta  # paths relative to the project
+    assert _ran(sh(DVC + ["repro"], proj, env=env)) == set()
+
+    before = _outputs(proj)
+    r = subprocess.run(DVC + ["exp", "run", "-S", "corpus=smoke", "-S", "coreset.beta=2"], cwd=proj, env=env,
+                       capture_output=True, text=True)
+    assert r.returncode != 0 and "coreset.beta: must be in (0, 1], got 2.0" in r.stderr + r.stdout
+    assert "Traceback" not in r.stderr + r.stdout and _ran(r.stdout + r.stderr) == {"validate"}
+    assert _outputs(proj) == before  # every artifact in place
+
+    corpus = proj / "corpora" / "smoke.jsonl"
+    good = corpus.read_bytes()
+    corpus.write_bytes(good + b'{"id": "bad", "task": "qa", "text": "caf\xe9 au lait"}\n')  # latin-1, not UTF-8
+    r = subprocess.run(DVC + ["exp", "run", "-S", "corpus=smoke"], cwd=proj, env=env, capture_output=True, text=True)
+    errors = [line for line in (r.stdout + r.stderr).splitlines() if line.startswith("error: [prepare]")]
+    assert r.returncode != 0 and len(errors) == 1 and "line 41 is not valid UTF-8" in errors[0], r.stderr
+    assert "Traceback" not in r.stderr + r.stdout and _outputs(proj) == before
+    corpus.write_bytes(good)
+
     out = sh(DVC + ["exp", "run", "-S", "corpus=smoke", "-S", "coreset.beta=0.3", "report"], proj, env=env)
-    assert _ran(out) == {"coreset", "report"}, out
+    assert _ran(out) == {"validate", "coreset", "report"}, out
     art = read_artifact(proj / "artifacts" / "smollm2-135m" / "coreneurons.zarr")
     assert art.attrs["beta"] == 0.3 and art.attrs["k"] == round(0.3 * 1536)

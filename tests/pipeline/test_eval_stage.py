@@ -1,27 +1,48 @@
-"""The DVC `evaluate` stage: configuration from params.yaml + conf/eval, and the plot CSVs."""
+"""The DVC `evaluate` stage: its settings from params.yaml (the eval section), the headline metric, the plot CSVs."""
 
 from __future__ import annotations
 
 import csv
 from pathlib import Path
 
+import pytest
 import yaml
 
+from coreinfer.pipeline.config import ConfigError, check_eval, load_config
 from coreinfer.pipeline.evaluate import stage
 
 REPO = Path(__file__).resolve().parents[2]
 
 
-def test_stage_config_takes_model_and_artifact_from_params(tmp_path):
+def test_eval_settings_come_from_params_with_model_and_artifact(tmp_path):
     params = yaml.safe_load((REPO / "params.yaml").read_text())
     params["model"].update(spec="some-model", slug="some-slug", dtype="float32", device="cpu")
     params["artifacts_dir"] = str(tmp_path / "arts")
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
-    cfg = stage.stage_config(stage.StageArgs(str(tmp_path / "params.yaml"), str(REPO / "conf/eval/default.yaml")))
+    cfg = check_eval(load_config(tmp_path / "params.yaml"))
     assert cfg.model == "some-model"
     assert cfg.artifact == str(tmp_path / "arts" / "some-slug" / "coreneurons.zarr")
     assert cfg.out == str(tmp_path / "arts" / "some-slug" / "eval")
-    assert "similarity" in cfg.methods and cfg.kept
+    assert cfg.methods == params["eval"]["methods"] and cfg.kept == params["eval"]["kept"]
+    params["eval"]["kept"] = [0.4, 1.5]
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
+    with pytest.raises(ConfigError, match=r"eval: kept fraction .*1.5"):
+        check_eval(load_config(tmp_path / "params.yaml"))
+
+
+def test_headline_is_agreement_at_the_artifacts_kept_fraction():
+    rows = [
+        {"method": "dense", "kept": 1.0, "score": "-", "top1_agreement": 1.0},
+        {"method": "stability", "kept": 0.2, "score": "magnitude", "top1_agreement": 0.3},
+        {"method": "stability", "kept": 0.4, "score": "magnitude", "top1_agreement": 0.61234},
+        {"method": "stability", "kept": 0.4, "score": "positive", "top1_agreement": 0.5},
+        {"method": "similarity", "kept": 0.4, "score": "magnitude", "top1_agreement": 0.55},
+        {"method": "random", "kept": 0.4, "score": "-", "top1_agreement": 0.1},
+    ]
+    summary = {"tasks": {"agreement": {"n_items": 4, "rows": rows}}}
+    assert stage.headline(summary, "magnitude") == {
+        "kept": 0.4, "score": "magnitude", "items": 4,
+        "top1_agreement": {"stability": 0.6123, "similarity": 0.55, "random": 0.1}}
 
 
 def test_wide_csvs_one_column_per_method(tmp_path):
