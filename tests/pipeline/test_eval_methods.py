@@ -259,3 +259,18 @@ def test_budget_method_runs_the_paths_allocation_at_equal_bytes(lm_ref, tmp_path
         MM.check_methods(["budget"], have_artifact=False)
     with pytest.raises(BudgetError, match="computed for a model with 8 layers"):
         MM.MethodRun("budget", 0.9, None, _ctx(lm, budget=_budget_file(tmp_path, n_layers=8))).layer_k
+
+
+def test_frontier_series_puts_runs_on_one_bytes_axis(tmp_path):
+    from coreinfer.pipeline.evaluate.plots import draw_frontier, frontier_series
+
+    def summary(rows):
+        return {"model": "m", "tasks": {"agreement": {"metrics": ["top1_agreement"], "n_items": 2, "rows": [
+            {"method": m, "kept": k, "score": "-", "top1_agreement": a, "ffn_bytes_per_token": b} for m, k, a, b in rows]}}}
+
+    runs = {"all": summary([("dense", 1.0, 1.0, 200), ("budget", 0.8, 0.9, 160), ("stability", 0.8, 0.7, 160)]),
+            "paper": summary([("dense", 1.0, 1.0, 200), ("stability", 0.7, 0.8, 170)])}
+    got = frontier_series(runs, "agreement", "top1_agreement")
+    assert got == {"dense": [(1.0, 1.0)], "budget (all)": [(0.8, 0.9)], "stability (all)": [(0.8, 0.7)],
+                   "stability (paper)": [(0.85, 0.8)]}
+    assert draw_frontier(runs, tmp_path / "f.png").stat().st_size > 0
