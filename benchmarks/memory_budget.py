@@ -47,6 +47,9 @@ EXTRA_SHAPES = {
     "tiny": ("llama", dict(hidden_size=256, intermediate_size=1024, num_hidden_layers=4, num_attention_heads=4,
                            num_key_value_heads=2, vocab_size=1000, max_position_embeddings=1024, rms_norm_eps=1e-5,
                            tie_word_embeddings=False, rope_parameters={"rope_type": "default", "rope_theta": 10000.0})),
+    "tiny-opt": ("opt", dict(hidden_size=256, ffn_dim=1024, num_hidden_layers=4, num_attention_heads=4, vocab_size=1000,
+                             max_position_embeddings=1024, word_embed_proj_dim=256, do_layer_norm_before=True,
+                             activation_function="relu", enable_bias=True)),
 }
 INIT_STD = 0.02
 
