@@ -344,13 +344,7 @@ def plan_memory(shape: ModelShape, budget, *, dtype=torch.bfloat16, kept_fractio
                       1 + extra_slots, layer_dense, parts)
 
 
-def _no_fit_message(shape, elem, budget, ks, context, prompt, parts) -> str:
-    asked = sum(parts.values()) + min(shape.ffn_elems() * elem, sum(shape.ffn_elems() for _ in ks) * elem)
-    layers = sorted(ks)
-    uniform = len(set(ks.values())) == 1
-    what = (f"kept fraction {next(iter(ks.values())) / shape.n_neurons:.3g} (k = {next(iter(ks.values()))})" if uniform
-            else "the per-layer core-set sizes")
-    # the largest uniform k over the same layers at this context, the longest context at the asked k
+def _largest_k(shape, elem, budget, layers, context, prompt) -> int:
     lo, hi = 0, shape.n_neurons
     while lo < hi:
         mid = (lo + hi + 1) // 2
@@ -358,14 +352,43 @@ def _no_fit_message(shape, elem, budget, ks, context, prompt, parts) -> str:
             lo = mid
         else:
             hi = mid - 1
-    best_k = lo
-    clo, chi = 0, max(context, 1)
-    while clo < chi:
-        mid = (clo + chi + 1) // 2
-        if _fits(shape, elem, budget, ks, mid, min(prompt, mid)):
-            clo = mid
+    return lo
+
+
+def _longest_context(shape, elem, budget, layer_k, upto, prompt) -> int:
+    lo, hi = 0, max(1, upto)
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        if _fits(shape, elem, budget, layer_k, mid, mid if prompt is None else min(prompt, mid)):
+            lo = mid
         else:
-            chi = mid - 1
+            hi = mid - 1
+    return lo
+
+
+def largest_core_k(shape: ModelShape, budget, *, dtype=torch.bfloat16, sparse_layers: range | None = None,
+                   context_length: int = 1024, prompt_length: int | None = None) -> int:
+    """The most core neurons per sparse layer (one k for all) that fit ``budget`` at ``context_length``; 0: none."""
+    layers = list(range(shape.n_layers) if sparse_layers is None else sparse_layers)
+    prompt = context_length if prompt_length is None else min(prompt_length, context_length)
+    return _largest_k(shape, _elem_size(dtype)[0], parse_budget(budget), layers, context_length, prompt)
+
+
+def longest_context(shape: ModelShape, budget, layer_k: dict[int, int], *, dtype=torch.bfloat16,
+                    upto: int | None = None, prompt_length: int | None = None) -> int:
+    """The most positions (prompt + new tokens, at most ``upto``) whose KV cache and prefill fit with ``layer_k``."""
+    upto = upto or shape.max_context or 1 << 20
+    return _longest_context(shape, _elem_size(dtype)[0], parse_budget(budget), layer_k, upto, prompt_length)
+
+
+def _no_fit_message(shape, elem, budget, ks, context, prompt, parts) -> str:
+    asked = sum(parts.values()) + min(shape.ffn_elems() * elem, sum(shape.ffn_elems() for _ in ks) * elem)
+    layers = sorted(ks)
+    uniform = len(set(ks.values())) == 1
+    what = (f"kept fraction {next(iter(ks.values())) / shape.n_neurons:.3g} (k = {next(iter(ks.values()))})" if uniform
+            else "the per-layer core-set sizes")
+    best_k = _largest_k(shape, elem, budget, layers, context, prompt)
+    clo = _longest_context(shape, elem, budget, ks, context, prompt)
     largest = (f"the largest kept fraction that fits this budget at {context} positions is "
                f"{math.floor(100 * best_k / shape.n_neurons) / 100:.2f} (k = {best_k} of {shape.n_neurons})"
                if best_k else f"no kept fraction fits at {context} positions")

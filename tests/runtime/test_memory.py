@@ -210,3 +210,19 @@ def test_device_checks_on_this_machine():
     assert check_budget_device(1 << 30, "cpu").type == "cpu"
     with pytest.raises(MemoryBudgetError, match="CUDA device"):
         check_budget_device(1 << 30, "meta")
+
+
+def test_largest_core_k_and_longest_context():
+    from coreinfer.runtime.memory import largest_core_k, longest_context
+
+    k = largest_core_k(llama13b(), "16GiB", context_length=384, prompt_length=256)
+    plan_memory(llama13b(), "16GiB", layer_k={i: k for i in range(40)}, context_length=384, prompt_length=256)
+    with pytest.raises(MemoryBudgetError):
+        plan_memory(llama13b(), "16GiB", layer_k={i: k + 1 for i in range(40)}, context_length=384, prompt_length=256)
+    ks = {i: 5530 for i in range(40)}
+    n = longest_context(llama13b(), "16GiB", ks)
+    assert 384 <= n < 4096
+    plan_memory(llama13b(), "16GiB", layer_k=ks, context_length=n)
+    with pytest.raises(MemoryBudgetError):
+        plan_memory(llama13b(), "16GiB", layer_k=ks, context_length=n + 1)
+    assert largest_core_k(llama8b(), "4GiB", context_length=384) == 0
