@@ -283,3 +283,37 @@ def test_cuda_sparse_lm_with_a_budget_runs_the_graph_path(tokenizer):
     assert got.stats.path == "fast-offload"
     assert got.token_ids == want.token_ids
     assert got.stats.memory["bus_bytes"] == 4 * lm.offload.fast.store.block_bytes
+
+
+@pytest.mark.gpu
+@needs_cuda
+def test_cuda_eager_offload_for_an_architecture_the_fast_path_lacks(tokenizer):
+    """Gemma under a budget on CUDA: the eager offloaded path (pinned host FFNs, staging buffers on the GPU) gives
+    the in-memory eager path's tokens and logits (float32)."""
+    import copy
+
+    from coreinfer.runtime.loading import LoadedModel
+    from coreinfer.runtime.offload import HostFFN, MemoryBudget, OffloadedSparseLM, ffn_bytes, offload_loaded
+    from coreinfer.runtime.sparse_lm import SparseLM
+    from tests.conftest import build_tiny
+
+    model, _ = build_tiny("gemma", tokenizer, seed=7)
+    ref = SparseLM(LoadedModel(copy.deepcopy(model).cuda(), tokenizer, "ref", "memory", torch.device("cuda"),
+                               torch.float32))
+    lm = OffloadedSparseLM(LoadedModel(model, tokenizer, "off", "memory", torch.device("cpu"), torch.float32))
+    shape = ModelShape.from_config(model.config)
+    ks = {i: kept_count(0.4, shape.n_neurons) for i in range(4)}
+    big = plan_memory(shape, "1TiB", dtype=torch.float32, layer_k=ks, context_length=96)
+    p = big.parts
+    budget = sum(p[k] for k in ("attention", "embeddings", "lm_head_norm", "kv_cache", "workspace", "core_ffn",
+                                "dense_ffn_outside_sparse")) + 2 * big.dense_layer_bytes + 8
+    offload_loaded(lm, MemoryBudget(budget, kept_fraction=0.4, context_length=96, layers="0:4"), "cuda")
+    assert lm.offload.fast is None and "gemma" in (lm.offload.fast_unsupported or "")
+    host = lm.adapter.dense[0]
+    assert isinstance(host, HostFFN) and host.host.down.is_pinned()
+    prompt = "Paris is the capital of France and Berlin is the capital of Germany."
+    kw = dict(method="stability", beta=0.4, layers="0:4", max_new_tokens=8, return_logits=True)
+    want, got = ref.generate(prompt, **kw), lm.generate(prompt, **kw)
+    assert got.stats.path == "eager-offload" and got.token_ids == want.token_ids
+    assert max((a - b).abs().max().item() for a, b in zip(want.logits, got.logits)) < 1e-3
+    assert got.stats.memory["bus_bytes"] == 4 * ffn_bytes(host.host)

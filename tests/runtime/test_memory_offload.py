@@ -236,3 +236,18 @@ def test_cli_memory_budget_errors_before_loading(capsys):
     assert "coreinfer generate: error: memory budget '12 gigs' is not a size" in err and "\n" == err[-1]
     assert main(["bench", "--device", "cpu", "--memory-budget", "-1"]) == 2
     assert "is not a size" in capsys.readouterr().err
+
+
+def test_fast_route_falls_back_to_eager_for_other_architectures(tokenizer):
+    ref, _ = _pair("gemma", tokenizer)
+    model, _ = build_tiny("gemma", tokenizer, seed=7)
+    lm = OffloadedSparseLM(LoadedModel(model, tokenizer, "off", "memory", torch.device("cpu"), torch.float32))
+    offload_loaded(lm, MemoryBudget(_budget(lm, 0), kept_fraction=0.4, context_length=CONTEXT, layers=LAYERS), "cpu",
+                   fast=True)
+    assert lm.offload.fast is None and "gemma" in lm.offload.fast_unsupported
+    kw = dict(method="stability", beta=0.4, layers=LAYERS, max_new_tokens=6, return_logits=True)
+    got = lm.generate(PROMPT, **kw)
+    assert got.stats.path == "eager-offload"
+    _same(ref.generate(PROMPT, **kw), got)
+    with pytest.raises(ValueError, match="fast_path=True"):
+        lm.generate(PROMPT, fast_path=True, max_new_tokens=2)
