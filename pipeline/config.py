@@ -314,7 +314,8 @@ def check_eval(cfg: PipelineConfig):
         ec.out = str(cfg.model_dir / "eval")
         if "agreement" in ec.tasks and ec.task_cfg("agreement").file is None:
             # the held-out prompts of the calibration corpus: in the project, never seen by the clustering
-            ec.task_config["agreement"] = replace(ec.task_cfg("agreement"), file=str(cfg.corpus_path))
+            # (absolute here: task files are found relative to the shared data; results record it repo-relative)
+            ec.task_config["agreement"] = replace(ec.task_cfg("agreement"), file=str(Path(cfg.corpus_path).resolve()))
         return validate_eval(ec)
     except (EvalError, ValueError, TypeError) as e:
         raise ConfigError(f"invalid pipeline configuration: eval: {e}{FIX}") from None
