@@ -155,6 +155,29 @@ def test_cluster_lru_with_room_for_a_second_set():
     assert run(b, "b").sets_from == "resident"
 
 
+def test_per_layer_core_sizes_equal_in_memory():
+    """A calibrated budget (one k per layer, one layer dense): the same selection and logits as FastLM(layer_k=...)."""
+    model = _tiny("llama", seed=31)
+    prompt, cont = _ids(19, 32), _ids(7, 33)
+    layer_k = {1: 30, 2: 64, 3: 100}  # layer 0 decodes dense (resident in full)
+    ref, ref_core = FastLM(FastWeights.from_hf(model), max_seq_len=CONTEXT, layer_k=layer_k).forced_logits(prompt, cont)
+    shape = ModelShape.from_config(model.config)
+    big = plan_memory(shape, "1TiB", dtype=torch.float32, layer_k=layer_k, context_length=CONTEXT)
+    p = big.parts
+    base = sum(p[k] for k in ("attention", "embeddings", "lm_head_norm", "kv_cache", "workspace", "core_ffn",
+                              "dense_ffn_outside_sparse"))
+    plan = plan_memory(shape, base + 2 * big.dense_layer_bytes + 8, dtype=torch.float32, layer_k=layer_k,
+                       context_length=CONTEXT)
+    assert plan.streamed == [1, 2, 3] and 0 in plan.resident_dense
+    fast = BudgetFastLM(FastWeights.from_hf(model), plan, "cpu")
+    assert [fast.w.layers[i].down.shape[1] for i in range(4)] == [160, 64, 64, 128]  # dense, then k padded to 64
+    got, _ = fast.forced_logits(prompt, cont)
+    assert (got - ref).abs().max().item() <= 1e-4
+    assert {i: c.numel() for i, c in fast._last_core_sets.items()} == layer_k
+    for li, idx in fast._last_core_sets.items():
+        assert torch.equal(idx, ref_core[li])
+
+
 def test_errors():
     model = _tiny("llama", seed=1)
     plan = _plan(model, resident_sparse=0)
