@@ -68,3 +68,11 @@ def test_init_refuses_a_folder_with_files(tmp_path, git_identity):
     with pytest.raises(InitError, match="not an empty folder"):
         init_project(tmp_path)
     assert [p.name for p in tmp_path.iterdir()] == ["mine.txt"]
+
+
+def test_the_repository_has_one_pipeline():
+    """The packaged template links to dvc.yaml; .dvcignore keeps DVC from reading it as a second pipeline."""
+    r = subprocess.run([sys.executable, "-m", "dvc", "stage", "list", "--all"], cwd=REPO, capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    stages = [line.split()[0] for line in r.stdout.splitlines() if line.strip()]
+    assert stages[0] == "validate" and "evaluate" in stages and not any("/" in st for st in stages)
