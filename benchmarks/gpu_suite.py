@@ -7,6 +7,8 @@ From the repo root on the GPU machine (scripts/gpu_run.sh sets it up). Steps:
   (DIR/pytest.log);
 * greedy: greedy decoding on the real SmolLM2-135M (prompts below): the fast path vs the eager ``SparseLM``
   path, dense and sparse: same tokens, same core sets (DIR/greedy.json);
+* tune: the GEMV tilings timed in the whole decode step (DIR/tune.json);
+* lesion: the step timed without its attention / residual+norm launches (DIR/lesion.json);
 * e2e: the product's main call (``SparseLM.generate`` with an artifact, auto, chat, sampling, streaming) and
   the CLI on the Llama-3.1-8B shape, against the benchmark's rows on the same weights (DIR/e2e.json);
 * suite: the benchmark (``bench.run_suite``: HF generate dynamic and static-compiled, our dense and sparse
@@ -467,6 +469,91 @@ def selection_profile(log=print) -> dict:
     return out
 
 
+TILINGS = [  # (label, FastLM keyword arguments) timed in the whole decode step by ``tune_tilings``
+    # (gemv_config alone sets qkv / o / lm_head and, unless gemv_config_up is given, gate||up too)
+    ("default", {}),
+    ("H100 tiling: 2x2048 w8 s4, gate||up 2x4096 w8 s2", {"gemv_config": (2, 2048, 8, 4), "gemv_config_up": (2, 4096, 8, 2)}),
+    ("all 2x4096 w8 s2", {"gemv_config": (2, 4096, 8, 2)}),
+    ("all 1x4096 w8 s2", {"gemv_config": (1, 4096, 8, 2)}),
+    ("all 1x4096 w4 s3", {"gemv_config": (1, 4096, 4, 3)}),
+    ("all 1x4096 w2 s2", {"gemv_config": (1, 4096, 2, 2)}),
+    ("down split 96", {"rows_config": (2048, 4, 96, 8, 3)}),
+    ("down split 160", {"rows_config": (2048, 4, 160, 8, 3)}),
+]
+
+
+def tune_tilings(log=print, spec: str = "llama-3.1-8b", beta: float = 0.4, new_tokens: int = 128,
+                 repeats: int = 3) -> dict:
+    """The GEMV tilings (``TILINGS``) timed in the whole graph-captured decode step on this device, sparse at
+    ``beta`` and, for the best qkv/o/lm_head tiling, dense: median decode tok/s of ``repeats`` runs."""
+    from coreinfer.runtime.cuda import bench
+    from coreinfer.runtime.cuda.fastlm import FastWeights
+
+    model, tok = bench.build_shape_model(spec, torch.bfloat16)
+    ids = bench.bench_prompt(tok, model.get_input_embeddings().weight.shape[0]).cuda()
+    weights = FastWeights.from_hf(model)
+    del model
+    rows = []
+    for label, opts in TILINGS + [("dense " + l, o) for l, o in TILINGS[:4]]:
+        b = None if label.startswith("dense") else beta
+        try:
+            row, fast = bench.fast_bench(weights, ids, new_tokens, repeats, b, rows_config=opts.get("rows_config"),
+                                         options={k: v for k, v in opts.items() if k != "rows_config"})
+            rows.append({"tiling": label, "beta": b, "decode_tok_s": row["decode_tok_s"]})
+            del fast
+        except Exception as err:  # recorded, never hidden
+            rows.append({"tiling": label, "beta": b, "error": repr(err)})
+        log(f"[tune] {rows[-1]}")
+        _free_cuda()
+    del weights
+    _free_cuda()
+    return {"model": spec, "rows": rows}
+
+
+def lesion_profile(log=print, spec: str = "llama-3.1-8b", new_tokens: int = 128, repeats: int = 3) -> dict:
+    """Where the per-step time beyond the weights' roofline goes, by leaving pieces of the captured step out
+    (PDL overlaps kernels, so profiler times do not add up): the step without its attention launches, without
+    its residual + RMSNorm launches, and without both, dense and at kept 0.4 (the outputs are garbage; only
+    the time counts). Median decode tok/s and ms per step; the differences are what each piece costs."""
+    import statistics
+
+    from coreinfer.runtime.cuda import bench
+    from coreinfer.runtime.cuda.fastlm import FastLM, FastWeights
+
+    model, tok = bench.build_shape_model(spec, torch.bfloat16)
+    ids = bench.bench_prompt(tok, model.get_input_embeddings().weight.shape[0]).cuda()
+    weights = FastWeights.from_hf(model)
+    del model
+    bw = bench.copy_bandwidth()
+
+    class NoAttention:
+        def __call__(self, *args, **kwargs):
+            return None
+
+    def no_norm(x, y, wt, b, ops, y_bias=None):
+        return x, x
+
+    rows = []
+    for beta in (None, 0.4):
+        for label in ("full step", "no attention", "no residual+norm", "no attention, no residual+norm"):
+            fast = FastLM(weights, max_seq_len=ids.numel() + new_tokens, kept_fraction=beta)
+            if "no attention" in label:
+                fast._attn = NoAttention()
+            if "residual" in label:
+                fast._add_norm = no_norm
+            fast.generate(ids, new_tokens)  # capture + warm-up
+            ms = [fast.generate(ids, new_tokens, timing=True).timings for _ in range(repeats)]
+            step_ms = statistics.median(t["decode_ms"] / t["decode_steps"] for t in ms)
+            rows.append({"beta": beta, "variant": label, "step_ms": step_ms, "decode_tok_s": 1e3 / step_ms,
+                         "roofline_step_ms": fast.bytes_per_token() / bw * 1e3})
+            log(f"[lesion] {rows[-1]}")
+            del fast
+            _free_cuda()
+    del weights
+    _free_cuda()
+    return {"model": spec, "copy_bandwidth_gb_s": bw / 1e9, "rows": rows}
+
+
 E2E_PROMPTS = ["Explain in two sentences why the sky is blue.", "Capital of Peru?",
                "Write a haiku about the sea."]
 
@@ -516,6 +603,7 @@ def main_job_e2e(carry: Path, out_dir: Path, log=print, shape: str = "llama-3.1-
     lm = SparseLM(loaded, artifact=art_path)
     out = {"shape": shape, "beta": beta, "new_tokens": new_tokens, "repeats": repeats, "rows": [],
            "setup_s": time.perf_counter() - t0}
+    every = f"0:{n_layers}"  # every layer sparse, as the benchmark's rows
     long_ids = bench.bench_prompt(tok, lm.tokenizer.vocab_size)
     long_prompt = tok.decode(long_ids)
 
@@ -530,13 +618,14 @@ def main_job_e2e(carry: Path, out_dir: Path, log=print, shape: str = "llama-3.1-
             pass
 
     configs = [
-        ("auto, chat, greedy", E2E_PROMPTS[0], dict(method="auto", chat=True)),
+        ("auto, chat, greedy", E2E_PROMPTS[0], dict(method="auto", chat=True, layers=every)),
         ("auto, chat, sampled + streamer", E2E_PROMPTS[0],
-         dict(method="auto", chat=True, do_sample=True, temperature=0.8, top_p=0.95, seed=0, streamer="collect")),
+         dict(method="auto", chat=True, layers=every, do_sample=True, temperature=0.8, top_p=0.95, seed=0,
+              streamer="collect")),
         ("auto, chat, sampled + on_text + stop string", E2E_PROMPTS[1],
-         dict(method="auto", chat=True, do_sample=True, temperature=0.8, top_k=50, seed=1, on_text="collect",
-              stop=["\u2603never\u2603"])),
-        ("stability, 256-token prompt, greedy", long_prompt, dict(method="stability", beta=beta, layers=f"0:{n_layers}")),
+         dict(method="auto", chat=True, layers=every, do_sample=True, temperature=0.8, top_k=50, seed=1,
+              on_text="collect", stop=["\u2603never\u2603"])),
+        ("stability, 256-token prompt, greedy", long_prompt, dict(method="stability", beta=beta, layers=every)),
         ("dense, 256-token prompt, greedy", long_prompt, dict(method="dense")),
     ]
     for label, prompt, kw in configs:
@@ -569,7 +658,7 @@ def main_job_e2e(carry: Path, out_dir: Path, log=print, shape: str = "llama-3.1-
         out["rows"].append(row)
         log(f"[e2e] {row}")
     try:  # the eager path for reference (fewer tokens: it is slow)
-        res = lm.generate(E2E_PROMPTS[0], method="auto", chat=True, max_new_tokens=32, fast_path=False)
+        res = lm.generate(E2E_PROMPTS[0], method="auto", chat=True, layers=every, max_new_tokens=32, fast_path=False)
         out["rows"].append({"config": "auto, chat, greedy, eager path (32 tokens)", "path": res.stats.path,
                             "decode_tok_s": res.stats.decode_tokens_per_s, "method_used": res.stats.method_used})
     except Exception as err:
@@ -597,7 +686,8 @@ def main_job_e2e(carry: Path, out_dir: Path, log=print, shape: str = "llama-3.1-
         del lm, loaded, model, weights
         _free_cuda()
         cmd = [sys.executable, "-m", "coreinfer.runtime.cli", "generate", E2E_PROMPTS[0], "--model", str(folder),
-               "--artifact", str(art_path), "--method", "auto", "--chat", "--max-new-tokens", str(new_tokens)]
+               "--artifact", str(art_path), "--method", "auto", "--chat", "--layers", every,
+               "--max-new-tokens", str(new_tokens)]
         t = time.perf_counter()
         r = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
         out["cli"] = {"command": " ".join(cmd), "rc": r.returncode, "wall_s": time.perf_counter() - t,
@@ -607,13 +697,56 @@ def main_job_e2e(carry: Path, out_dir: Path, log=print, shape: str = "llama-3.1-
     return out
 
 
+def run_tests(out: Path, log) -> None:
+    tests = ["tests/runtime/test_cuda_fastpath.py"] + [str(p) for p in sorted(Path("tests/runtime").glob("test_memory*.py"))]
+    r = subprocess.run([sys.executable, "-m", "pytest", "-q", "-m", "gpu or not gpu", "-p", "no:cacheprovider", *tests],
+                       capture_output=True, text=True)
+    (out / "pytest.log").write_text(r.stdout + r.stderr)
+    log("pytest: " + (r.stdout.strip().splitlines() or ["(no output)"])[-1])
+    for line in r.stdout.splitlines():
+        if line.startswith(("FAILED", "ERROR")):
+            log(line[:300])
+
+
+def run_suite_step(args, out: Path, log) -> None:
+    from coreinfer.runtime.cuda import bench
+
+    models = [m for m in args.models.split(",") if m]
+    rows_config = tuple(json.loads(args.rows_config)) if args.rows_config else None
+    if rows_config is None:
+        rows_config = tuple(tune_gemv_rows(log=log)["best"] or ()) or None
+    sel = {}
+    try:
+        sel["selection_profile"] = selection_profile(log=log)
+    except Exception as err:  # recorded, never hidden
+        sel["selection_profile"] = {"error": repr(err)}
+
+    def save(result):
+        (out / "results.json").write_text(json.dumps({**result, **sel}, indent=1, default=str))
+
+    result = bench.run_suite(models, new_tokens=args.new_tokens, repeats=args.repeats, log=log, on_model=save,
+                             rows_config=rows_config, ablation_first=not args.no_ablation)
+    save(result)
+    table = bench.format_table(result)
+    (out / "table.md").write_text(table + "\n")
+    for m in result["models"]:
+        for r in m.get("rows", []):
+            if "profile" in r:
+                log(f"profile {m['model']} {r['path']} beta={r.get('beta')}: {json.dumps(r['profile'])}")
+        if "check" in m:
+            log(f"check {m['model']}: {json.dumps(m['check'])}")
+    print(table)
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", default=os.environ.get("OUT", "gpu-out"), help="folder for the raw JSON and logs")
-    ap.add_argument("--steps", default="tests,suite,e2e", help="comma-separated: tests, greedy, suite, e2e, memory")
+    ap.add_argument("--steps", default="tests,e2e,suite",
+                    help="comma-separated, run in this order: tests, greedy, tune, lesion, e2e, suite, memory")
     ap.add_argument("--carry", default=".carry", help="folder with smollm2-tokenizer/ and tiny-embedder/ (e2e)")
     ap.add_argument("--smollm2", default=None, help="path of SmolLM2-135M-Instruct.Q4_1.gguf (greedy step)")
     ap.add_argument("--models", default="llama-3.1-8b", help="comma-separated shapes or specs for the suite")
+    ap.add_argument("--no-ablation", action="store_true", help="suite without the ablation rows")
     ap.add_argument("--new-tokens", type=int, default=128, help="new tokens per timed generation")
     ap.add_argument("--repeats", type=int, default=3, help="timed repeats per configuration (median)")
     ap.add_argument("--rows-config", default="[2048,4,128,8,3]", help="the down GEMV's tiling as JSON ('' tunes it)")
@@ -621,70 +754,42 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    steps = {s.strip() for s in args.steps.split(",") if s.strip()}
-    from coreinfer.runtime.cuda import bench
 
     def log(msg):
         print(msg, flush=True)
 
-    if "tests" in steps:
-        tests = ["tests/runtime/test_cuda_fastpath.py"] + [str(p) for p in sorted(Path("tests/runtime").glob("test_memory*.py"))]
-        r = subprocess.run([sys.executable, "-m", "pytest", "-q", "-m", "gpu or not gpu", "-p", "no:cacheprovider", *tests],
-                           capture_output=True, text=True)
-        (out / "pytest.log").write_text(r.stdout + r.stderr)
-        log("pytest: " + (r.stdout.strip().splitlines() or ["(no output)"])[-1])
-        for line in r.stdout.splitlines():
-            if line.startswith(("FAILED", "ERROR")):
-                log(line[:300])
-    if "greedy" in steps and args.smollm2:
-        try:
-            res = greedy_check(args.smollm2, log=log)
-        except Exception as err:
-            import traceback
+    def greedy():
+        if args.smollm2:
+            (out / "greedy.json").write_text(json.dumps(greedy_check(args.smollm2, log=log), indent=1, default=str))
 
-            res = {"error": repr(err), "traceback": traceback.format_exc()}
-            log(f"greedy check FAILED: {err!r}")
-        (out / "greedy.json").write_text(json.dumps(res, indent=1, default=str))
-    if "e2e" in steps:
-        try:
-            main_job_e2e(Path(args.carry), out, log=log, new_tokens=args.new_tokens, repeats=args.repeats)
-        except Exception as err:
-            import traceback
-
-            (out / "e2e.json").write_text(json.dumps({"error": repr(err), "traceback": traceback.format_exc()}))
-            log(f"e2e FAILED: {err!r}\n{traceback.format_exc()[-2000:]}")
-        _free_cuda()
-    if "suite" in steps:
-        models = [m for m in args.models.split(",") if m]
-        rows_config = tuple(json.loads(args.rows_config)) if args.rows_config else None
-        if rows_config is None:
-            rows_config = tuple(tune_gemv_rows(log=log)["best"] or ()) or None
-        sel = {}
-        try:
-            sel["selection_profile"] = selection_profile(log=log)
-        except Exception as err:  # recorded, never hidden
-            sel["selection_profile"] = {"error": repr(err)}
-
-        def save(result):
-            (out / "results.json").write_text(json.dumps({**result, **sel}, indent=1, default=str))
-
-        result = bench.run_suite(models, new_tokens=args.new_tokens, repeats=args.repeats, log=log, on_model=save,
-                                 rows_config=rows_config)
-        save(result)
-        table = bench.format_table(result)
-        (out / "table.md").write_text(table + "\n")
-        for m in result["models"]:
-            for r in m.get("rows", []):
-                if "profile" in r:
-                    log(f"profile {m['model']} {r['path']} beta={r.get('beta')}: {json.dumps(r['profile'])}")
-            if "check" in m:
-                log(f"check {m['model']}: {json.dumps(m['check'])}")
-        print(table)
-    if "memory" in steps:
-        r = subprocess.run([sys.executable, "-m", "benchmarks.memory_budget", "--out", str(out), *args.memory_args.split()],
-                           capture_output=True, text=True)
+    def memory():
+        r = subprocess.run([sys.executable, "-m", "benchmarks.memory_budget", "--out", str(out),
+                            *args.memory_args.split()], capture_output=True, text=True)
         (out / "memory.log").write_text(r.stdout + r.stderr)
         log("memory: rc " + str(r.returncode) + "\n" + (r.stdout + r.stderr)[-3000:])
+
+    steps = {
+        "tests": lambda: run_tests(out, log),
+        "greedy": greedy,
+        "tune": lambda: (out / "tune.json").write_text(json.dumps(tune_tilings(log=log), indent=1, default=str)),
+        "lesion": lambda: (out / "lesion.json").write_text(json.dumps(lesion_profile(log=log), indent=1, default=str)),
+        "e2e": lambda: main_job_e2e(Path(args.carry), out, log=log, new_tokens=args.new_tokens, repeats=args.repeats),
+        "suite": lambda: run_suite_step(args, out, log),
+        "memory": memory,
+    }
+    for name in [s.strip() for s in args.steps.split(",") if s.strip()]:
+        if name not in steps:
+            ap.error(f"unknown step {name!r}; choose from {', '.join(steps)}")
+        t0 = time.perf_counter()
+        try:
+            steps[name]()
+        except Exception as err:  # recorded, never hidden; the next step still runs
+            import traceback
+
+            (out / f"{name}-error.txt").write_text(traceback.format_exc())
+            log(f"{name} FAILED: {err!r}\n{traceback.format_exc()[-2000:]}")
+        log(f"[step {name}] {time.perf_counter() - t0:.0f} s")
+        _free_cuda()
     return 0
 
 

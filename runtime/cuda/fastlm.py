@@ -1064,7 +1064,7 @@ class FastLM:
                 timings["decode_steps"] = launched - 1
             logits = []
             if keep_logits:
-                logits = list(self._logit_rows[:len(tokens)].float().cpu().unbind(0))
+                logits = list(self._logit_rows[:len(tokens)].to("cpu", torch.float32, copy=True).unbind(0))
             return FastGeneration(tokens, chosen, timings, logits)
 
     def _drain(self, pending: list, enqueue, launched: int, max_new: int, chunk: int, eos: set, tokens: list,

@@ -73,8 +73,12 @@ def unsupported_generation(config) -> str | None:
     """Why ``config`` (a GenerationConfig) needs the eager path, or None when the fast path implements it: every
     field it sets to something other than transformers' default, outside what the fast path implements."""
     defaults = getattr(type(config), "_get_default_generation_params", lambda: {})()
-    diff = {k: v for k, v in config.to_diff_dict().items()
-            if k not in _IMPLEMENTED and v is not None and v != defaults.get(k, None)}
+
+    def changes(k, v) -> bool:  # False for a flag transformers leaves unset (None) is no change either
+        d = defaults.get(k)
+        return not (v is None or v == d or (v is False and not d))
+
+    diff = {k: v for k, v in config.to_diff_dict().items() if k not in _IMPLEMENTED and changes(k, v)}
     if not diff:
         return None
     named = ", ".join(f"{k}={v!r}" for k, v in sorted(diff.items())[:4])

@@ -228,11 +228,12 @@ def _gemv_kernel(w_ptr, x_ptr, b_ptr, y_ptr, idx_ptr, N, up_off,
 
 
 # (BLOCK_N, BLOCK_K, num_warps, num_stages) of ``gemv``: the fastest in the whole decode step (Llama-3.1-8B
-# shape, kept fraction 0.4, PDL on) of the tilings ``device_check.tune_decode`` tries (runs "tune-2" and
-# "tune-3", docs/benchmarks.md): 2 rows x 2048 columns for qkv / o / lm_head (and dense FFNs); 2 outputs x
-# whole 8 KB rows (gate and up rows of each) for the gate||up product. The best few are within ~1% of each other.
-GEMV_CONFIG = (2, 2048, 8, 4)
-GEMV_CONFIG_UP = (2, 4096, 8, 2)  # gate||up (two rows per output) and fc1
+# shape, PDL on) of the tilings ``benchmarks/gpu_suite.py`` (``tune_tilings``) times on the H200 (run "h200-1",
+# docs/benchmarks.md): one output's whole 8 KB row(s) per program, 4 warps, for qkv / o / lm_head and for the
+# gate||up product (the gate and up rows of one neuron) - every program's weights requested before it waits for
+# the previous kernel: +3% dense, +1% at kept 0.4 over the H100's choice (2 x 2048 columns; gate||up 2 outputs).
+GEMV_CONFIG = (1, 4096, 4, 2)
+GEMV_CONFIG_UP = (1, 4096, 4, 2)  # gate||up (two rows per output) and fc1
 
 
 def gemv(w: torch.Tensor, x: torch.Tensor, out: torch.Tensor, bias: torch.Tensor | None = None, *,

@@ -5,6 +5,8 @@ gathered once by ``FFNWeights.gather``, Hugging Face attention and cache for eve
 
 from __future__ import annotations
 
+import inspect
+
 from contextvars import ContextVar
 
 import torch
@@ -44,7 +46,8 @@ class EagerReference:
                 session.freeze(self.adapter.dense)
                 rows = [out.logits[0, -1:].float()]
                 if cont.shape[1]:
-                    rest = self.model(input_ids=cont, past_key_values=out.past_key_values, use_cache=True)
+                    name = "cache" if "cache" in inspect.signature(self.model.forward).parameters else "past_key_values"
+                    rest = self.model(input_ids=cont, use_cache=True, **{name: getattr(out, name)})
                     rows.append(rest.logits[0].float())
         finally:
             self.active.reset(token)

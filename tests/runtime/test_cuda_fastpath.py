@@ -471,6 +471,9 @@ def test_hook_says_why_it_cannot_answer(tokenizer):
 
     lm, _ = tiny_lm("llama", tokenizer, seed=5)
     prompt = "Write a short poem about the sea and the wind"
+    plain, why = _fast(lm, prompt, "stability", 0.3, None, 4, output_attentions=False, output_hidden_states=False,
+                       num_beams=1, repetition_penalty=1.0)  # set to what transformers does anyway: no change
+    assert why is None and plain.stats.path == "fast"
     for gen, words in (({"num_beams": 2}, "num_beams=2"), ({"repetition_penalty": 1.3}, "repetition_penalty=1.3"),
                        ({"min_new_tokens": 3}, "min_new_tokens=3")):
         got, why = _fast(lm, prompt, "stability", 0.3, None, 4, **gen)
