@@ -240,3 +240,19 @@ def test_sample_order_is_a_prefix_of_one_permutation():
     assert T.sample_indices(5, None, seed=3) == T.sample_indices(5, 5, seed=3)
     assert sorted(T.sample_indices(5, None, seed=3)) == list(range(5))
     assert T.sample_indices(100, 10, seed=4) != a
+
+
+def test_results_record_portable_paths(tmp_path, monkeypatch):
+    """results.jsonl names files relative to the repository (or ~/), so a clone elsewhere keeps its results."""
+    from coreinfer.pipeline.evaluate.runner import portable_path
+
+    repo, home = tmp_path / "repo", tmp_path / "home"
+    (repo / "artifacts").mkdir(parents=True)
+    (home / ".cache" / "m").mkdir(parents=True)
+    monkeypatch.chdir(repo)
+    monkeypatch.setenv("HOME", str(home))
+    assert portable_path(repo / "artifacts") == "artifacts"
+    assert portable_path("artifacts") == "artifacts"
+    assert portable_path(home / ".cache" / "m") == "~/.cache/m"
+    assert portable_path("HuggingFaceTB/SmolLM2-135M") == "HuggingFaceTB/SmolLM2-135M"  # a hub id, no path
+    assert portable_path(tmp_path) == str(tmp_path)  # outside both: absolute
