@@ -50,7 +50,7 @@ from .session import CoreSetSession
 from .sparse_lm import DEFAULT_BETA, SparseLM
 
 FFN_TENSORS = ("gate", "up", "fc1", "fc1_bias", "down", "down_bias", "gate_up")
-DEFAULT_CONTEXT = 4096  # planned prompt + new tokens when the budget does not say (capped by the model's window)
+DEFAULT_CONTEXT = 1024  # planned prompt + new tokens when the budget does not say (capped by the model's window)
 
 
 @dataclass(frozen=True)
