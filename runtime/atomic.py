@@ -116,6 +116,8 @@ def commit(tmp: Path, path: Path) -> None:
     A directory cannot be renamed over a non-empty one, so an existing one is swapped with ``tmp`` in one step
     where the system allows it (readers see the old or the new store, never none) and then removed.
     """
+    if path.is_symlink() and tmp.is_dir():  # a link (a DVC symlink checkout) cannot be renamed over by a directory
+        path.unlink()
     if not (path.is_dir() and not path.is_symlink()):
         os.replace(tmp, path)
         return

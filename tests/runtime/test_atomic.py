@@ -64,3 +64,17 @@ def test_directory_output_replaces_the_old_one_whole(tmp_path):
                 (tmp / f).write_text(f)
     assert sorted(p.name for p in dest.iterdir()) == ["c"]
     assert sorted(p.name for p in tmp_path.iterdir()) == [lock_path(dest).name, "d.zarr"]
+
+
+def test_a_linked_output_is_replaced_by_the_new_directory(tmp_path):
+    """DVC's symlink cache type checks outputs out as links; the new store replaces the link, not its target."""
+    target = tmp_path / "cache-copy"
+    target.mkdir()
+    (target / "old").write_text("old")
+    dest = tmp_path / "d.zarr"
+    dest.symlink_to(target)
+    with atomic_output(dest) as tmp:
+        tmp.mkdir()
+        (tmp / "new").write_text("new")
+    assert not dest.is_symlink() and sorted(p.name for p in dest.iterdir()) == ["new"]
+    assert (target / "old").read_text() == "old"  # the cache is untouched
