@@ -59,13 +59,16 @@ class MemoryBudget:
 
     kept_fraction: the largest kept fraction requests will use (default: the artifact's, else 0.4);
     context_length: the longest prompt + new tokens (default: the model's window, at most ``DEFAULT_CONTEXT``);
-    layers: the sparse layers (as ``generate``'s ``layers=``; default the paper's range).
+    layers: the sparse layers (as ``generate``'s ``layers=``; default the paper's range);
+    fast_path: None runs the graph-captured path where it applies (CUDA, its architectures: one greedy prompt
+    per call), False the eager offloaded path (every call: sampling, batches, scoring, evaluation; no graph).
     """
 
     size: object
     kept_fraction: float | None = None
     context_length: int | None = None
     layers: object = None
+    fast_path: bool | None = None
 
     @classmethod
     def of(cls, value) -> "MemoryBudget":
@@ -267,9 +270,9 @@ class OffloadedSparseLM(SparseLM):
 
     def _eager_only(self, what: str):
         if self.offload.fast is not None:
-            raise ValueError(f"{what} under a memory budget on CUDA is not available: the model's weights live in the "
-                             "graph-captured path's buffers, not in its modules; load with device='cpu' (the eager "
-                             "offloaded path) or without memory_budget")
+            raise ValueError(f"{what} under a memory budget on CUDA is not available on the graph-captured path (the "
+                             "weights live in its buffers, not in the model's modules); load with "
+                             "memory_budget=MemoryBudget(size, fast_path=False) for the eager offloaded path")
 
     def score_choices(self, *args, **kwargs):
         self._eager_only("scoring")
@@ -291,8 +294,8 @@ class OffloadedSparseLM(SparseLM):
             what = ("fast_path=False" if fast_path is False else f"{extra_args}" if extra_args
                     else "a batch or token ids")
             raise ValueError(f"under a memory budget on CUDA, generate runs the graph-captured path: one str prompt, "
-                             f"greedy; {what} needs the eager path, which under a budget runs with device='cpu', or "
-                             "load without memory_budget")
+                             f"greedy; {what} needs the eager offloaded path: load with "
+                             "memory_budget=MemoryBudget(size, fast_path=False)")
         method = method or ("auto" if self.artifact is not None else "stability")
         if method == "dense":
             raise ValueError("method='dense' under a memory budget would stream every streamed layer's dense FFN for "
@@ -458,6 +461,9 @@ def offload_loaded(lm: OffloadedSparseLM, memory_budget, device, fast: bool | No
     spec = MemoryBudget.of(memory_budget)
     budget = parse_budget(spec.size)
     dev = check_budget_device(budget, device)
+    fast = spec.fast_path if fast is None else fast
+    if fast not in (None, True, False):
+        raise MemoryBudgetError(f"fast_path must be None, True or False, got {fast!r}")
     if any(p.device.type != "cpu" for p in lm.model.parameters()):
         raise MemoryBudgetError("offload_loaded needs the model in host memory (load it on the CPU first)")
     plan = _plan_for(lm, spec, budget, lm.loaded.dtype)

@@ -278,13 +278,14 @@ def test_cuda_streaming_with_one_buffer():
 
 @pytest.mark.gpu
 @needs_cuda
-def test_cuda_sparse_lm_with_a_budget_runs_the_graph_path(tokenizer):
-    """SparseLM under a budget on CUDA: BudgetFastLM answers (stats.path "fast-offload"), the in-memory SparseLM's
-    tokens (float32), the decode within the plan."""
+@pytest.mark.parametrize("fast_path", [None, False])
+def test_cuda_sparse_lm_with_a_budget_runs_the_graph_path(tokenizer, fast_path):
+    """SparseLM under a budget on CUDA: BudgetFastLM answers (stats.path "fast-offload"), or with fast_path=False
+    the eager offloaded path; the in-memory SparseLM's tokens (float32) either way."""
     import copy
 
     from coreinfer.runtime.loading import LoadedModel
-    from coreinfer.runtime.offload import MemoryBudget, OffloadedSparseLM, offload_loaded
+    from coreinfer.runtime.offload import MemoryBudget, OffloadedSparseLM, ffn_bytes, offload_loaded
     from coreinfer.runtime.sparse_lm import SparseLM
     from tests.conftest import build_tiny
 
@@ -298,14 +299,19 @@ def test_cuda_sparse_lm_with_a_budget_runs_the_graph_path(tokenizer):
     p = big.parts
     budget = sum(p[k] for k in ("attention", "embeddings", "lm_head_norm", "kv_cache", "workspace", "core_ffn",
                                 "dense_ffn_outside_sparse")) + 2 * big.dense_layer_bytes + 8
-    offload_loaded(lm, MemoryBudget(budget, kept_fraction=0.4, context_length=96, layers="0:4"), "cuda")
-    assert lm.offload.fast is not None and lm.offload.plan.streamed == [0, 1, 2, 3]
+    offload_loaded(lm, MemoryBudget(budget, kept_fraction=0.4, context_length=96, layers="0:4", fast_path=fast_path),
+                   "cuda")
+    assert (lm.offload.fast is not None) == (fast_path is None) and lm.offload.plan.streamed == [0, 1, 2, 3]
     prompt = "Paris is the capital of France and Berlin is the capital of Germany."
     kw = dict(method="stability", beta=0.4, layers="0:4", max_new_tokens=12)
     want, got = ref.generate(prompt, **kw), lm.generate(prompt, **kw)
-    assert got.stats.path == "fast-offload"
     assert got.token_ids == want.token_ids
-    assert got.stats.memory["bus_bytes"] == 4 * lm.offload.fast.store.block_bytes
+    if fast_path is None:
+        assert got.stats.path == "fast-offload"
+        assert got.stats.memory["bus_bytes"] == 4 * lm.offload.fast.store.block_bytes
+    else:
+        assert got.stats.path == "eager-offload"
+        assert got.stats.memory["bus_bytes"] == 4 * ffn_bytes(lm.adapter.dense[0].host)
 
 
 @pytest.mark.gpu

@@ -207,8 +207,8 @@ def test_graph_path_route_equals_in_memory(tokenizer):
     model, _ = build_tiny("llama", tokenizer, seed=7)
     ref = SparseLM(LoadedModel(copy.deepcopy(model), tokenizer, "ref", "memory", torch.device("cpu"), torch.float32))
     lm = OffloadedSparseLM(LoadedModel(model, tokenizer, "off", "memory", torch.device("cpu"), torch.float32))
-    offload_loaded(lm, MemoryBudget(_budget(lm, 0), kept_fraction=0.4, context_length=CONTEXT, layers=LAYERS), "cpu",
-                   fast=True)
+    offload_loaded(lm, MemoryBudget(_budget(lm, 0), kept_fraction=0.4, context_length=CONTEXT, layers=LAYERS,
+                                    fast_path=True), "cpu")
     assert lm.offload.fast is not None and all(not isinstance(d, HostFFN) for d in lm.adapter.dense)
     kw = dict(method="stability", beta=0.4, layers=LAYERS, max_new_tokens=8)
     want, got = ref.generate(PROMPT, **kw), lm.generate(PROMPT, **kw)
@@ -251,3 +251,10 @@ def test_fast_route_falls_back_to_eager_for_other_architectures(tokenizer):
     _same(ref.generate(PROMPT, **kw), got)
     with pytest.raises(ValueError, match="fast_path=True"):
         lm.generate(PROMPT, fast_path=True, max_new_tokens=2)
+
+
+def test_fast_path_choice_is_validated(tokenizer):
+    model, _ = build_tiny("llama", tokenizer, seed=7)
+    lm = OffloadedSparseLM(LoadedModel(model, tokenizer, "off", "memory", torch.device("cpu"), torch.float32))
+    with pytest.raises(MemoryBudgetError, match="fast_path must be None, True or False"):
+        offload_loaded(lm, MemoryBudget(_budget(lm, 0), context_length=CONTEXT, layers=LAYERS, fast_path="yes"), "cpu")
