@@ -81,13 +81,14 @@ def _add_memory_budget_arg(p: argparse.ArgumentParser) -> None:
                         "streams (runtime/offload.py); with --device cpu the mode runs on the CPU (default: none)")
 
 
-def _memory_budget(args, kept=None, layers=None):
-    """The --memory-budget as ``offload.MemoryBudget`` planned for the command's kept fraction and layers, or None."""
+def _memory_budget(args, kept=None, layers=None, eager: bool = False):
+    """The --memory-budget as ``offload.MemoryBudget`` planned for the command's kept fraction and layers, or None;
+    ``eager``: the call needs the eager offloaded path (sampling, stop strings: not the graph-captured one)."""
     if getattr(args, "memory_budget", None) is None:
         return None
     from .offload import MemoryBudget
 
-    return MemoryBudget(args.memory_budget, kept_fraction=kept, layers=layers)
+    return MemoryBudget(args.memory_budget, kept_fraction=kept, layers=layers, fast_path=False if eager else None)
 
 
 def _chat(args, lm) -> bool:
@@ -102,7 +103,8 @@ def _cmd_generate(args) -> int:
         check_fraction("beta", args.beta)  # cheap checks before the model loads
     check_fraction("alpha", args.alpha)
     lm = SparseLM.from_pretrained(args.model, artifact=args.artifact, device=args.device, dtype=args.dtype,
-                                  verbose=args.verbose, memory_budget=_memory_budget(args, args.beta, args.layers))
+                                  verbose=args.verbose, memory_budget=_memory_budget(
+                                      args, args.beta, args.layers, eager=bool(args.sample or args.stop)))
     stream = None if args.json else (lambda text: print(text, end="", flush=True))
     kwargs = {"do_sample": args.sample, "seed": args.seed, "chat": _chat(args, lm), "stop": args.stop or None}
     for name in ("temperature", "top_k", "top_p", "repetition_penalty"):  # unset: the model's generation defaults
