@@ -470,7 +470,7 @@ def offload_loaded(lm: OffloadedSparseLM, memory_budget, device, fast: bool | No
     offload = Offload(plan, dev, lm._active)
     if fast or (fast is None and dev.type == "cuda"):
         from .cuda.fastlm import FastPathError, FastWeights
-        from .cuda.offload import BudgetFastLM
+        from .cuda.offload import BudgetFastLM, model_rope
 
         try:
             weights = FastWeights.from_hf(lm.model, adapter=lm.adapter)  # host memory: the model stays there
@@ -478,7 +478,7 @@ def offload_loaded(lm: OffloadedSparseLM, memory_budget, device, fast: bool | No
             offload.fast_unsupported = str(err)
         else:
             lm.offload = offload
-            offload.fast = BudgetFastLM(weights, plan, dev)
+            offload.fast = BudgetFastLM(weights, plan, dev, rope_fn=model_rope(lm.model, dev))
             lm.loaded.device = dev
             return lm
     lm.offload = offload

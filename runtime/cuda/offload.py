@@ -20,6 +20,7 @@ Not yet measured: the GPU run of ``benchmarks/memory_budget.py`` is the first. T
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import threading
 from collections import OrderedDict
@@ -105,9 +106,28 @@ class BudgetGeneration:
 
 
 def _device_rope(rope_fn, device: torch.device):
+    """A host copy's RoPE tables, computed in host memory and copied (``model_rope`` computes them on the device)."""
     def fn(positions: torch.Tensor):
         cos, sin = rope_fn(positions.to("cpu"))
         return cos.to(device), sin.to(device)
+    return fn
+
+
+def model_rope(model, device):
+    """RoPE tables computed on ``device`` by a device copy of ``model``'s rotary embedding, as ``FastWeights``' own
+    ``rope_fn`` computes them for a model on the device (the device's cos/sin can differ from the CPU's in the last
+    bit); None for models without one (OPT)."""
+    rotary = getattr(getattr(model, "model", None), "rotary_emb", None)
+    if rotary is None:
+        return None
+    rotary = copy.deepcopy(rotary).to(device)
+    dtype = model.get_input_embeddings().weight.dtype
+    probe = torch.zeros(1, 1, dtype=dtype, device=device)  # the rotary module reads only its dtype and device
+
+    def fn(positions: torch.Tensor):
+        with torch.no_grad():
+            cos, sin = rotary(probe, positions.to(device).view(1, -1))
+        return cos[0].to(dtype).contiguous(), sin[0].to(dtype).contiguous()
     return fn
 
 
@@ -116,12 +136,12 @@ class BudgetFastLM(FastLM):
 
     ``weights``: the model's ``FastWeights`` in host memory (``FastWeights.from_hf`` of a model on the CPU); only
     what ``plan`` makes resident is copied to ``device``. ``store``: a ``HostFFNStore`` of the same weights to
-    share between instances. ``generate_budget`` is the call with core sets, clusters and ``sparse_prefill``;
+    share between instances. ``rope_fn``: RoPE on the device (``model_rope``; default: the host copy's, copied). ``generate_budget`` is the call with core sets, clusters and ``sparse_prefill``;
     ``generate``/``forced_logits`` (FastLM's) run stability-guided prompts.
     """
 
     def __init__(self, weights: FastWeights, plan: MemoryPlan, device="cuda", *, store: HostFFNStore | None = None,
-                 alpha: float = 0.4, score: str = DEFAULT_SCORE, **fast_options):
+                 rope_fn=None, alpha: float = 0.4, score: str = DEFAULT_SCORE, **fast_options):
         dev = torch.device(device)
         if dev.type == "cuda" and dev.index is None:
             dev = torch.device("cuda", torch.cuda.current_device())
@@ -162,7 +182,7 @@ class BudgetFastLM(FastLM):
                 weights, layers=layers, embed=embed, lm_head=embed if tied else weights.lm_head.to(dev),
                 pos_embed=None if weights.pos_embed is None else weights.pos_embed.to(dev),
                 final_w=weights.final_w.to(dev), final_b=None if weights.final_b is None else weights.final_b.to(dev),
-                rope_fn=None if weights.rope_fn is None else _device_rope(weights.rope_fn, dev))
+                rope_fn=rope_fn or (None if weights.rope_fn is None else _device_rope(weights.rope_fn, dev)))
             n_slots = plan.staging_buffers if plan.streamed else 0
             self._staging = [torch.empty(self.store.numel, dtype=weights.dtype, device=dev) for _ in range(n_slots)]
         self._staging_free: list = [None] * n_slots  # event: the last compute reading the slot is done

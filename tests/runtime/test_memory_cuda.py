@@ -15,7 +15,7 @@ import torch
 transformers = pytest.importorskip("transformers")
 
 from coreinfer.runtime.cuda.fastlm import FastLM, FastWeights  # noqa: E402
-from coreinfer.runtime.cuda.offload import BudgetFastLM, HostFFNStore  # noqa: E402
+from coreinfer.runtime.cuda.offload import BudgetFastLM, HostFFNStore, model_rope  # noqa: E402
 from coreinfer.runtime.memory import MemoryBudgetError, ModelShape, plan_memory  # noqa: E402
 from coreinfer.runtime.selection import kept_count  # noqa: E402
 
@@ -178,6 +178,15 @@ def test_per_layer_core_sizes_equal_in_memory():
         assert torch.equal(idx, ref_core[li])
 
 
+def test_model_rope_equals_the_fast_weights_own():
+    model = _tiny("llama", seed=2)
+    pos = torch.arange(40)
+    want = FastWeights.from_hf(model).rope_fn(pos)
+    got = model_rope(model, "cpu")(pos)
+    assert all(torch.equal(a, b) for a, b in zip(got, want))
+    assert model_rope(_tiny("opt", seed=2), "cpu") is None
+
+
 def test_errors():
     model = _tiny("llama", seed=1)
     plan = _plan(model, resident_sparse=0)
@@ -229,7 +238,7 @@ def test_cuda_budget_fast_path_equals_in_memory_and_stays_under_budget(dtype):
     torch.cuda.empty_cache()
     before = torch.cuda.memory_allocated()  # whatever earlier tests left alive
     torch.cuda.reset_peak_memory_stats()
-    fast = BudgetFastLM(weights, plan, "cuda")
+    fast = BudgetFastLM(weights, plan, "cuda", rope_fn=model_rope(model, "cuda"))  # RoPE as the reference's
     assert fast.cuda_graph
     got, _ = fast.forced_logits(prompt, cont)
     core = {li: idx.cpu() for li, idx in fast._last_core_sets.items()}
@@ -271,7 +280,7 @@ def test_cuda_streaming_with_one_buffer():
     one = _plan(model, resident_sparse=0, dtype=torch.float32, kept=0.4, context=64)
     plan = plan_memory(shape, one.budget - one.dense_layer_bytes, dtype=torch.float32, layer_k=ks, context_length=64)
     assert plan.staging_buffers == 1
-    fast = BudgetFastLM(FastWeights.from_hf(model), plan, "cuda")
+    fast = BudgetFastLM(FastWeights.from_hf(model), plan, "cuda", rope_fn=model_rope(model, "cuda"))
     mem = FastLM(FastWeights.from_hf(model.cuda()), max_seq_len=64, kept_fraction=0.4)
     assert fast.generate_budget(prompt, 10).tokens == mem.generate(prompt, 10).tokens
 
