@@ -27,6 +27,7 @@ import platform
 import statistics
 import sys
 import time
+import traceback
 from pathlib import Path
 
 import torch
@@ -291,10 +292,22 @@ def environment(device) -> dict:
     return env
 
 
+def _guarded(log, what: str, fn, *args, **kwargs):
+    """``fn(*args, **kwargs)``, or, when it raises, a row saying why (one failed configuration keeps the others)."""
+    try:
+        return fn(*args, **kwargs)
+    except Exception as err:  # noqa: BLE001 - a benchmark row, not control flow
+        log(f"  {what} failed: {type(err).__name__}: {err}\n{traceback.format_exc(limit=8)}")
+        return {"error": f"{type(err).__name__}: {err}", "failed": True}
+
+
 def run(shape: str = "llama-3.1-8b", budget="12GiB", kept=(0.2, 0.4, 0.6), prompt_len: int = 256,
         new_tokens: int = 128, repeats: int = 2, device: str | None = None, baseline: bool = True,
-        reference: bool = True, timeline: bool = True, hf_decode_tokens: int = 4, log=print) -> dict:
-    """Every measurement of the module doc, as one dict (see ``main`` for the JSON file)."""
+        reference: bool = True, timeline: bool = True, hf_decode_tokens: int = 4, log=print,
+        on_step=None) -> dict:
+    """Every measurement of the module doc, as one dict (see ``main`` for the JSON file). ``on_step(result)`` is
+    called after every row (``main`` writes the JSON each time, so a run cut short keeps what it measured)."""
+    step = on_step or (lambda r: None)
     t_start = time.perf_counter()
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if dev.type == "cuda" and dev.index is None:
@@ -325,9 +338,12 @@ def run(shape: str = "llama-3.1-8b", budget="12GiB", kept=(0.2, 0.4, 0.6), promp
     t = time.perf_counter()
     kept = list(kept)
     for kf in kept:
-        result["ours"].append(ours(cpu_weights, store, rope_fn, mshape, budget_bytes, kf, ids, new_tokens, repeats,
-                                   dtype, dev, timeline, log))
-    if any(not r["fits"] for r in result["ours"]):  # the issue asks for the largest kept fraction that fits, too
+        result["ours"].append({"kept_fraction": kf, **_guarded(log, f"ours at kept {kf}", ours, cpu_weights, store,
+                                                                rope_fn, mshape, budget_bytes, kf, ids, new_tokens,
+                                                                repeats, dtype, dev, timeline, log)})
+        _free(dev)
+        step(result)
+    if any(r.get("fits") is False for r in result["ours"]):  # the issue asks for the largest kept fraction that fits
         k = largest_core_k(mshape, budget_bytes, dtype=dtype, context_length=prompt_len + new_tokens,
                            prompt_length=prompt_len)
         kf = math.floor(1000 * k / mshape.n_neurons) / 1000
@@ -335,9 +351,12 @@ def run(shape: str = "llama-3.1-8b", budget="12GiB", kept=(0.2, 0.4, 0.6), promp
         if kf > 0 and kf not in kept:
             log(f"largest kept fraction that fits: {kf} (k = {k})")
             kept.append(kf)
-            result["ours"].append(ours(cpu_weights, store, rope_fn, mshape, budget_bytes, kf, ids, new_tokens,
-                                       repeats, dtype, dev, timeline, log))
-    kept = [r["kept_fraction"] for r in result["ours"] if r["fits"]]
+            result["ours"].append({"kept_fraction": kf, **_guarded(log, f"ours at kept {kf}", ours, cpu_weights,
+                                                                    store, rope_fn, mshape, budget_bytes, kf, ids,
+                                                                    new_tokens, repeats, dtype, dev, timeline, log)})
+            _free(dev)
+            step(result)
+    kept = [r["kept_fraction"] for r in result["ours"] if r.get("fits")]
     result["timing_s"]["ours"] = time.perf_counter() - t
     del store
     _free(dev)
@@ -345,7 +364,10 @@ def run(shape: str = "llama-3.1-8b", budget="12GiB", kept=(0.2, 0.4, 0.6), promp
         t = time.perf_counter()
         full = device_weights(cpu_weights, dev, rope_fn)
         for kf in kept:
-            result["in_memory"].append(in_memory(full, kf, ids, new_tokens, repeats, dev, log))
+            result["in_memory"].append({"kept_fraction": kf, **_guarded(log, f"in-memory at kept {kf}", in_memory, full,
+                                                                         kf, ids, new_tokens, repeats, dev, log)})
+            _free(dev)
+            step(result)
         del full
         _free(dev)
         result["timing_s"]["in_memory"] = time.perf_counter() - t
@@ -368,10 +390,10 @@ def run(shape: str = "llama-3.1-8b", budget="12GiB", kept=(0.2, 0.4, 0.6), promp
 
 def ratios(result: dict) -> list[dict]:
     base = result.get("baseline") or {}
-    mem = {r["kept_fraction"]: r for r in result.get("in_memory", [])}
+    mem = {r["kept_fraction"]: r for r in result.get("in_memory", []) if not r.get("failed")}
     out = []
     for r in result.get("ours", []):
-        if not r.get("fits"):
+        if not r.get("fits") or r.get("failed"):
             continue
         kf = r["kept_fraction"]
         row = {"kept_fraction": kf}
@@ -381,7 +403,7 @@ def ratios(result: dict) -> list[dict]:
         if base.get("ttft_ms"):
             row["ttft_stability_vs_baseline"] = r["stability"]["ttft_ms"] / base["ttft_ms"]
             row["ttft_similarity_resident_vs_baseline"] = r["similarity_resident"]["ttft_ms"] / base["ttft_ms"]
-        if kf in mem and mem[kf]["decode_tok_s"] and dec:
+        if kf in mem and mem[kf].get("decode_tok_s") and dec:
             row["decode_vs_in_memory"] = dec / mem[kf]["decode_tok_s"]
         row["under_budget"] = r["under_budget"]
         out.append(row)
@@ -413,12 +435,18 @@ def main(argv=None) -> int:
         return 2
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
+    path = out / f"memory_budget_{args.shape}_{args.budget}.json"
+
+    def write(result):
+        tmp = path.with_suffix(".json.tmp")
+        tmp.write_text(json.dumps(result, indent=2, default=str))
+        tmp.replace(path)
+
     result = run(shape=args.shape, budget=args.budget, kept=args.kept, prompt_len=args.prompt_len,
                  new_tokens=args.new_tokens, repeats=args.repeats, device=args.device, baseline=not args.no_baseline,
                  reference=not args.no_reference, hf_decode_tokens=args.hf_decode_tokens,
-                 log=lambda m: print(m, flush=True))
-    path = out / f"memory_budget_{args.shape}_{args.budget}.json"
-    path.write_text(json.dumps(result, indent=2, default=str))
+                 log=lambda m: print(m, flush=True), on_step=write)
+    write(result)
     print(json.dumps(result["ratios"], indent=2))
     print(f"wrote {path} ({result['timing_s']['total']:.0f} s)")
     return 0

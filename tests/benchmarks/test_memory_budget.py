@@ -37,3 +37,22 @@ def test_dry_run_on_cpu(tmp_path):
 def test_main_rejects_a_malformed_budget(tmp_path, capsys):
     assert memory_budget.main(["--out", str(tmp_path), "--budget", "12 gigs"]) == 2
     assert "is not a size" in capsys.readouterr().err
+
+
+def test_a_failing_row_keeps_the_others(monkeypatch, tmp_path):
+    real = memory_budget.in_memory
+
+    def flaky(weights, kept, *args, **kwargs):
+        if kept == 0.2:
+            raise RuntimeError("boom")
+        return real(weights, kept, *args, **kwargs)
+
+    monkeypatch.setattr(memory_budget, "in_memory", flaky)
+    steps = []
+    result = memory_budget.run(shape="tiny", budget="287MB", kept=(0.2, 0.4), prompt_len=16, new_tokens=8, repeats=1,
+                               device="cpu", baseline=False, log=lambda m: None, on_step=lambda r: steps.append(1))
+    rows = {r["kept_fraction"]: r for r in result["in_memory"]}
+    assert rows[0.2]["failed"] and "RuntimeError: boom" in rows[0.2]["error"]
+    assert rows[0.4]["decode_tok_s"] > 0 and len(steps) == 4  # two rows of ours, two in-memory rows
+    assert [r["kept_fraction"] for r in result["ratios"]] == [0.2, 0.4]
+    assert "decode_vs_in_memory" not in result["ratios"][0] and "decode_vs_in_memory" in result["ratios"][1]
