@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import logging
+import inspect
 import math
 import time
 from contextvars import ContextVar
@@ -77,6 +78,9 @@ class SparseLM:
             self.artifact = open_for_model(artifact, self.adapter, self.model.config)
         self.min_stable_tokens: int | None = None  # method="auto" threshold; None: the artifact's value
         self._takes_logits_to_keep = "logits_to_keep" in self.model.forward.__code__.co_varnames
+        # transformers >= 5.24 names the KV cache ``cache`` (``past_key_values`` is deprecated there); earlier 5.x
+        # (e.g. a GPU image's 5.17) only knows ``past_key_values``
+        self._cache_arg = "cache" if "cache" in inspect.signature(self.model.forward).parameters else "past_key_values"
 
     @classmethod
     def from_pretrained(cls, spec: str = DEFAULT_MODEL, artifact=None, device=None, dtype=None,
@@ -175,8 +179,8 @@ class SparseLM:
 
     def _forward(self, ids: torch.Tensor, cache, last_only: bool):
         kwargs = {"logits_to_keep": 1} if last_only and self._takes_logits_to_keep else {}
-        out = self.model(input_ids=ids, cache=cache, use_cache=True, **kwargs)
-        return out.logits[0], out.cache
+        out = self.model(input_ids=ids, use_cache=True, **{self._cache_arg: cache}, **kwargs)
+        return out.logits[0], getattr(out, self._cache_arg)
 
     def _run_prefill(self, session: Session, ids: torch.Tensor, last_only: bool):
         token = self._active.set(session)
@@ -203,7 +207,8 @@ class SparseLM:
         )
         return Stats(
             method_used=method_used,
-            kept_fraction=(sum(sizes.values()) + (n_layers - len(sizes)) * n_neurons) / (n_layers * n_neurons),
+            kept_fraction=sum(sizes.get(i, d.n_neurons) for i, d in enumerate(self.adapter.dense))
+            / (n_layers * self.ffn_width),
             prefill_ms=1e3 * prefill_s,
             select_ms=1e3 * (session.select_s + session.gather_s) if sparse else 0.0,
             decode_tokens_per_s=0.0,
@@ -218,6 +223,12 @@ class SparseLM:
             score=score if sparse else None,
             cluster=extra.get("cluster"),
         )
+
+    @property
+    def ffn_width(self) -> int:
+        """FFN neurons per layer of the original model (an exported sparse model's config keeps that size)."""
+        cfg = self.model.config.get_text_config() if hasattr(self.model.config, "get_text_config") else self.model.config
+        return int(getattr(cfg, "intermediate_size", None) or getattr(cfg, "ffn_dim", None) or self.adapter.n_neurons)
 
     def default_method(self) -> str:
         """auto with an artifact; dense on an exported sparse model (its core FFNs are already cut); else stability."""

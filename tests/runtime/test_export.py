@@ -62,6 +62,7 @@ def test_export_round_trip(family, tokenizer, tmp_path):
     again = SparseLM.from_pretrained(str(folder))  # an export folder is a model spec: dense = the exported FFNs
     out = again.generate(PROMPT, max_new_tokens=6)
     assert out.stats.method_used == "dense" and out.token_ids == hf
+    assert out.stats.kept_fraction == pytest.approx((2 * 128 + 2 * 38) / (4 * 128))  # the exported FFNs' share
     text = pipeline("text-generation", model=sparse, tokenizer=tokenizer)(PROMPT, max_new_tokens=6, do_sample=False,
                                                                          return_full_text=False)[0]["generated_text"]
     assert text == tokenizer.decode(hf, skip_special_tokens=True)
