@@ -284,7 +284,8 @@ class SparseLM:
         tensor (a list of outputs, one per prompt; a batch runs left-padded, each prompt with its own core
         sets, and gives what each prompt run alone gives). ``num_return_sequences > 1`` also returns a list.
 
-        Decoding is transformers' own ``generate`` with this call's sessions active: ``generation_config``
+        Decoding is transformers' own ``generate`` with this call's sessions active, greedy unless ``do_sample``
+        is given (then the checkpoint's sampling defaults apply where the call sets none): ``generation_config``
         and any keyword that ``GenerationConfig`` takes (``do_sample``, ``temperature``, ``top_k``, ``top_p``,
         ``repetition_penalty``, ``num_beams``, ``min_new_tokens``, ``stop_strings``, ...) or ``generate`` takes
         (``logits_processor``, ``stopping_criteria``) reach it, over the model's generation defaults; an
@@ -393,6 +394,14 @@ class SparseLM:
                                 f"{type(generation_config).__name__}")
             config.update(**generation_config.to_diff_dict())
         model_kwargs = config.update(**kwargs)
+        if "do_sample" not in kwargs and (generation_config is None or generation_config.do_sample is None) \
+                and config.do_sample:
+            # greedy unless the call asks to sample: a checkpoint's own sampling defaults (Llama-3.1-Instruct's
+            # do_sample=True, temperature 0.6) would make every call, evaluations included, random
+            config.do_sample = False
+            for name in ("temperature", "top_k", "top_p", "min_p", "typical_p"):
+                if name not in kwargs and (generation_config is None or getattr(generation_config, name, None) is None):
+                    setattr(config, name, None)
         config.max_new_tokens = max_new_tokens
         stops = [stop] if isinstance(stop, str) else list(stop or [])
         stops += [s for s in _as_list(config.stop_strings) if s not in stops]

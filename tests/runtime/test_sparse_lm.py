@@ -263,3 +263,17 @@ def test_eager_path_records_why(lm):
     out = lm.generate(PROMPT, max_new_tokens=2)
     assert out.stats.path == "eager" and out.stats.fallback_reason == "the fast path runs on CUDA and this model is on cpu"
     assert lm.generate(PROMPT, max_new_tokens=2, fast_path=False).stats.fallback_reason is None
+
+
+def test_greedy_unless_asked_even_when_the_checkpoint_samples(tokenizer):
+    """A checkpoint whose generation config samples (as Llama-3.1-Instruct's does) still decodes greedily by
+    default; do_sample=True then samples with the checkpoint's temperature, as transformers would."""
+    lm, reference = tiny_lm("llama", tokenizer)
+    lm.model.generation_config.do_sample, lm.model.generation_config.temperature = True, 0.7
+    greedy = lm.generate(PROMPT, method="dense", max_new_tokens=8)
+    ids = lm.encode(PROMPT)
+    assert greedy.token_ids == _hf_generate(reference, ids, max_new_tokens=8, do_sample=False)[0][:len(greedy.token_ids)]
+    sampled = lm.generate(PROMPT, method="dense", max_new_tokens=8, do_sample=True, seed=4)
+    torch.manual_seed(4)
+    expected = _hf_generate(reference, ids, max_new_tokens=8, do_sample=True, temperature=0.7)[0]
+    assert sampled.token_ids == expected[:len(sampled.token_ids)] and sampled.token_ids != greedy.token_ids
