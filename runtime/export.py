@@ -31,6 +31,7 @@ SIZES_KEY = "coreinfer_intermediate_sizes"
 
 
 def _check_family(config) -> str:
+    """The family name of a model whose compact FFN transformers can hold, or a clear error."""
     fam = _family(_text_config(config))
     act = getattr(_text_config(config), "hidden_act", None)
     if str(act).lower() in ("drelu", "d_relu", "dual_relu"):
@@ -79,10 +80,10 @@ def _compact_tensors(prefix: str, fam: str, state: dict, core: torch.Tensor) -> 
 
 def _layer_prefixes(model) -> list[str]:
     names = {id(m): n for n, m in model.named_modules()}
-    return [names[id(layer)] + "." for layer in _decoder_layers(model, _family_of(model))]
+    return [names[id(layer)] + "." for layer in _decoder_layers(model, _model_family(model))]
 
 
-def _family_of(model):
+def _model_family(model):
     return _family(_text_config(model.config))
 
 
@@ -92,7 +93,7 @@ def build_sparse_model(model, core_sets: dict[int, torch.Tensor]):
     Every other weight is shared with ``model`` (no copy: an in-place edit of one reaches the other).
     """
     fam = _check_family(model.config)
-    n_layers = len(_decoder_layers(model, _family_of(model)))
+    n_layers = len(_decoder_layers(model, _model_family(model)))
     bad = [i for i in core_sets if not (isinstance(i, int) and 0 <= i < n_layers)]
     if bad:
         raise ValueError(f"core sets for layers {bad} but the model has layers 0..{n_layers - 1}")
@@ -103,7 +104,7 @@ def build_sparse_model(model, core_sets: dict[int, torch.Tensor]):
         new = type(model)(config)
     state = model.state_dict()
     prefixes = _layer_prefixes(model)
-    new_layers = _decoder_layers(new, _family_of(new))
+    new_layers = _decoder_layers(new, _model_family(new))
     for i, core in sorted(core_sets.items()):
         core = torch.as_tensor(core, dtype=torch.long)
         n = state[f"{prefixes[i]}mlp.down_proj.weight" if fam != "opt" else f"{prefixes[i]}fc2.weight"].shape[1]
@@ -169,7 +170,7 @@ def load_sparse_model(folder, **from_pretrained_kwargs):
         hf_logging.set_verbosity(level)
     fam = _check_family(model.config)
     prefixes = _layer_prefixes(model)
-    layers = _decoder_layers(model, _family_of(model))
+    layers = _decoder_layers(model, _model_family(model))
     files = sorted(Path(folder).glob("*.safetensors"))
     param = next(model.parameters())
     for i, k in sizes.items():

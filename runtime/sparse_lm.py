@@ -102,7 +102,7 @@ class SparseLM:
 
     @property
     def context_length(self) -> int:
-        cfg = self.model.config.get_text_config() if hasattr(self.model.config, "get_text_config") else self.model.config
+        cfg = adapters._text_config(self.model.config)
         return int(getattr(cfg, "max_position_embeddings", 2048))
 
     # ---- configuration helpers ------------------------------------------------------------------
@@ -227,7 +227,7 @@ class SparseLM:
     @property
     def ffn_width(self) -> int:
         """FFN neurons per layer of the original model (an exported sparse model's config keeps that size)."""
-        cfg = self.model.config.get_text_config() if hasattr(self.model.config, "get_text_config") else self.model.config
+        cfg = adapters._text_config(self.model.config)
         return int(getattr(cfg, "intermediate_size", None) or getattr(cfg, "ffn_dim", None) or self.adapter.n_neurons)
 
     def default_method(self) -> str:
