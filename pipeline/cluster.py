@@ -149,8 +149,8 @@ def cluster(cfg: PipelineConfig) -> list[Path]:
         "labels": labels, "hdbscan_labels": hard, "probabilities": prob,
         "centroids": centroids, "radii": radii, "sizes": sizes,
     }, attrs)
-    headline = {k: metrics[k] for k in ("n_clusters", "noise_fraction", "noise_fraction_hdbscan", "heldout_prompts",
-                                         "heldout_inside_radius")}  # dvc metrics; the rest: clusters.zarr attrs
+    headline = {k: metrics[k] for k in ("n_clusters", "noise_fraction", "heldout_prompts", "heldout_inside_radius")}
+    # (dvc metrics; every number is in clusters.zarr's attrs)
     mpath = write_json(Path(cfg.work_dir) / "metrics" / "cluster.json", headline)
     print(f"cluster: {metrics['n_clusters']} clusters over {n_tr} train prompts; HDBSCAN noise "
           f"{metrics['noise_fraction_hdbscan']:.0%}, {metrics['soft_assigned']} joined a cluster by soft membership, "

@@ -146,8 +146,7 @@ def coreset(cfg: PipelineConfig) -> list[Path]:
     k_text = f"k={k}" if budget_attrs is None else f"per-layer k {min(layer_k)}..{max(layer_k)}"
     # headline numbers for dvc metrics (the per-layer sizes themselves are in the artifact's layer_k)
     metrics = {"k": int(k) if budget_attrs is None else None, "k_min": int(min(layer_k)), "k_max": int(max(layer_k)),
-               "n_clusters": n_clusters, "min_stable_tokens": int(mst),
-               "filled_fraction": fill, "mean_passing": float(n_passing.mean()) if n_passing.size else 0.0}
+               "min_stable_tokens": int(mst), "filled_fraction": fill}
     mpath = write_json(cfg.metrics_dir / "coreset.json", metrics)
     print(f"coreset: {n_clusters} clusters x {n_l} layers, {k_text} of {n_neurons}; gamma={cfg.coreset.gamma}: "
           f"{fill:.0%} of cluster/layer sets needed filling; min_stable_tokens={mst} -> {path}")

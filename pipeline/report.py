@@ -169,7 +169,6 @@ def report(cfg: PipelineConfig) -> list[Path]:
     written.append(write_json(out_dir / "details.json", summary))
     headline = {
         "stability_at_16_tokens": summary["stability"].get("16") or None,
-        "min_stable_tokens": summary["min_stable_tokens"],
         "similarity_jaccard_correlation": summary["similarity_jaccard_correlation"],
         "heldout_jaccard_own_vs_cluster": summary["heldout_jaccard_own_vs_cluster"],
         "heldout_jaccard_own_vs_hot": summary["heldout_jaccard_own_vs_hot_same_prompts"],
