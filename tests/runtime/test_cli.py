@@ -82,3 +82,24 @@ def test_bench_json():
     result = json.loads(bench.stdout)
     assert [r["method"] for r in result["rows"]] == ["dense", "stability"]
     assert result["rows"][1]["ffn_bytes_ratio_vs_dense"] < 1
+
+
+def test_export_command_writes_a_loadable_sparse_model(tokenizer, tmp_path, capsys):
+    import torch
+
+    from coreinfer.runtime.export import intermediate_sizes, load_sparse_model
+    from tests.conftest import tiny_lm
+
+    lm, reference = tiny_lm("llama", tokenizer)
+    reference.save_pretrained(tmp_path / "model")
+    tokenizer.save_pretrained(tmp_path / "model")
+    prompt = "Paris is the capital of France and"
+    assert main(["export", prompt, str(tmp_path / "out"), "--model", str(tmp_path / "model"), "--beta", "0.5",
+                 "--layers", "1:3", "--no-chat"]) == 0
+    assert "2 sparse layers (1..2) with [64] FFN neurons of 128" in capsys.readouterr().out
+    assert intermediate_sizes(tmp_path / "out") == {1: 64, 2: 64}
+    expected = lm.sparse_model(prompt, beta=0.5, layers="1:3")  # the same core sets from the same weights
+    ids = lm.encode(prompt)
+    with torch.no_grad():
+        assert torch.equal(load_sparse_model(tmp_path / "out", dtype=torch.float32)(input_ids=ids).logits,
+                           expected(input_ids=ids).logits)
