@@ -10,6 +10,7 @@ STYLE = {  # method -> (colour, marker); oracle-token dashed (not a speed path)
     "oracle-token": ("tab:green", "*"), "svd-predictor": ("tab:red", "P"), "budget": ("tab:pink", "h"),
 }
 LOWER_IS_BETTER = {"kl", "ppl", "ppl_dense_continuation"}
+REPEAT_COLOURS = ("tab:cyan", "tab:olive", "tab:brown", "tab:gray")  # a method's second and later runs (frontier)
 
 
 def draw_plots(summary: dict, out_dir, prefix: str = "") -> list[Path]:
@@ -94,7 +95,8 @@ def draw_frontier(summaries: dict[str, dict], path, metrics=(("agreement", "top1
                 ax.axhline(pts[0][1], color="black", lw=1, ls=":", label="dense")
                 continue
             color, marker = STYLE.get(method, ("tab:olive", "."))
-            color = None if method in seen else color  # a method in a second run (another layer range): next colour
+            if method in seen:  # the method again, from another run (another layer range): its own colour
+                color = REPEAT_COLOURS[len(seen) % len(REPEAT_COLOURS)]
             seen.add(method)
             ls = "--" if method == "oracle-token" else "-"
             ax.plot([p[0] for p in pts], [p[1] for p in pts], ls, color=color, marker=marker, label=name, ms=4)
