@@ -301,3 +301,22 @@ def test_per_layer_artifact_refuses_one_beta_and_bad_sizes(lm_budget_art, tmp_pa
     (path / "zarr.json").write_text(json.dumps(meta))
     with pytest.raises(ArtifactSchemaError, match="schema version 99, newer than this runtime supports"):
         read_artifact(path)
+
+
+def test_eval_runs_a_budget_artifact_at_its_own_sizes(lm_budget_art):
+    from coreinfer.pipeline.evaluate import methods as MM
+    from coreinfer.pipeline.evaluate.tasks import generate_with, score_with
+
+    lm, *_ = lm_budget_art
+    n = lm.adapter.n_neurons
+    kept = sum(LAYER_K) / (4 * n)
+    assert MM.method_configs(["dense", "similarity"], [0.4], ["magnitude"], None, kept) == \
+        [("dense", 1.0, None), ("similarity", round(kept, 6), "magnitude")]
+    run = MM.MethodRun("similarity", round(kept, 6), "magnitude", MM.MethodContext(lm, range(1, 3), 0.4, 0,
+                                                                                 artifact=lm.artifact))
+    assert run.layer_k == {0: 40, 2: 64, 3: 20} and run.sparse_layers == [0, 2, 3]
+    cont = lm.tokenizer(" of France is Paris", add_special_tokens=False)["input_ids"]
+    out, cost = score_with(lm, run, "x", lm.encode("capital"), cont, prompt="capital")
+    assert out.stats.layer_k == {0: 40, 2: 64, 3: 20} and cost["kept_model"] == pytest.approx(kept)
+    gen, cost = generate_with(lm, run, "x", "capital", 3, [])
+    assert gen.stats.method_used == "similarity" and gen.stats.layer_k == {0: 40, 2: 64, 3: 20}
