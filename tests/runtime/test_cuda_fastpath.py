@@ -647,18 +647,19 @@ def test_cuda_sparselm_generate_takes_the_fast_path_for_every_call(tokenizer):
     streamer that raises ends the call with its error and the instance answers the next call as before."""
     lm = _cuda_lm("llama", tokenizer)
     prompt = "Write a short poem about the sea and the wind"
-    eager = lm.generate(prompt, method="stability", beta=0.3, max_new_tokens=20, fast_path=False)
-    fast = lm.generate(prompt, method="stability", beta=0.3, max_new_tokens=20)
+    kw = dict(method="stability", beta=0.3, eos_token_id=10 ** 6)  # no EOS: a random model could end a call early
+    eager = lm.generate(prompt, **kw, max_new_tokens=20, fast_path=False)
+    fast = lm.generate(prompt, **kw, max_new_tokens=20)
     assert fast.stats.path == "fast" and eager.stats.path == "eager"
-    assert fast.token_ids == eager.token_ids
-    sampled = lm.generate(prompt, method="stability", beta=0.3, max_new_tokens=20, do_sample=True, temperature=1.2,
+    assert fast.token_ids == eager.token_ids and len(fast.token_ids) == 20
+    sampled = lm.generate(prompt, **kw, max_new_tokens=20, do_sample=True, temperature=1.2,
                           top_p=0.95, seed=3)
-    again = lm.generate(prompt, method="stability", beta=0.3, max_new_tokens=20, do_sample=True, temperature=1.2,
+    again = lm.generate(prompt, **kw, max_new_tokens=20, do_sample=True, temperature=1.2,
                         top_p=0.95, seed=3)
     assert sampled.stats.path == "fast" and sampled.token_ids == again.token_ids
     stop = fast.text[len(fast.text) // 2:len(fast.text) // 2 + 2]
     pieces = []
-    stopped = lm.generate(prompt, method="stability", beta=0.3, max_new_tokens=20, stop=[stop], on_text=pieces.append,
+    stopped = lm.generate(prompt, **kw, max_new_tokens=20, stop=[stop], on_text=pieces.append,
                           return_logits=True)
     assert stopped.stats.path == "fast" and stopped.text == fast.text[:fast.text.find(stop)]
     assert "".join(pieces) == stopped.text and len(stopped.logits) == len(stopped.token_ids)
@@ -676,9 +677,9 @@ def test_cuda_sparselm_generate_takes_the_fast_path_for_every_call(tokenizer):
             pass
 
     with pytest.raises(RuntimeError, match="streamer failed"):
-        lm.generate(prompt, method="stability", beta=0.3, max_new_tokens=20, streamer=Broken())
-    assert lm.generate(prompt, method="stability", beta=0.3, max_new_tokens=20).token_ids == fast.token_ids
-    beams = lm.generate(prompt, method="stability", beta=0.3, max_new_tokens=8, num_beams=2)
+        lm.generate(prompt, **kw, max_new_tokens=20, streamer=Broken())
+    assert lm.generate(prompt, **kw, max_new_tokens=20).token_ids == fast.token_ids
+    beams = lm.generate(prompt, **kw, max_new_tokens=8, num_beams=2)
     assert beams.stats.path == "eager" and "num_beams=2" in beams.stats.fallback_reason
     with pytest.raises(ValueError, match="num_beams=2"):
-        lm.generate(prompt, method="stability", beta=0.3, max_new_tokens=8, num_beams=2, fast_path=True)
+        lm.generate(prompt, **kw, max_new_tokens=8, num_beams=2, fast_path=True)
