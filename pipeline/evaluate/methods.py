@@ -17,6 +17,9 @@ always the shared code of ``coreinfer.runtime.selection``.
                  thresholds calibrated on the profile corpus to the target kept fraction
   budget         stability-guided with per-layer core-set sizes: the budget stage's allocation (budget.json's
                  greedy path) at the kept fraction, read as FFN bytes per decoded token over dense (model-wide)
+  down-token     every neuron's gate/up (or fc1) row, then per token only the down columns of its top-k |a|
+                 (k = kept * I): the exact intermediate activation chooses, no predictor; bytes count every
+                 gate/up row and the k down columns
 """
 
 from __future__ import annotations
@@ -58,6 +61,8 @@ METHODS: dict[str, MethodInfo] = {
         MethodInfo("oracle-token", True, False, False, False, False,
                    "per-token top-k by |activation| (upper bound; not a speed path)"),
         MethodInfo("svd-predictor", True, False, False, True, True, "truncated-SVD gate predictor, calibrated thresholds"),
+        MethodInfo("down-token", True, False, False, False, True,
+                   "all gate/up rows, per token the down columns of the top-k |a| (exact activation chooses)"),
         MethodInfo("budget", True, False, False, False, True,
                    "per-layer budget (budget.json) at the kept fraction of FFN bytes, stability-guided", needs_budget=True),
     )
@@ -358,7 +363,7 @@ class MethodRun:
             sets = {i: torch.randperm(n, generator=g)[:k].sort().values for i in ctx.layers}
             return CoreSetSession(ctx.layers, core_sets=sets), None
         tracker = MaskTracker()
-        if m == "oracle-token":
+        if m in ("oracle-token", "down-token"):  # the same mask; down-token pays for every gate/up row
             def mask_fn(layer, x, acts):
                 mask = token_topk_mask(acts, k, "magnitude")
                 tracker.kept += int(mask.sum())
@@ -404,7 +409,10 @@ class MethodRun:
         dense = lm.adapter.dense
         nb = 0.0
         for i, w in enumerate(dense):
-            if i in self.ctx.layers:
+            if i in self.ctx.layers and self.method == "down-token":
+                down = w.down.numel() * w.down.element_size()
+                nb += w.nbytes() - down + down * frac
+            elif i in self.ctx.layers:
                 nb += w.nbytes() * frac
                 if self.method == "svd-predictor":
                     nb += self.ctx.predictors[i].nbytes()

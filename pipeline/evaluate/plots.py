@@ -8,6 +8,7 @@ STYLE = {  # method -> (colour, marker); oracle-token dashed (not a speed path)
     "dense": ("black", ""), "stability": ("tab:blue", "o"), "similarity": ("tab:cyan", "s"), "auto": ("tab:purple", "D"),
     "static": ("tab:brown", "v"), "griffin": ("tab:orange", "^"), "random": ("tab:gray", "x"),
     "oracle-token": ("tab:green", "*"), "svd-predictor": ("tab:red", "P"), "budget": ("tab:pink", "h"),
+    "down-token": ("tab:red", "d"),
 }
 LOWER_IS_BETTER = {"kl", "ppl", "ppl_dense_continuation"}
 REPEAT_COLOURS = ("tab:cyan", "tab:olive", "tab:brown", "tab:gray")  # a method's second and later runs (frontier)

@@ -274,3 +274,26 @@ def test_frontier_series_puts_runs_on_one_bytes_axis(tmp_path):
     assert got == {"dense": [(1.0, 1.0)], "budget (all)": [(0.8, 0.9)], "stability (all)": [(0.8, 0.7)],
                    "stability (paper)": [(0.85, 0.8)]}
     assert draw_frontier(runs, tmp_path / "f.png").stat().st_size > 0
+
+
+def test_down_token_scores_like_the_oracle_and_pays_for_every_gate_up_row(lm_ref):
+    lm, _ = lm_ref
+    ids, cont = _ids(lm)
+    layers = lm.resolve_layers("1:3")
+    outs = {}
+    for m in ("oracle-token", "down-token"):
+        run = MM.MethodRun(m, 0.5, None, _ctx(lm))
+        session, tracker = run.session("x")
+        out = lm.score_ids(ids, cont, "stability", 0.4, 0.5, layers, session=session, keep_logprobs=True)
+        outs[m] = (out, run.cost(out.stats, tracker))
+    assert torch.equal(outs["down-token"][0].logprobs, outs["oracle-token"][0].logprobs)  # the same per-token mask
+    w = lm.adapter.dense[0]
+    down = w.down.numel() * w.down.element_size()
+    # 4 layers: 2 dense, 2 with every gate/up row and half of the down columns (hand count)
+    assert outs["down-token"][1]["ffn_bytes_per_token"] == 2 * w.nbytes() + 2 * (w.nbytes() - down + down // 2)
+    assert outs["oracle-token"][1]["ffn_bytes_per_token"] == 2 * w.nbytes() + 2 * (w.nbytes() // 2)
+    dense = lm.score_ids(ids, cont, "dense", 0.4, 1.0, layers, keep_logprobs=True)
+    run = MM.MethodRun("down-token", 1.0, None, _ctx(lm))
+    session, _ = run.session("x")
+    full = lm.score_ids(ids, cont, "stability", 0.4, 1.0, layers, session=session, keep_logprobs=True)
+    assert torch.equal(full.logprobs, dense.logprobs)  # kept 1.0 equals dense exactly
