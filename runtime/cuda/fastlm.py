@@ -530,7 +530,7 @@ class FastLM:
         if not on_cuda and os.environ.get("TRITON_INTERPRET") != "1":
             raise FastPathError("gemv='triton' needs a CUDA device; use gemv='torch'")
         try:
-            from . import kernels  # noqa: F401
+            from . import kernels  # noqa: F401  (importable: triton is installed)
         except ImportError as err:
             if gemv == "triton":
                 raise FastPathError(f"gemv='triton' needs triton ({err}); use gemv='torch'") from err
@@ -659,6 +659,32 @@ class FastLM:
             a = torch.mul(g, u, out=out) if out is not None else g * u
         return F.linear(a, lw.down, lw.down_b)
 
+    def _prefill_setup(self, ids: torch.Tensor):
+        """(the embedded prompt, its RoPE tables (cos, sin) or None, the sliding-window mask or None)."""
+        w = self.w
+        T = ids.numel()
+        pos = torch.arange(T, device=w.device)
+        rope = (self.cos[:T], self.sin[:T]) if w.rope_fn is not None else None
+        mask = None
+        if w.sliding_window is not None and T > w.sliding_window:
+            i = pos.view(-1, 1)
+            mask = (pos.view(1, -1) <= i) & (pos.view(1, -1) > i - w.sliding_window)
+        return self._embed(ids, pos), rope, mask
+
+    def _prefill_attention(self, li: int, lw: LayerWeights, x: torch.Tensor, rope, mask):
+        """Layer ``li``'s attention over the whole prompt (its KV cache filled): (x + attention, the FFN's input)."""
+        w = self.w
+        T = x.shape[1]
+        cos, sin = rope if rope is not None else (None, None)
+        h = self._norm(x, lw.norm1_w, lw.norm1_b)
+        q, k, v = self._qkv(lw, h, cos, sin, _EAGER)
+        self.k_cache[li][:, :, :T].copy_(k)
+        self.v_cache[li][:, :, :T].copy_(v)
+        o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None, scale=self._scale(),
+                                           enable_gqa=w.n_kv_heads != w.n_heads)
+        x = x + F.linear(o.transpose(1, 2).reshape(1, T, -1), lw.o_w, lw.o_b)
+        return x, self._norm(x, lw.norm2_w, lw.norm2_b)
+
     def _prefill_forward(self, ids: torch.Tensor, select: bool, sparse: bool = False):
         """Forward of the prompt at positions 0..T-1: fills the KV cache; returns (last logits, acts).
 
@@ -667,27 +693,11 @@ class FastLM:
         neurons of ``_gather``ed sets (similarity-guided prompts with ``sparse_prefill``)."""
         w = self.w
         T = ids.numel()
-        pos = torch.arange(T, device=w.device)
-        x = self._embed(ids, pos)
-        cos = sin = None
-        if w.rope_fn is not None:
-            cos, sin = self.cos[:T], self.sin[:T]
-        mask = None
-        if w.sliding_window is not None and T > w.sliding_window:
-            i = pos.view(-1, 1)
-            mask = (pos.view(1, -1) <= i) & (pos.view(1, -1) > i - w.sliding_window)
+        x, rope, mask = self._prefill_setup(ids)
         acts = torch.empty(len(self.sparse_layers), T, w.n_neurons, device=w.device, dtype=w.dtype) \
             if (self.k is not None and select) else None
         for li, lw in enumerate(self.w.layers):
-            h = self._norm(x, lw.norm1_w, lw.norm1_b)
-            q, k, v = self._qkv(lw, h, cos, sin, _EAGER)
-            self.k_cache[li][:, :, :T].copy_(k)
-            self.v_cache[li][:, :, :T].copy_(v)
-            o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None, scale=self._scale(),
-                                               enable_gqa=w.n_kv_heads != w.n_heads)
-            o = F.linear(o.transpose(1, 2).reshape(1, T, -1), lw.o_w, lw.o_b)
-            x = x + o
-            h = self._norm(x, lw.norm2_w, lw.norm2_b)
+            x, h = self._prefill_attention(li, lw, x, rope, mask)
             in_sparse = li in self.sparse_layers
             if sparse and in_sparse:
                 y = self._ffn_core_prefill(li, lw, h)

@@ -33,7 +33,7 @@ import torch.nn.functional as F
 
 from ..memory import MemoryBudgetError, MemoryPlan, padded
 from ..selection import DEFAULT_SCORE, stability_select_layers
-from .fastlm import _EAGER, FastLM, FastPathError, FastWeights, LayerWeights
+from .fastlm import FastLM, FastPathError, FastWeights, LayerWeights
 
 FFN_PARTS = ("up_w", "up_b", "down")  # a layer's dense FFN as FastWeights holds it (down_b stays resident)
 
@@ -436,27 +436,12 @@ class BudgetFastLM(FastLM):
             self._sets_from = "prefill"
             order = [li for li in self.plan.streamed if li in self._core_buffers]
         self._stream_begin(order)
-        pos = torch.arange(T, device=w.device)
-        x = self._embed(ids, pos)
-        cos = sin = None
-        if w.rope_fn is not None:
-            cos, sin = self.cos[:T], self.sin[:T]
-        mask = None
-        if w.sliding_window is not None and T > w.sliding_window:
-            i = pos.view(-1, 1)
-            mask = (pos.view(1, -1) <= i) & (pos.view(1, -1) > i - w.sliding_window)
+        x, rope, mask = self._prefill_setup(ids)
         select = req.core_sets is None
         acts = torch.empty(1, T, w.n_neurons, device=w.device, dtype=w.dtype) if (select and self._core_buffers) else None
         for li, lw in enumerate(w.layers):
             start = self._event() if timeline else None
-            h = self._norm(x, lw.norm1_w, lw.norm1_b)
-            q, k, v = self._qkv(lw, h, cos, sin, _EAGER)
-            self.k_cache[li][:, :, :T].copy_(k)
-            self.v_cache[li][:, :, :T].copy_(v)
-            o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None, scale=self._scale(),
-                                               enable_gqa=w.n_kv_heads != w.n_heads)
-            x = x + F.linear(o.transpose(1, 2).reshape(1, T, -1), lw.o_w, lw.o_b)
-            h = self._norm(x, lw.norm2_w, lw.norm2_b)
+            x, h = self._prefill_attention(li, lw, x, rope, mask)
             if li in self._core_buffers and not req.sparse_prefill:
                 attn_end = self._event() if timeline else None
                 src = self._dense_source(li)  # waits for a streamed layer's copy
