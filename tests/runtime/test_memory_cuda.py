@@ -285,20 +285,17 @@ def test_cuda_streaming_with_one_buffer():
     assert fast.generate_budget(prompt, 10).tokens == mem.generate(prompt, 10).tokens
 
 
-@pytest.mark.gpu
-@needs_cuda
-@pytest.mark.parametrize("fast_path", [None, False])
-def test_cuda_sparse_lm_with_a_budget_runs_the_graph_path(tokenizer, fast_path):
-    """SparseLM under a budget on CUDA: BudgetFastLM answers (stats.path "fast-offload"), or with fast_path=False
-    the eager offloaded path; the in-memory SparseLM's tokens (float32) either way."""
+def _in_memory_and_offloaded(family: str, tokenizer):
+    """(SparseLM in GPU memory, the same tiny model as an OffloadedSparseLM still on the host, a budget with room
+    for two staging buffers but no resident dense FFN of its four sparse layers)."""
     import copy
 
     from coreinfer.runtime.loading import LoadedModel
-    from coreinfer.runtime.offload import MemoryBudget, OffloadedSparseLM, ffn_bytes, offload_loaded
+    from coreinfer.runtime.offload import OffloadedSparseLM
     from coreinfer.runtime.sparse_lm import SparseLM
     from tests.conftest import build_tiny
 
-    model, _ = build_tiny("llama", tokenizer, seed=7)
+    model, _ = build_tiny(family, tokenizer, seed=7)
     ref = SparseLM(LoadedModel(copy.deepcopy(model).cuda(), tokenizer, "ref", "memory", torch.device("cuda"),
                                torch.float32))
     lm = OffloadedSparseLM(LoadedModel(model, tokenizer, "off", "memory", torch.device("cpu"), torch.float32))
@@ -308,6 +305,18 @@ def test_cuda_sparse_lm_with_a_budget_runs_the_graph_path(tokenizer, fast_path):
     p = big.parts
     budget = sum(p[k] for k in ("attention", "embeddings", "lm_head_norm", "kv_cache", "workspace", "core_ffn",
                                 "dense_ffn_outside_sparse")) + 2 * big.dense_layer_bytes + 8
+    return ref, lm, budget
+
+
+@pytest.mark.gpu
+@needs_cuda
+@pytest.mark.parametrize("fast_path", [None, False])
+def test_cuda_sparse_lm_with_a_budget_runs_the_graph_path(tokenizer, fast_path):
+    """SparseLM under a budget on CUDA: BudgetFastLM answers (stats.path "fast-offload"), or with fast_path=False
+    the eager offloaded path; the in-memory SparseLM's tokens (float32) either way."""
+    from coreinfer.runtime.offload import MemoryBudget, ffn_bytes, offload_loaded
+
+    ref, lm, budget = _in_memory_and_offloaded("llama", tokenizer)
     offload_loaded(lm, MemoryBudget(budget, kept_fraction=0.4, context_length=96, layers="0:4", fast_path=fast_path),
                    "cuda")
     assert (lm.offload.fast is not None) == (fast_path is None) and lm.offload.plan.streamed == [0, 1, 2, 3]
@@ -328,23 +337,9 @@ def test_cuda_sparse_lm_with_a_budget_runs_the_graph_path(tokenizer, fast_path):
 def test_cuda_eager_offload_for_an_architecture_the_fast_path_lacks(tokenizer):
     """Gemma under a budget on CUDA: the eager offloaded path (pinned host FFNs, staging buffers on the GPU) gives
     the in-memory eager path's tokens and logits (float32)."""
-    import copy
+    from coreinfer.runtime.offload import HostFFN, MemoryBudget, ffn_bytes, offload_loaded
 
-    from coreinfer.runtime.loading import LoadedModel
-    from coreinfer.runtime.offload import HostFFN, MemoryBudget, OffloadedSparseLM, ffn_bytes, offload_loaded
-    from coreinfer.runtime.sparse_lm import SparseLM
-    from tests.conftest import build_tiny
-
-    model, _ = build_tiny("gemma", tokenizer, seed=7)
-    ref = SparseLM(LoadedModel(copy.deepcopy(model).cuda(), tokenizer, "ref", "memory", torch.device("cuda"),
-                               torch.float32))
-    lm = OffloadedSparseLM(LoadedModel(model, tokenizer, "off", "memory", torch.device("cpu"), torch.float32))
-    shape = ModelShape.from_config(model.config)
-    ks = {i: kept_count(0.4, shape.n_neurons) for i in range(4)}
-    big = plan_memory(shape, "1TiB", dtype=torch.float32, layer_k=ks, context_length=96)
-    p = big.parts
-    budget = sum(p[k] for k in ("attention", "embeddings", "lm_head_norm", "kv_cache", "workspace", "core_ffn",
-                                "dense_ffn_outside_sparse")) + 2 * big.dense_layer_bytes + 8
+    ref, lm, budget = _in_memory_and_offloaded("gemma", tokenizer)
     offload_loaded(lm, MemoryBudget(budget, kept_fraction=0.4, context_length=96, layers="0:4"), "cuda")
     assert lm.offload.fast is None and "gemma" in (lm.offload.fast_unsupported or "")
     host = lm.adapter.dense[0]
