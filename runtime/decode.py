@@ -16,6 +16,7 @@ from transformers import LogitsProcessor
 from transformers.generation.streamers import BaseStreamer
 
 from .ffn import FFNWeights
+from .generation import TextWatcher
 from .session import CoreSetSession, Session
 
 
@@ -84,30 +85,18 @@ class PrefillEnd(LogitsProcessor):
         return scores
 
 
-def text_before_stop(text: str, stop_strings: list[str]) -> tuple[str, bool]:
-    """``text`` up to the first stop string (excluded), and whether one occurred."""
-    hits = [i for i in (text.find(s) for s in stop_strings if s) if i >= 0]
-    return (text[:min(hits)], True) if hits else (text, False)
-
-
 class TextCallbackStreamer(BaseStreamer):
-    """Calls ``on_text(chunk)`` with each piece of generated text once it is final.
-
-    Text that could still turn into a stop string (its last ``len(longest stop) - 1`` characters) or an
-    unfinished multi-byte character is held back; the chunks join to the call's final text. ``inner``, a
-    user's streamer, receives every token as well.
+    """Calls ``on_text(chunk)`` with each piece of generated text once it is final (``generation.TextWatcher``,
+    as the fast path does): text that could still turn into a stop string or an unfinished multi-byte character
+    is held back, and the chunks join to the call's final text. ``inner``, a user's streamer, receives every
+    token as well.
     """
 
     def __init__(self, tokenizer, on_text: Callable[[str], None], stop_strings: list[str] | None = None,
                  inner: BaseStreamer | None = None):
-        self.tokenizer = tokenizer
-        self.on_text = on_text
-        self.stop_strings = [s for s in (stop_strings or []) if s]
-        self.hold = max((len(s) for s in self.stop_strings), default=1) - 1
+        self.watcher = TextWatcher(tokenizer, stop_strings, on_text)
         self.inner = inner
-        self.tokens: list[int] = []
         self.prompt_seen = False
-        self.emitted = 0
 
     def put(self, value: torch.Tensor) -> None:
         if self.inner is not None:
@@ -117,19 +106,9 @@ class TextCallbackStreamer(BaseStreamer):
             return
         if value.dim() > 1 and value.shape[0] != 1:
             raise ValueError("on_text follows one sequence; it takes no batch")
-        self.tokens.extend(value.reshape(-1).tolist())
-        text, stopped = text_before_stop(self.tokenizer.decode(self.tokens, skip_special_tokens=True), self.stop_strings)
-        end = len(text) if stopped else len(text) - self.hold
-        if text.endswith("\ufffd"):  # a character split across tokens: wait for the rest
-            end = min(end, len(text) - 1)
-        if end > self.emitted:
-            self.on_text(text[self.emitted:end])
-            self.emitted = end
+        self.watcher.feed(value.reshape(-1).tolist())
 
     def end(self) -> None:
         if self.inner is not None:
             self.inner.end()
-        text, _ = text_before_stop(self.tokenizer.decode(self.tokens, skip_special_tokens=True), self.stop_strings)
-        if len(text) > self.emitted:
-            self.on_text(text[self.emitted:])
-            self.emitted = len(text)
+        self.watcher.finish(self.watcher.ids)

@@ -68,6 +68,12 @@ class GenerateOutput:
     logits: list[torch.Tensor] = field(default_factory=list)  # (V,) per generated token, with return_logits=True
 
 
+def text_before_stop(text: str, stop_strings: list[str]) -> tuple[str, bool]:
+    """``text`` up to the first stop string (excluded), and whether one occurred."""
+    hits = [i for i in (text.find(s) for s in stop_strings if s) if i >= 0]
+    return (text[:min(hits)], True) if hits else (text, False)
+
+
 class TextWatcher:
     """Stop strings and ``on_text`` over the text of the new tokens, fed a chunk of tokens at a time.
 
@@ -92,9 +98,6 @@ class TextWatcher:
     def _decode(self, ids) -> str:
         return self.tokenizer.decode(ids, skip_special_tokens=True)
 
-    def _hit(self, text: str) -> int:
-        return min((text.find(s) for s in self.stop if s in text), default=-1)
-
     def feed(self, new: list[int]) -> bool:
         """Take the next tokens; True once a stop string has appeared."""
         if self.stopped or not new:
@@ -102,17 +105,13 @@ class TextWatcher:
         self.ids.extend(new)
         if not self.active:
             return False
-        text = self._decode(self.ids)
-        hit = self._hit(text)
-        if hit >= 0:
+        self.text, self.stopped = text_before_stop(self._decode(self.ids), self.stop)
+        if self.stopped:
             base = len(self.ids) - len(new)
             for n in range(1, len(new) + 1):  # the token that completed it: the shortest prefix holding it
-                if self._hit(self._decode(self.ids[:base + n])) >= 0:
+                if text_before_stop(self._decode(self.ids[:base + n]), self.stop)[1]:
                     del self.ids[base + n:]
                     break
-            self.text, self.stopped = text[:hit], True
-        else:
-            self.text = text
         self._emit(final=self.stopped)
         return self.stopped
 

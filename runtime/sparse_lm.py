@@ -20,9 +20,9 @@ import torch
 from transformers import GenerationConfig, LogitsProcessorList
 
 from . import adapters
-from .decode import BatchSession, PrefillEnd, TextCallbackStreamer, text_before_stop
+from .decode import BatchSession, PrefillEnd, TextCallbackStreamer
 from .export import SIZES_KEY
-from .generation import GenerateOutput, GenerationRequest, Stats
+from .generation import GenerateOutput, GenerationRequest, Stats, TextWatcher, text_before_stop
 from .loading import DEFAULT_MODEL, LoadedModel, load_model
 from .selection import DEFAULT_SCORE, check_fraction, check_layer_k, check_score
 from .session import CaptureSession, CoreSetSession, Session, stability_selector
@@ -198,7 +198,7 @@ class SparseLM:
     def _stats(self, method_used, session, layers, beta, alpha, score, prefill_s, n_prompt, extra) -> Stats:
         sparse = isinstance(session, CoreSetSession)
         sizes = session.core_sizes() if sparse else {}  # what was really kept (artifact sets have its sizes)
-        n_layers, n_neurons = self.adapter.n_layers, self.adapter.n_neurons
+        n_layers = self.adapter.n_layers
         uniform = len(set(sizes.values())) == 1
         beta = extra.get("beta", beta) if uniform else None
         ffn_bytes = sum(
@@ -473,10 +473,9 @@ class SparseLM:
         for i, t in enumerate(tokens):
             if t in eos:
                 return tokens[:i], "eos", i + 1
-        decode = lambda ids: self.tokenizer.decode(ids, skip_special_tokens=True)  # noqa: E731
-        if stop_strings and text_before_stop(decode(tokens), stop_strings)[1]:
-            n = next(n for n in range(1, len(tokens) + 1) if text_before_stop(decode(tokens[:n]), stop_strings)[1])
-            return tokens[:n], "stop_string", n
+        watcher = TextWatcher(self.tokenizer, stop_strings)
+        if watcher.feed(tokens):  # keeps the tokens up to the one that completed the stop string
+            return watcher.ids, "stop_string", len(watcher.ids)
         return tokens, "length", len(tokens)
 
     def sparse_model(self, prompt_or_core_sets, method: str | None = None, alpha: float = 0.4, beta: float | None = None,

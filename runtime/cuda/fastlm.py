@@ -651,12 +651,7 @@ class FastLM:
             if out is not None:
                 a = out.copy_(a)
         else:
-            g, u = F.linear(h, lw.up_w).chunk(2, dim=-1)
-            if lw.ffn_kind == "drelu":
-                g, u = F.relu(g), F.relu(u)
-            else:
-                g = activation_fn(self.w.act)(g)
-            a = torch.mul(g, u, out=out) if out is not None else g * u
+            a = self._gated(lw, *F.linear(h, lw.up_w).chunk(2, dim=-1), out=out)
         return F.linear(a, lw.down, lw.down_b)
 
     def _prefill_setup(self, ids: torch.Tensor):
@@ -717,8 +712,7 @@ class FastLM:
             if lw.ffn_kind == "mlp":
                 a = mlp_act(F.linear(h, up_w, self.c_up_b[li]), self.w.act)
             else:
-                g, u = F.linear(h, up_w).split(kp, dim=-1)
-                a = self._gate(lw, g) * (F.relu(u) if lw.ffn_kind == "drelu" else u)
+                a = self._gated(lw, *F.linear(h, up_w).split(kp, dim=-1))
             return F.linear(a, down, lw.down_b)
         k = self.layer_k[li]
         idx = self._idx[self._row[li], :k].long()
@@ -726,12 +720,16 @@ class FastLM:
             a = mlp_act(F.linear(h, lw.up_w.index_select(0, idx), None if lw.up_b is None else lw.up_b[idx]), self.w.act)
         else:
             I = self.w.n_neurons
-            g, u = F.linear(h, lw.up_w.index_select(0, torch.cat([idx, idx + I]))).split(k, dim=-1)
-            a = self._gate(lw, g) * (F.relu(u) if lw.ffn_kind == "drelu" else u)
+            a = self._gated(lw, *F.linear(h, lw.up_w.index_select(0, torch.cat([idx, idx + I]))).split(k, dim=-1))
         return F.linear(a, lw.down_t.index_select(0, idx).t(), lw.down_b)
 
-    def _gate(self, lw: LayerWeights, g: torch.Tensor) -> torch.Tensor:
-        return F.relu(g) if lw.ffn_kind == "drelu" else activation_fn(self.w.act)(g)
+    def _gated(self, lw: LayerWeights, g: torch.Tensor, u: torch.Tensor, out: torch.Tensor | None = None):
+        """The gated FFN's intermediate activation act(g) * u (dReLU: relu(g) * relu(u)), into ``out`` if given."""
+        if lw.ffn_kind == "drelu":
+            g, u = F.relu(g), F.relu(u)
+        else:
+            g = activation_fn(self.w.act)(g)
+        return torch.mul(g, u, out=out) if out is not None else g * u
 
     def _stack_core_sets(self, core_sets: dict[int, torch.Tensor]) -> list[torch.Tensor]:
         if sorted(core_sets) != list(self.sparse_layers):

@@ -63,16 +63,21 @@ def _instance(lm, layer_k: dict[int, int] | None, alpha: float, score: str, need
         return fast
 
 
+def _defaults(config) -> dict:
+    """transformers' global generation defaults, which fill the fields a GenerationConfig leaves unset (None)."""
+    return getattr(type(config), "_get_default_generation_params", lambda: {})()
+
+
 def _effective(config) -> dict:
     """``config``'s values with transformers' global defaults where it leaves a field unset (None)."""
-    defaults = getattr(type(config), "_get_default_generation_params", lambda: {})()
+    defaults = _defaults(config)
     return {k: (defaults.get(k) if v is None else v) for k, v in config.to_dict().items()}
 
 
 def unsupported_generation(config) -> str | None:
     """Why ``config`` (a GenerationConfig) needs the eager path, or None when the fast path implements it: every
     field it sets to something other than transformers' default, outside what the fast path implements."""
-    defaults = getattr(type(config), "_get_default_generation_params", lambda: {})()
+    defaults = _defaults(config)
 
     def changes(k, v) -> bool:  # False for a flag transformers leaves unset (None) is no change either
         d = defaults.get(k)
