@@ -81,8 +81,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--profile-dir", help="folder of the cached calibration profile (default: --out)")
     p.add_argument("--budget", help="the budget stage's budget.json: enables method 'budget' (per-layer sizes; its "
                                     "kept fractions are FFN bytes per decoded token over dense)")
+    p.add_argument("--refresh-every", type=int, metavar="N",
+                   help="method 'stability-refresh': re-select every N decoded tokens from their dense activations")
     p.add_argument("--dtype", help="model dtype (float32, bfloat16, ...)")
     p.add_argument("--device", help="cpu, cuda, cuda:N")
+    p.add_argument("--memory-budget", metavar="BUDGET",
+                   help="GPU memory the model may use, e.g. 12GiB or 16GB: what does not fit stays in host memory and "
+                        "streams (docs/memory-budget.md; planned for the largest --kept, eager offloaded path); with "
+                        "--device cpu the mode runs on the CPU (default: none, the whole model on the device)")
     p.add_argument("--fresh", action="store_true", help="discard existing results in --out instead of resuming")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.add_argument("--plots", action="store_true", help="also draw PNG plots (matplotlib) into <out>/plots")
@@ -101,10 +107,12 @@ def config_from_args(args) -> "object":
     if args.config:
         cfg = load_yaml_config(args.config)
     for name in ("model", "artifact", "methods", "kept", "scores", "tasks", "limit", "seed", "alpha", "layers", "out",
-                 "static_source", "svd_rank", "profile_dir", "budget", "dtype", "device"):
+                 "static_source", "svd_rank", "profile_dir", "budget", "dtype", "device", "memory_budget"):
         v = getattr(args, name)
         if v is not None:
             setattr(cfg, name, v)
+    if args.refresh_every is not None:
+        cfg.refresh_every = args.refresh_every
     cfg.task_limits = {**cfg.task_limits, **_task_limits(args.task_limit)}
     cfg.fresh = bool(args.fresh)
     cfg.progress = not args.no_progress
