@@ -128,10 +128,10 @@ def shape_weights(spec: str, n_layers: int, dtype: torch.dtype):
 def step_kernels(spec: str = "llama-3.1-8b", kept_fraction: float | None = 0.4, options: dict | None = None,
                  arch: int = 90, n_layers: int = 2, prompt_tokens: int = 256, max_seq_len: int = 384,
                  dtype: torch.dtype = torch.bfloat16, weights=None) -> dict:
-    """The kernels of one decode step of ``FastLM(kept_fraction, **options)`` at ``spec``'s widths (every layer
+    """The kernels of one decode step of ``bench.step_variant(options)`` at ``spec``'s widths (every layer
     sparse), and of the selection of ``n_layers`` layers x ``prompt_tokens`` tokens, compiled for sm_``arch``.
     ``weights``: the ``shape_weights(spec, n_layers, dtype)`` to use (built when None)."""
-    from coreinfer.runtime.cuda import select_kernels
+    from coreinfer.runtime.cuda import bench, select_kernels
     from coreinfer.runtime.cuda.fastlm import FastLM
     from coreinfer.runtime.selection import DEFAULT_SCORE
 
@@ -142,14 +142,14 @@ def step_kernels(spec: str = "llama-3.1-8b", kept_fraction: float | None = 0.4, 
     with mock.patch.object(FastLM, "_pick_attention", lambda self, attention, on_cuda: "triton"), \
             mock.patch.object(FastLM, "_pick_gemv", lambda self, gemv, on_cuda: "triton"), \
             mock.patch.object(FastLM, "_pick_pdl", lambda self, pdl: bool(pdl)):
-        fast = FastLM(weights, max_seq_len=max_seq_len, kept_fraction=kept_fraction, cuda_graph=False,
-                      compile_elementwise=False, **opts)
+        fast = bench.step_variant(weights, {"cuda_graph": False, "compile_elementwise": False, **opts},
+                                  max_seq_len=max_seq_len, kept_fraction=kept_fraction)
     with torch.inference_mode(), compile_only(arch) as step:
         fast._pos.fill_(prompt_tokens)
         fast._decode_step()
     out = {"model": spec, "arch": f"sm_{arch}", "kept_fraction": kept_fraction, "k": fast.k,
            "options": {k: (list(v) if isinstance(v, tuple) else v) for k, v in opts.items()},
-           "layers_built": n_layers, "step": report(step)}
+           "layers_built": n_layers, "norm": fast.norm, "step": report(step)}
     if kept_fraction is not None:
         acts = torch.empty(n_layers, prompt_tokens, weights.n_neurons, dtype=dtype)
         with compile_only(arch) as sel:
@@ -158,14 +158,16 @@ def step_kernels(spec: str = "llama-3.1-8b", kept_fraction: float | None = 0.4, 
     return out
 
 
-# Triton launches of a step outside its layers: the first RMSNorm, the lm_head GEMV, argmax + counters
-STEP_TRITON_LAUNCHES_OUTSIDE_LAYERS = 3
+def launches_outside_layers(result: dict) -> int:
+    """Triton launches of a step outside its layers: the lm_head GEMV and argmax + counters, and with
+    ``norm="kernel"`` the first residual + RMSNorm before layer 0."""
+    return 3 if result["norm"] == "kernel" else 2
 
 
 def launches_per_step(result: dict, n_layers: int) -> int:
     """Kernel launches of a full-depth decode step from a shallower build: the Triton launches per layer times
     the depth, the rest once, plus the embedding lookup (one PyTorch launch)."""
-    fixed = STEP_TRITON_LAUNCHES_OUTSIDE_LAYERS
+    fixed = launches_outside_layers(result)
     per_layer, rest = divmod(len(result["step"]) - fixed, result["layers_built"])
     if rest:
         raise RuntimeError(f"{len(result['step'])} launches do not split into {result['layers_built']} equal layers")
@@ -190,7 +192,7 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--model", default="llama-3.1-8b", help="a published shape of coreinfer.runtime.cuda.bench.SHAPES")
     ap.add_argument("--kept", type=float, default=0.4, help="kept fraction (0 for the dense step)")
-    ap.add_argument("--options", default=None, help='FastLM options as JSON, e.g. {"pdl": false}')
+    ap.add_argument("--options", default=None, help='step_variant choices as JSON, e.g. {"pdl": false}')
     ap.add_argument("--arch", type=int, default=90)
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args(argv)

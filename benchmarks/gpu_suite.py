@@ -230,7 +230,7 @@ def selection_profile(log=print) -> dict:
     return out
 
 
-TILINGS = [  # (label, FastLM keyword arguments) timed in the whole decode step by ``tune_tilings``
+TILINGS = [  # (label, ``bench.step_variant`` choices) timed in the whole decode step by ``tune_tilings``
     # (gemv_config alone sets qkv / o / lm_head and, unless gemv_config_up is given, gate||up too)
     ("default", {}),
     ("H100 tiling: 2x2048 w8 s4, gate||up 2x4096 w8 s2", {"gemv_config": (2, 2048, 8, 4), "gemv_config_up": (2, 4096, 8, 2)}),
@@ -258,8 +258,7 @@ def tune_tilings(log=print, spec: str = "llama-3.1-8b", beta: float = 0.4, new_t
     for label, opts in TILINGS + [("dense " + l, o) for l, o in TILINGS[:4]]:
         b = None if label.startswith("dense") else beta
         try:
-            row, fast = bench.fast_bench(weights, ids, new_tokens, repeats, b, rows_config=opts.get("rows_config"),
-                                         options={k: v for k, v in opts.items() if k != "rows_config"})
+            row, fast = bench.fast_bench(weights, ids, new_tokens, repeats, b, step=opts)
             rows.append({"tiling": label, "beta": b, "decode_tok_s": row["decode_tok_s"]})
             del fast
         except Exception as err:  # recorded, never hidden
@@ -273,13 +272,14 @@ def tune_tilings(log=print, spec: str = "llama-3.1-8b", beta: float = 0.4, new_t
 
 def lesion_profile(log=print, spec: str = "llama-3.1-8b", new_tokens: int = 128, repeats: int = 3) -> dict:
     """Where the per-step time beyond the weights' roofline goes, by leaving pieces of the captured step out
-    (PDL overlaps kernels, so profiler times do not add up): the step without its attention launches, without
-    its residual + RMSNorm launches, and without both, dense and at kept 0.4 (the outputs are garbage; only
-    the time counts). Median decode tok/s and ms per step; the differences are what each piece costs."""
+    (PDL overlaps kernels, so profiler times do not add up): the step without its attention launches, and the
+    step with one launch per residual add + RMSNorm (``norm="kernel"``, the build before they were folded into
+    the GEMVs) with and without those launches, dense and at kept 0.4 (the outputs are garbage; only the time
+    counts). Median decode tok/s and ms per step; the differences are what each piece costs."""
     import statistics
 
     from coreinfer.runtime.cuda import bench
-    from coreinfer.runtime.cuda.fastlm import FastLM, FastWeights
+    from coreinfer.runtime.cuda.fastlm import FastWeights
 
     model, tok = bench.build_shape_model(spec, torch.bfloat16)
     ids = bench.bench_prompt(tok, model.get_input_embeddings().weight.shape[0]).cuda()
@@ -296,8 +296,10 @@ def lesion_profile(log=print, spec: str = "llama-3.1-8b", new_tokens: int = 128,
 
     rows = []
     for beta in (None, 0.4):
-        for label in ("full step", "no attention", "no residual+norm", "no attention, no residual+norm"):
-            fast = FastLM(weights, max_seq_len=ids.numel() + new_tokens, kept_fraction=beta)
+        for label in ("full step", "no attention", "norm kernel", "norm kernel, no residual+norm",
+                      "norm kernel, no attention, no residual+norm"):
+            step = {"norm": "kernel"} if "norm kernel" in label else None
+            fast = bench.step_variant(weights, step, max_seq_len=ids.numel() + new_tokens, kept_fraction=beta)
             if "no attention" in label:
                 fast._attn = NoAttention()
             if "residual" in label:
@@ -486,7 +488,8 @@ def run_suite_step(args, out: Path, log) -> None:
         (out / "results.json").write_text(json.dumps({**result, **sel}, indent=1, default=str))
 
     result = bench.run_suite(models, new_tokens=args.new_tokens, repeats=args.repeats, log=log, on_model=save,
-                             rows_config=rows_config, ablation_first=not args.no_ablation)
+                             step={"rows_config": rows_config} if rows_config else None,
+                             ablation_first=not args.no_ablation)
     save(result)
     table = bench.format_table(result)
     (out / "table.md").write_text(table + "\n")

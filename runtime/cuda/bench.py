@@ -184,17 +184,31 @@ def hf_generate_bench(model, ids: torch.Tensor, new_tokens: int, repeats: int, s
             "peak_mem_gb": torch.cuda.max_memory_allocated() / 1e9, "tokens": runs[0][1]}
 
 
-def fast_bench(weights, ids: torch.Tensor, new_tokens: int, repeats: int, kept_fraction, sparse_layers=None,
-               cuda_graph=True, compile_elementwise=True, label=None, attention=None, gemv=None, rows_config=None,
-               options: dict | None = None) -> dict:
-    """``options``: further ``FastLM`` keyword arguments (pdl, fused_norm, gemv_config)."""
+def step_variant(weights, step: dict | None = None, **kwargs):
+    """A ``FastLM`` whose decode step is built as ``step`` says (``fastlm.STEP_CHOICES``: e.g. ``{"pdl": False}``,
+    ``{"gemv": "torch", "attention": "sdpa"}``, ``{"cuda_graph": False}``), or the product's own with none:
+    the benchmark's ablation rows and the slower reference steps the tests compare against. The product
+    class takes no such options."""
     from .fastlm import FastLM
 
+    if not step:
+        return FastLM(weights, **kwargs)
+    overrides = dict(step)
+
+    class StepVariant(FastLM):
+        def _step_overrides(self) -> dict:
+            return overrides
+
+    return StepVariant(weights, **kwargs)
+
+
+def fast_bench(weights, ids: torch.Tensor, new_tokens: int, repeats: int, kept_fraction, sparse_layers=None,
+               label=None, step: dict | None = None) -> dict:
+    """One row: our fast path (the product's step, or the ``step_variant`` ``step``) timed on ``ids``."""
     torch.cuda.reset_peak_memory_stats()
     t0 = time.perf_counter()
-    fast = FastLM(weights, max_seq_len=ids.numel() + new_tokens, kept_fraction=kept_fraction, sparse_layers=sparse_layers,
-                  cuda_graph=cuda_graph, compile_elementwise=compile_elementwise, attention=attention, gemv=gemv,
-                  rows_config=rows_config, **(options or {}))
+    fast = step_variant(weights, step, max_seq_len=ids.numel() + new_tokens, kept_fraction=kept_fraction,
+                        sparse_layers=sparse_layers)
     fast.warmup()
     setup_s = time.perf_counter() - t0
     fast.generate(ids, new_tokens, timing=True)  # warm-up
@@ -207,13 +221,30 @@ def fast_bench(weights, ids: torch.Tensor, new_tokens: int, repeats: int, kept_f
            "k": fast.k, "decode_tok_s": steps / (med["decode_ms"] / 1e3),
            "e2e_tok_s": new_tokens / ((med["ttft_ms"] + med["decode_ms"]) / 1e3), **med,
            "peak_mem_gb": torch.cuda.max_memory_allocated() / 1e9, "bytes_per_token": fast.bytes_per_token(),
-           "fast_buffers_gb": fast.buffer_bytes() / 1e9, "setup_s": setup_s, "cuda_graph": cuda_graph,
-           "compiled_elementwise": compile_elementwise, "attention": fast.attention, "gemv": fast.gemv,
-           "pdl": fast.pdl, "fused_norm": fast.fused_norm, "gemv_config": fast.gemv_config,
-           "gather_free": fast.indexed, "down_t_gb": weights.down_t_bytes() / 1e9,
+           "fast_buffers_gb": fast.buffer_bytes() / 1e9, "setup_s": setup_s, "step": dict(step or {}),
+           "cuda_graph": fast.cuda_graph, "compiled_elementwise": fast.ops.compiled, "attention": fast.attention,
+           "gemv": fast.gemv, "pdl": fast.pdl, "norm": fast.norm, "gemv_config": fast.gemv_config,
+           "rows_config": fast.rows_config, "gather_free": fast.indexed, "down_t_gb": weights.down_t_bytes() / 1e9,
            "tokens": runs[0].tokens}
     row["select_gather_pct_prefill"] = 100 * (med["select_ms"] + med["gather_ms"]) / med["prefill_ms"]
     return row, fast
+
+
+# the ablation rows of ``bench_model``: (label, kept fraction, step_variant), what each piece of the step is worth
+ABLATION = (
+    ("fast-dense-norm-kernel", None, {"norm": "kernel"}),
+    ("fast-sparse-norm-kernel", 0.4, {"norm": "kernel"}),
+    ("fast-dense-no-pdl-unfused-norm", None, {"pdl": False, "norm": "torch"}),
+    ("fast-sparse-no-pdl", 0.4, {"pdl": False}),
+    ("fast-sparse-no-pdl-unfused-norm", 0.4, {"pdl": False, "norm": "torch"}),
+    ("fast-dense-cublas-gemv", None, {"gemv": "torch", "pdl": False}),
+    ("fast-sparse-cublas-gemv", 0.4, {"gemv": "torch", "pdl": False}),
+    ("fast-sparse-cublas-sdpa-attention", 0.4, {"gemv": "torch", "attention": "sdpa", "pdl": False}),
+    ("fast-sparse-cublas-sdpa-unfused", 0.4, {"gemv": "torch", "attention": "sdpa", "pdl": False,
+                                             "compile_elementwise": False}),
+    ("fast-sparse-eager-no-graph", 0.4, {"gemv": "torch", "attention": "sdpa", "pdl": False,
+                                        "compile_elementwise": False, "cuda_graph": False}),
+)
 
 
 def _kernel_class(name: str) -> str:
@@ -339,7 +370,9 @@ def _free():
 
 def bench_model(spec: str, dtype: torch.dtype, betas, new_tokens: int, repeats: int, bandwidth: float,
                 layers=None, check: bool = True, profile: bool = False, ablation: bool = False, log=print,
-                rows_config=None, options: dict | None = None, hf_static: bool = True) -> dict:
+                step: dict | None = None, hf_static: bool = True) -> dict:
+    """Every row for one model, side by side. ``step``: a ``step_variant`` for all our rows (a tiling the GPU
+    suite tunes); ``ablation``: also the ``ABLATION`` rows."""
     from .fastlm import FastWeights
 
     t0 = time.perf_counter()
@@ -379,25 +412,17 @@ def bench_model(spec: str, dtype: torch.dtype, betas, new_tokens: int, repeats: 
     del model
     _free()
     res["bandwidth_gb_s"] = bandwidth / 1e9
-    opts = dict(options or {})
-    plain = {**opts, "pdl": False, "fused_norm": False}
-    configs = [(None, True, True, None, None, None, opts)] + [(b, True, True, None, None, None, opts) for b in betas]
-    if ablation:  # what each piece is worth, at kept fraction 0.4, removed one after the other
-        configs += [(None, True, True, None, None, "fast-dense-no-pdl-unfused-norm", plain),
-                    (0.4, True, True, None, None, "fast-sparse-no-pdl", {**opts, "pdl": False}),
-                    (0.4, True, True, None, None, "fast-sparse-no-pdl-unfused-norm", plain),
-                    (None, True, True, None, "torch", "fast-dense-cublas-gemv", {}),
-                    (0.4, True, True, None, "torch", "fast-sparse-cublas-gemv", {}),
-                    (0.4, True, True, "sdpa", "torch", "fast-sparse-cublas-sdpa-attention", {}),
-                    (0.4, True, False, "sdpa", "torch", "fast-sparse-cublas-sdpa-unfused", {}),
-                    (0.4, False, False, "sdpa", "torch", "fast-sparse-eager-no-graph", {})]
-    for beta, graph, comp, attention, gemv, label, extra in configs:
-        if gemv == "torch":
-            extra = {**extra, "pdl": False}
+    base = dict(step or {})
+    configs = [(None, None, base)] + [(None, b, base) for b in betas]
+    if ablation:
+        configs += [(label, b, {**base, **st}) for label, b, st in ABLATION]
+    for label, beta, st in configs:
+        graph = st.get("cuda_graph", True)
+        if st.get("gemv") == "torch":
+            st = {k: v for k, v in st.items() if k not in ("rows_config", "gemv_config", "gemv_config_up")}
         try:
             row, fast = fast_bench(weights, ids, new_tokens if graph else min(new_tokens, 32), repeats, beta,
-                                   sparse_layers, cuda_graph=graph, compile_elementwise=comp, label=label,
-                                   attention=attention, gemv=gemv, rows_config=rows_config, options=extra)
+                                   sparse_layers, label=label, step=st)
         except Exception as err:
             res["rows"].append({"path": label or ("fast-dense" if beta is None else "fast-sparse"), "beta": beta,
                                 "error": repr(err)})
@@ -464,7 +489,7 @@ def environment(bandwidth: float | None = None) -> dict:
 
 def run_suite(models, dtype=torch.bfloat16, betas=(0.2, 0.4, 0.6), new_tokens: int = 128, repeats: int = 3,
               layers=None, check: bool = True, profile_first: bool = True, ablation_first: bool = True,
-              log=print, on_model=None, rows_config=None, options: dict | None = None) -> dict:
+              log=print, on_model=None, step: dict | None = None) -> dict:
     from .fastlm import check_device_dtype
 
     check_device_dtype("cuda", dtype)
@@ -472,14 +497,14 @@ def run_suite(models, dtype=torch.bfloat16, betas=(0.2, 0.4, 0.6), new_tokens: i
     from .kernels import GEMV_ROWS_CONFIG
 
     result = {"env": environment(bw), "dtype": str(dtype).replace("torch.", ""), "new_tokens": new_tokens,
-              "gemv_rows_config": list(rows_config or GEMV_ROWS_CONFIG), "fast_options": options or {},
+              "gemv_rows_config": list((step or {}).get("rows_config") or GEMV_ROWS_CONFIG), "step": step or {},
               "prompt_tokens": PROMPT_TOKENS, "repeats": repeats, "betas": list(betas), "models": []}
     log(f"env {result['env']}")
     for i, spec in enumerate(models):
         try:
             r = bench_model(spec, dtype, betas, new_tokens, repeats, bw, layers, check=check,
                             profile=profile_first and i == 0, ablation=ablation_first and i == 0, log=log,
-                            rows_config=rows_config, options=options)
+                            step=step)
         except Exception as err:
             import traceback
 

@@ -10,6 +10,7 @@ import torch
 transformers = pytest.importorskip("transformers")
 
 from coreinfer.runtime.cuda import bench as cuda_bench  # noqa: E402
+from coreinfer.runtime.cuda.bench import step_variant  # noqa: E402
 from coreinfer.runtime.cuda.fastlm import FastLM, FastPathError, FastWeights, check_device_dtype  # noqa: E402
 from coreinfer.runtime.cuda.reference import EagerReference  # noqa: E402
 from coreinfer.runtime.selection import kept_count  # noqa: E402
@@ -166,7 +167,7 @@ def test_bad_inputs_raise_clear_errors():
     with pytest.raises(FastPathError, match="dtype"):
         check_device_dtype("cpu", torch.float64)
     with pytest.raises(FastPathError, match="cuda_graph=True"):
-        FastLM(w, max_seq_len=24, cuda_graph=True)
+        step_variant(w, {"cuda_graph": True}, max_seq_len=24)
     with pytest.raises(ValueError, match="kept_fraction"):
         FastLM(w, kept_fraction=1.5)
     if not torch.cuda.is_available():
@@ -180,15 +181,22 @@ def test_bad_inputs_raise_clear_errors():
 def test_triton_attention_refused_on_cpu():
     w = FastWeights.from_hf(_tiny("llama"))
     with pytest.raises(FastPathError, match="pdl=True needs"):
-        FastLM(w, pdl=True)
-    with pytest.raises(FastPathError, match="fused_norm=True needs"):
-        FastLM(w, fused_norm=True)
+        step_variant(w, {"pdl": True})
+    for norm in ("gemv", "kernel"):
+        with pytest.raises(FastPathError, match=f"norm='{norm}' needs gemv='triton'"):
+            step_variant(w, {"norm": norm})
+    with pytest.raises(FastPathError, match="norm must be"):
+        step_variant(w, {"norm": "fused"})
     with pytest.raises(FastPathError, match="attention='triton' needs a CUDA device"):
-        FastLM(w, attention="triton")
+        step_variant(w, {"attention": "triton"})
     with pytest.raises(FastPathError, match="gemv='triton' needs a CUDA device"):
-        FastLM(w, gemv="triton")
+        step_variant(w, {"gemv": "triton"})
+    with pytest.raises(FastPathError, match=r"unknown decode-step choices \['fused_ffn'\]"):
+        step_variant(w, {"fused_ffn": True})
+    with pytest.raises(TypeError):  # the product class builds the device's default step: no such options
+        FastLM(w, pdl=False)
     fast = FastLM(w)
-    assert fast.attention == "sdpa" and fast.gemv == "torch"
+    assert fast.attention == "sdpa" and fast.gemv == "torch" and fast.norm == "torch" and not fast.cuda_graph
 
 
 def test_unsupported_architecture_is_refused():
@@ -255,8 +263,8 @@ def test_cuda_graph_step_matches_eager_reference_bf16(family, attention):
     model = _tiny(family, seed=21, dtype=torch.bfloat16, device="cuda")
     prompt, cont = _ids(33, 22), _ids(70, 23)  # 103 positions: several key blocks; past Mistral's window of 9
     weights = FastWeights.from_hf(model)
-    fast = FastLM(weights, max_seq_len=128, kept_fraction=0.4, attention=attention,
-                  gemv="triton" if attention == "triton" else "torch")
+    fast = step_variant(weights, {"attention": attention, "gemv": "triton" if attention == "triton" else "torch"},
+                        max_seq_len=128, kept_fraction=0.4)
     assert fast.cuda_graph and fast.attention == attention
     got, core = fast.forced_logits(prompt, cont)
     ref, _ = EagerReference(model).forced_logits(prompt, cont, kept_fraction=0.4, core_sets=core)
@@ -272,10 +280,10 @@ def test_cuda_graph_equals_eager_fast_step(attention):
     model = _tiny("llama", seed=31, dtype=torch.bfloat16, device="cuda")
     weights = FastWeights.from_hf(model)
     prompt, cont = _ids(20, 32), _ids(10, 33)
-    graph, core = FastLM(weights, max_seq_len=40, kept_fraction=0.5, compile_elementwise=False,
-                         attention=attention).forced_logits(prompt, cont)
-    eager, _ = FastLM(weights, max_seq_len=40, kept_fraction=0.5, cuda_graph=False, compile_elementwise=False,
-                      attention=attention).forced_logits(prompt, cont, core_sets=core)
+    graph, core = step_variant(weights, {"compile_elementwise": False, "attention": attention}, max_seq_len=40,
+                               kept_fraction=0.5).forced_logits(prompt, cont)
+    eager, _ = step_variant(weights, {"cuda_graph": False, "compile_elementwise": False, "attention": attention},
+                            max_seq_len=40, kept_fraction=0.5).forced_logits(prompt, cont, core_sets=core)
     assert torch.equal(graph, eager)
 
 
@@ -305,10 +313,10 @@ def test_cuda_gather_free_decode_equals_gathered(family):
     model = _tiny(family, seed=41, dtype=torch.bfloat16, device="cuda")
     weights = FastWeights.from_hf(model)
     prompt, cont = _ids(30, 42), _ids(20, 43)
-    free = FastLM(weights, max_seq_len=64, kept_fraction=0.4, gemv="triton")
-    assert free.indexed and all(b is None for b in free.c_up)
+    free = FastLM(weights, max_seq_len=64, kept_fraction=0.4)
+    assert free.gemv == "triton" and free.indexed and all(b is None for b in free.c_up)
     got, core = free.forced_logits(prompt, cont)
-    ref, core_ref = FastLM(weights, max_seq_len=64, kept_fraction=0.4, gemv="torch").forced_logits(prompt, cont)
+    ref, core_ref = step_variant(weights, {"gemv": "torch"}, max_seq_len=64, kept_fraction=0.4).forced_logits(prompt, cont)
     assert all(torch.equal(core[i], core_ref[i]) for i in core)
     rel = ((got - ref).norm(dim=-1) / ref.norm(dim=-1)).max().item()
     assert rel < 2e-2
@@ -397,8 +405,10 @@ def test_cuda_last_program_reductions_match_torch(pdl):
 @pytest.mark.gpu
 @needs_cuda
 def test_cuda_fused_pdl_step_equals_plain_step():
-    """The default CUDA step (PDL launches, fused residual+RMSNorm summing the split down product's partial rows,
-    fused argmax) against the plain step, float32, on a model wide enough for several programs per reduction."""
+    """The default CUDA step (PDL launches; residual adds and RMSNorms inside the GEMVs, the split down product's
+    rows summed with the residual in one launch; fused argmax), and the step with one residual+RMSNorm launch
+    each (norm "kernel"), against the plain step, float32, on a model wide enough for several programs per
+    reduction."""
     torch.manual_seed(7)
     cfg = transformers.LlamaConfig(hidden_size=1024, intermediate_size=2048, num_hidden_layers=2, num_attention_heads=8,
                                    num_key_value_heads=2, vocab_size=5000, max_position_embeddings=256)
@@ -406,14 +416,15 @@ def test_cuda_fused_pdl_step_equals_plain_step():
     model = transformers.AutoModelForCausalLM.from_config(cfg).cuda().eval()
     weights = FastWeights.from_hf(model)
     prompt, cont = _ids(40, 71, 5000), _ids(12, 72, 5000)
-    fused = FastLM(weights, max_seq_len=64, kept_fraction=0.4)
-    assert fused.fused_norm and fused.indexed
-    plain = FastLM(weights, max_seq_len=64, kept_fraction=0.4, pdl=False, fused_norm=False)
-    got, core = fused.forced_logits(prompt, cont)
+    plain = step_variant(weights, {"pdl": False, "norm": "torch"}, max_seq_len=64, kept_fraction=0.4)
     ref, core_ref = plain.forced_logits(prompt, cont)
-    assert all(torch.equal(core[i], core_ref[i]) for i in core)
-    assert (got - ref).abs().max().item() < 1e-3
-    assert fused.generate(prompt, 12).tokens == plain.generate(prompt, 12).tokens
+    for fused in (FastLM(weights, max_seq_len=64, kept_fraction=0.4),
+                  step_variant(weights, {"norm": "kernel"}, max_seq_len=64, kept_fraction=0.4)):
+        assert fused.norm in ("gemv", "kernel") and fused.indexed
+        got, core = fused.forced_logits(prompt, cont)
+        assert all(torch.equal(core[i], core_ref[i]) for i in core)
+        assert (got - ref).abs().max().item() < 1e-3, fused.norm
+        assert fused.generate(prompt, 12).tokens == plain.generate(prompt, 12).tokens, fused.norm
 
 
 # ---------------------------------------------------------------------------------------------- SparseLM hook
@@ -615,7 +626,7 @@ def test_cuda_sampling_in_the_graph_is_seeded():
     weights = FastWeights.from_hf(model)
     prompt = _ids(20, 42)
     graph = FastLM(weights, max_seq_len=64, kept_fraction=0.4)
-    plain = FastLM(weights, max_seq_len=64, kept_fraction=0.4, cuda_graph=False)
+    plain = step_variant(weights, {"cuda_graph": False}, max_seq_len=64, kept_fraction=0.4)
     greedy = graph.generate(prompt, 16).tokens
     s = Sampling(temperature=1.3, top_k=40, top_p=0.9, seed=7)
     a = graph.generate(prompt, 16, sampling=s).tokens
@@ -633,8 +644,8 @@ def test_cuda_per_layer_core_sets_gather_free_equals_gathered():
     prompt, cont = _ids(20, 44), _ids(6, 45)
     lk = {0: 33, 2: 101}
     got, core = FastLM(weights, max_seq_len=64, layer_k=lk).forced_logits(prompt, cont)
-    ref, core_ref = FastLM(weights, max_seq_len=64, layer_k=lk, gemv="torch", attention="sdpa", pdl=False,
-                           cuda_graph=False).forced_logits(prompt, cont)
+    ref, core_ref = step_variant(weights, {"gemv": "torch", "attention": "sdpa", "pdl": False, "cuda_graph": False},
+                                 max_seq_len=64, layer_k=lk).forced_logits(prompt, cont)
     assert all(torch.equal(core[i], core_ref[i]) and core[i].numel() == lk[i] for i in lk)
     assert (got - ref).abs().max().item() < 1e-3
 
