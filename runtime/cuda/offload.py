@@ -5,15 +5,18 @@ The decode is ``FastLM``'s own captured step, run over resident compact weights:
 to ``memory.CORE_PAD``: gate rows, then up rows, as ``FastLM``'s gathered path lays them out), so the dense
 step (``kept_fraction=None``) computes exactly the sparse FFN and never reads host memory. The dense layers (outside
 the sparse range) are resident in full. What ``memory.plan_memory`` could not fit, the dense FFN of the streamed
-sparse layers, stays in pinned host memory (``HostFFNStore``: one contiguous block per layer, one copy each).
+sparse layers, stays in pinned host memory (``HostFFNStore``: one contiguous block per layer, one copy each, every
+neuron's weights as rows: gate||up (or fc1) rows and the down projection transposed, (I, H) row-major).
 
 The prefill (``_prefill_forward``, the one hook into ``FastLM``) runs the dense FFN of every sparse layer: resident
 layers from the device, streamed ones through the plan's staging buffers, layer l+1's block copied on a side
 stream while layer l computes (two buffers; events order copy -> compute -> reuse). As soon as a layer's core set
 is known (selected from its activations, or given), its core rows/columns are gathered from the dense copy on
 the device into the compact buffers. Similarity-guided prompts with ``sparse_prefill`` know their core sets
-before the prefill: only core rows cross the bus (gathered in pinned host memory), or none when that cluster's
-sets are already resident (the decode buffers, plus an LRU of ``plan.cluster_slots - 1`` further sets).
+before the prefill: only core rows cross the bus, or none when that cluster's sets are already resident (the
+decode buffers, plus an LRU of ``plan.cluster_slots - 1`` further sets). Core rows from host memory are k
+contiguous row copies per part into one of two pinned staging buffers, then one host-to-device copy per layer
+into a (then idle) streaming buffer: the CPU gathers layer l+1 while layer l's copy runs.
 
 Measured on the H200 (docs/benchmarks.md, run h200-3): Llama-3.1-8B shape under 12 GiB at kept 0.4 decodes at
 387 tok/s (1.04x the in-memory fast path, 345x Hugging Face + accelerate offloading), the stability-guided prefill
@@ -35,13 +38,23 @@ from ..memory import MemoryBudgetError, MemoryPlan, padded
 from ..selection import DEFAULT_SCORE, stability_select_layers
 from .fastlm import FastLM, FastPathError, FastWeights, LayerWeights
 
-FFN_PARTS = ("up_w", "up_b", "down")  # a layer's dense FFN as FastWeights holds it (down_b stays resident)
+FFN_PARTS = ("up_w", "up_b", "down_t")  # a layer's dense FFN in the host store (down_b stays resident)
+LAYER_FFN_FIELDS = ("up_w", "up_b", "down", "down_t")  # LayerWeights' FFN tensors (the others move to the device)
+
+
+def _host_part(lw: LayerWeights, part: str) -> torch.Tensor | None:
+    """``part`` of a layer as the store lays it out: ``down_t`` is the down projection (H, I) transposed."""
+    if part != "down_t":
+        return getattr(lw, part)
+    return lw.down_t if lw.down_t is not None else lw.down.t()
 
 
 class HostFFNStore:
-    """Every layer's dense FFN (gate||up or fc1 rows, fc1's bias, down (H, I)) in host memory, one contiguous
-    block per layer, pinned where CUDA exists: streaming a layer is one copy. Built once, shared by any number of
-    ``BudgetFastLM`` (one per kept fraction)."""
+    """Every layer's dense FFN in host memory, one contiguous block per layer, pinned where CUDA exists: streaming a
+    layer is one copy. Every neuron's weights are rows (gate||up or fc1 rows, fc1's bias, and ``down_t``: the down
+    projection transposed, (I, H) row-major, as the gather-free kernels read it), so gathering k core neurons in
+    host memory is k contiguous row copies per part, not k strided columns of (H, I). Built once, shared by any
+    number of ``BudgetFastLM`` (one per kept fraction)."""
 
     def __init__(self, weights: FastWeights, pin: bool | None = None):
         pin = torch.cuda.is_available() if pin is None else pin
@@ -49,7 +62,7 @@ class HostFFNStore:
         self.layout = []  # (part, shape, offset)
         offset = 0
         for part in FFN_PARTS:
-            t = getattr(first, part)
+            t = _host_part(first, part)
             if t is not None:
                 self.layout.append((part, tuple(t.shape), offset))
                 offset += t.numel()
@@ -59,7 +72,7 @@ class HostFFNStore:
         for li, lw in enumerate(weights.layers):
             block = torch.empty(self.numel, dtype=self.dtype, pin_memory=pin)
             for part, shape, off in self.layout:
-                t = getattr(lw, part)
+                t = _host_part(lw, part)
                 if t is None or tuple(t.shape) != shape:
                     raise FastPathError(f"layer {li}'s {part} has shape {None if t is None else tuple(t.shape)}, layer 0's "
                                         f"{shape}: the memory-budget path needs equal FFN shapes in every layer")
@@ -79,6 +92,12 @@ class HostFFNStore:
                 n *= s
             out[part] = block[off:off + n].view(shape)
         return out
+
+    @staticmethod
+    def dense_fields(views: dict) -> dict:
+        """LayerWeights' dense FFN fields over a block's views: ``down`` is the (H, I) transposed view of ``down_t``
+        (``F.linear(a, down)`` reads it as it lies: the GEMM's transpose flag, no copy)."""
+        return dict(up_w=views["up_w"], up_b=views["up_b"], down=views["down_t"].t())
 
 
 @dataclass
@@ -164,9 +183,11 @@ class BudgetFastLM(FastLM):
         with torch.no_grad():
             for li, lw in enumerate(weights.layers):
                 moved = {f.name: getattr(lw, f.name).to(dev) for f in dataclasses.fields(lw)
-                         if isinstance(getattr(lw, f.name), torch.Tensor) and f.name not in FFN_PARTS + ("down_t",)}
-                if li not in plan.layer_k:  # decodes dense: its whole FFN is resident
-                    ffn = self.store.views(self.store.blocks[li].to(dev))
+                         if isinstance(getattr(lw, f.name), torch.Tensor) and f.name not in LAYER_FFN_FIELDS}
+                if li not in plan.layer_k:  # decodes dense: its whole FFN is resident, down (H, I) as the step reads it
+                    host = self.store.views(self.store.blocks[li])
+                    ffn = dict(up_w=host["up_w"].to(dev), up_b=None if host["up_b"] is None else host["up_b"].to(dev),
+                               down=host["down_t"].to(dev).t().contiguous())
                     layers.append(dataclasses.replace(lw, **moved, **ffn, down_t=None))
                     continue
                 kp = padded(plan.layer_k[li])
@@ -187,6 +208,13 @@ class BudgetFastLM(FastLM):
                 rope_fn=rope_fn or (None if weights.rope_fn is None else _device_rope(weights.rope_fn, dev)))
             n_slots = plan.staging_buffers if plan.streamed else 0
             self._staging = [torch.empty(self.store.numel, dtype=weights.dtype, device=dev) for _ in range(n_slots)]
+        # core rows of a streamed layer gathered in host memory: two buffers (the CPU fills one while the other's
+        # copy runs), each one layer's widest core set: gate||up (or fc1) rows, down_t rows, fc1's bias
+        rows_k = max((padded(plan.layer_k[li]) for li in plan.streamed if li in plan.layer_k), default=0)
+        per_neuron = (H if weights.layers[0].ffn_kind == "mlp" else 2 * H) + H + (weights.layers[0].up_b is not None)
+        self._host_rows = [torch.empty(rows_k * per_neuron, dtype=weights.dtype, pin_memory=self._on_cuda)
+                           for _ in range(2 if (rows_k and n_slots) else 0)]
+        self._host_rows_free: list = [None] * len(self._host_rows)  # event: that buffer's last copy is done
         self._staging_free: list = [None] * n_slots  # event: the last compute reading the slot is done
         self._copy_stream = torch.cuda.Stream(dev) if (self._on_cuda and n_slots) else None
         self._spare: OrderedDict = OrderedDict()  # cluster -> {layer: (c_up, c_up_b, c_down)} copies (LRU)
@@ -276,41 +304,51 @@ class BudgetFastLM(FastLM):
             torch.index_select(src["up_w"], 0, idx + I, out=c_up[kp:kp + k])
             c_up[k:kp].zero_()
             c_up[kp + k:].zero_()
-        c_down[:, :k].copy_(src["down"].index_select(1, idx))
+        c_down[:, :k].copy_(torch.index_select(src["down_t"], 0, idx).t())  # k rows of (I, H): down's columns
         c_down[:, k:].zero_()
 
-    def _copy_from_host(self, li: int, idx: torch.Tensor) -> None:
-        """Core rows/columns gathered in (pinned) host memory, then copied: only k neurons' weights cross the bus."""
+    def _copy_from_host(self, li: int, idx: torch.Tensor, j: int) -> None:
+        """Layer ``li``'s core neurons from host memory (the ``j``-th such layer of the call): their rows of gate||up
+        (or fc1), down_t and fc1's bias gathered into pinned buffer ``j % 2`` (contiguous row copies), one copy into
+        an idle streaming buffer, placed into the decode buffers there: only k neurons' weights cross the bus."""
         host = self.store.views(self.store.blocks[li])
         c_up, c_up_b, c_down = self._core_buffers[li]
-        pin = self._on_cuda
-        idx = idx.to("cpu", torch.long)
+        idx = idx.to("cpu", torch.long).view(-1)
         k, I, H = idx.numel(), self.w.n_neurons, self.w.hidden
         kp = c_down.shape[1]
         gated = self.w.layers[li].ffn_kind != "mlp"
-        rows = torch.cat([idx, idx + I]) if gated else idx
-        up = torch.empty(rows.numel(), H, dtype=self.w.dtype, pin_memory=pin)
-        torch.index_select(host["up_w"], 0, rows, out=up)
-        down = torch.empty(H, k, dtype=self.w.dtype, pin_memory=pin)
-        torch.index_select(host["down"], 1, idx, out=down)
-        moved = up.numel() + down.numel()
-        c_up.zero_()
-        c_down.zero_()
-        if gated:
-            c_up[:k].copy_(up[:k], non_blocking=True)
-            c_up[kp:kp + k].copy_(up[k:], non_blocking=True)
-        else:
-            c_up[:k].copy_(up, non_blocking=True)
-        landed = torch.empty(H, k, dtype=self.w.dtype, device=c_down.device)  # contiguous target, then a strided copy
-        landed.copy_(down, non_blocking=True)
-        c_down[:, :k].copy_(landed)
+        n_up = 2 * k if gated else k
+        n = (n_up + k) * H + (k if c_up_b is not None else 0)
+        slot = j % len(self._host_rows)
+        if self._host_rows_free[slot] is not None:
+            self._host_rows_free[slot].synchronize()  # its previous copy to the device has finished
+        flat = self._host_rows[slot][:n]
+        torch.index_select(host["up_w"], 0, torch.cat([idx, idx + I]) if gated else idx,
+                           out=flat[:n_up * H].view(n_up, H))
+        torch.index_select(host["down_t"], 0, idx, out=flat[n_up * H:(n_up + k) * H].view(k, H))
         if c_up_b is not None:
-            b = torch.empty(k, dtype=self.w.dtype, pin_memory=pin)
-            torch.index_select(host["up_b"], 0, idx, out=b)
-            c_up_b.zero_()
-            c_up_b[:k].copy_(b, non_blocking=True)
-            moved += k
-        self.bytes_moved += moved * up.element_size()
+            torch.index_select(host["up_b"], 0, idx, out=flat[(n_up + k) * H:])
+        landed = self._staging[j % len(self._staging)][:n]  # idle: a sparse prefill streams no dense FFN
+        landed.copy_(flat, non_blocking=True)
+        if self._on_cuda:
+            ev = torch.cuda.Event()
+            ev.record(torch.cuda.current_stream(self.budget_device))
+            self._host_rows_free[slot] = ev
+        up, down = landed[:n_up * H].view(n_up, H), landed[n_up * H:(n_up + k) * H].view(k, H)
+        if gated:
+            c_up[:k].copy_(up[:k])
+            c_up[kp:kp + k].copy_(up[k:])
+            c_up[k:kp].zero_()
+            c_up[kp + k:].zero_()
+        else:
+            c_up[:k].copy_(up)
+            c_up[k:].zero_()
+        c_down[:, :k].copy_(down.t())
+        c_down[:, k:].zero_()
+        if c_up_b is not None:
+            c_up_b[:k].copy_(landed[(n_up + k) * H:])
+            c_up_b[k:].zero_()
+        self.bytes_moved += n * flat.element_size()
 
     def _save_active(self) -> None:
         """Before the decode buffers are overwritten: keep their cluster's sets in the LRU if it has room."""
@@ -353,12 +391,13 @@ class BudgetFastLM(FastLM):
             self._active_key = key
             return "lru"
         self._save_active()
+        from_host = 0
         for li in self._core_buffers:
-            idx = req.core_sets[li].to(self.budget_device, torch.long).view(-1)
             if li in self._dense_dev:
-                self._gather_into(li, idx, self._dense_dev[li])
+                self._gather_into(li, req.core_sets[li].to(self.budget_device, torch.long).view(-1), self._dense_dev[li])
             else:
-                self._copy_from_host(li, req.core_sets[li])
+                self._copy_from_host(li, req.core_sets[li], from_host)
+                from_host += 1
         self._active_key = key
         return "gathered"
 
@@ -447,7 +486,7 @@ class BudgetFastLM(FastLM):
                 src = self._dense_source(li)  # waits for a streamed layer's copy
                 if timeline:
                     self._timeline_marks.setdefault(li, {}).update(attention_end=attn_end, ffn_start=self._event())
-                dense_lw = dataclasses.replace(lw, up_w=src["up_w"], up_b=src["up_b"], down=src["down"])
+                dense_lw = dataclasses.replace(lw, **HostFFNStore.dense_fields(src))
                 y = self._ffn_dense(dense_lw, h, acts)
                 if select:
                     k_li = (req.layer_k or self.plan.layer_k)[li]

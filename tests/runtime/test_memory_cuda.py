@@ -217,6 +217,66 @@ def test_store_is_shared_between_kept_fractions():
         assert fast.store is store and fast.generate_budget(prompt, 6).tokens == want
 
 
+@pytest.mark.parametrize("family", ["llama", "opt"])
+def test_store_holds_each_neuron_as_rows_once_as_the_plan_counts(family):
+    """The host store's block per layer: gate||up (fc1) rows, fc1's bias and the down projection transposed (I, H),
+    nothing else: one copy of the streamed FFN, as many bytes as the plan's streaming buffer holds (down's bias,
+    resident, is the plan's only extra)."""
+    model = _tiny(family, seed=41)
+    weights = FastWeights.from_hf(model)
+    store = HostFFNStore(weights, pin=False)
+    for lw, block in zip(weights.layers, store.blocks):
+        v = store.views(block)
+        assert v["down_t"].shape == (160, 64) and v["down_t"].is_contiguous()
+        assert torch.equal(v["down_t"], lw.down.t()) and torch.equal(v["up_w"], lw.up_w)
+        assert (v["up_b"] is None) == (family == "llama") and (v["up_b"] is None or torch.equal(v["up_b"], lw.up_b))
+        assert torch.equal(HostFFNStore.dense_fields(v)["down"], lw.down)
+    plan = _plan(model, resident_sparse=0)
+    down_bias = 0 if family == "llama" else 64 * 4
+    assert store.block_bytes == sum(t.numel() for t in store.views(store.blocks[0]).values() if t is not None) * 4
+    assert store.block_bytes + down_bias == plan.dense_layer_bytes
+    assert len(store.blocks) == 4 and all(b.numel() == store.numel for b in store.blocks)
+
+
+@pytest.mark.parametrize("family", ["llama", "opt"])
+def test_logits_equal_in_memory_stability_and_similarity_resident_or_from_host(family):
+    """float32 logits of every new token against the in-memory fast path: stability-guided (the dense prefill
+    streams through the transposed down), similarity-guided with the cluster's core rows from host memory (the
+    pinned row buffers used in turn and reused), with the cluster resident, from host again after a stability
+    prompt, and a smaller core set from host over a larger one's buffers (the padding zeroed)."""
+    model = _tiny(family, seed=51)
+    prompt = _ids(16, 52)
+    k = kept_count(KEPT, 160)
+    a, b = _core_sets(4, 160, k, 53), _core_sets(4, 160, 30, 54)
+    mem = FastLM(FastWeights.from_hf(model), max_seq_len=CONTEXT, kept_fraction=KEPT)
+    small = FastLM(FastWeights.from_hf(model), max_seq_len=CONTEXT, layer_k={i: 30 for i in range(4)})
+
+    def want(lm, sets=None, **kw):
+        return [t.clone() for t in lm.generate(prompt, 8, core_sets=sets, keep_logits=True, **kw).logits]
+
+    want_stab, want_a, want_b = want(mem), want(mem, a, sparse_prefill=True), want(small, b, sparse_prefill=True)
+    assert not _close(want_a, want_stab) and not _close(want_a, want_b)
+    fast = BudgetFastLM(FastWeights.from_hf(model), _plan(model, resident_sparse=1), "cpu")
+    assert fast.plan.streamed == [1, 2, 3] and len(fast._host_rows) == 2
+    per_neuron = 3 * 64 if family == "llama" else 2 * 64 + 1  # gate, up, down rows (fc1, fc2 rows, fc1's bias)
+
+    def sim(sets, name):
+        return fast.generate_budget(prompt, 8, core_sets=sets, cluster=name, sparse_prefill=True, keep_logits=True)
+
+    stab = fast.generate_budget(prompt, 8, keep_logits=True)
+    assert _close(stab.logits, want_stab) and stab.bus_bytes == 3 * fast.store.block_bytes
+    cold = sim(a, "a")
+    assert cold.sets_from == "gathered" and cold.bus_bytes == 3 * per_neuron * k * 4 and _close(cold.logits, want_a)
+    hot = sim(a, "a")
+    assert hot.sets_from == "resident" and hot.bus_bytes == 0 and _close(hot.logits, want_a)
+    fast.generate_budget(prompt, 2)
+    again = sim(a, "a")
+    assert again.sets_from == "gathered" and _close(again.logits, want_a)
+    smaller = sim(b, "b")
+    assert smaller.sets_from == "gathered" and smaller.bus_bytes == 3 * per_neuron * 30 * 4
+    assert _close(smaller.logits, want_b)
+
+
 # ---------------------------------------------------------------------------------------------------- CUDA
 
 def _cuda_model(dtype, seed=7):
