@@ -28,9 +28,18 @@ def test_dry_run_on_cpu(tmp_path):
         assert row["tokens"] == mem[kf]["tokens"]  # float32 on the CPU: the same greedy tokens
         assert row["stability"]["bus_bytes"] == row["plan"]["streamed_bytes_per_dense_prefill"] > 0
         assert row["similarity_resident"]["bus_bytes"] == 0 and row["similarity_resident"]["sets_from"] == "resident"
-        assert 0 < row["similarity_from_host"]["bus_bytes"] < row["stability"]["bus_bytes"]
+        # a cluster never seen: the streamed layers' core rows (gate, up, down; H = 256, float32) from host memory
+        host = row["similarity_from_host"]
+        assert host["sets_from"] == "gathered" and host["bus_bytes"] == len(row["plan"]["streamed"]) * 3 * 256 * row["k"] * 4
+        assert 0 < host["bus_bytes"] < row["stability"]["bus_bytes"]
+        dense = row["similarity_dense_prefill"]
+        assert dense["sets_from"] == "prefill" and dense["bus_bytes"] == row["stability"]["bus_bytes"]
     assert result["baseline"]["decode_tok_s"] > 0 and len(result["baseline"]["tokens"]) == 5
     assert [r["kept_fraction"] for r in result["ratios"]] == [0.4, largest]
+    for r in result["ratios"]:  # what main prints: every TTFT of the row, the non-resident similarity one included
+        assert set(r["ttft_ms"]) == {"stability", "similarity_resident", "similarity_from_host", "similarity_dense_prefill"}
+        assert r["ttft_ms"]["similarity_from_host"] == ours[r["kept_fraction"]]["similarity_from_host"]["ttft_ms"] > 0
+        assert r["ttft_similarity_from_host_vs_baseline"] > 0
     json.dumps(result, default=str)  # what main writes
 
 
