@@ -81,6 +81,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--profile-dir", help="folder of the cached calibration profile (default: --out)")
     p.add_argument("--budget", help="the budget stage's budget.json: enables method 'budget' (per-layer sizes; its "
                                     "kept fractions are FFN bytes per decoded token over dense)")
+    p.add_argument("--refresh-every", type=int, metavar="N",
+                   help="method 'stability-refresh': re-select every N decoded tokens from their dense activations")
     p.add_argument("--dtype", help="model dtype (float32, bfloat16, ...)")
     p.add_argument("--device", help="cpu, cuda, cuda:N")
     p.add_argument("--memory-budget", metavar="BUDGET",
@@ -109,6 +111,8 @@ def config_from_args(args) -> "object":
         v = getattr(args, name)
         if v is not None:
             setattr(cfg, name, v)
+    if args.refresh_every is not None:
+        cfg.refresh_every = args.refresh_every
     cfg.task_limits = {**cfg.task_limits, **_task_limits(args.task_limit)}
     cfg.fresh = bool(args.fresh)
     cfg.progress = not args.no_progress

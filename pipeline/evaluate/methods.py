@@ -20,12 +20,16 @@ always the shared code of ``coreinfer.runtime.selection``.
   down-token     every neuron's gate/up (or fc1) row, then per token only the down columns of its top-k |a|
                  (k = kept * I): the exact intermediate activation chooses, no predictor; bytes count every
                  gate/up row and the k down columns
+  stability-refresh
+                 stability-guided from the prefill, then every ``refresh_every`` decoded tokens re-selected (the
+                 same selection) from those tokens' dense activations; bytes count the refresh's own reads
 """
 
 from __future__ import annotations
 
 import hashlib
 from dataclasses import dataclass, field
+from typing import Callable
 
 import numpy as np
 import torch
@@ -33,6 +37,7 @@ import torch
 from coreinfer.runtime.selection import (
     DEFAULT_SCORE, SCORES, check_fraction, core_statistics, frequency_select, griffin_select, kept_count, token_topk_mask,
 )
+from coreinfer.runtime.ffn import FFNWeights
 from coreinfer.runtime.session import CoreSetSession, Session, TokenMaskSession, stability_selector
 
 
@@ -46,6 +51,7 @@ class MethodInfo:
     speed_path: bool  # False: a quality bound, not something that could run faster
     description: str
     needs_budget: bool = False  # needs a budget stage output (budget.json)
+    needs_refresh: bool = False  # needs refresh_every (decoded tokens between re-selections)
 
 
 METHODS: dict[str, MethodInfo] = {
@@ -65,6 +71,9 @@ METHODS: dict[str, MethodInfo] = {
                    "all gate/up rows, per token the down columns of the top-k |a| (exact activation chooses)"),
         MethodInfo("budget", True, False, False, False, True,
                    "per-layer budget (budget.json) at the kept fraction of FFN bytes, stability-guided", needs_budget=True),
+        MethodInfo("stability-refresh", True, True, False, False, True,
+                   "stability-guided, re-selected every --refresh-every decoded tokens from their dense activations",
+                   needs_refresh=True),
     )
 }
 
@@ -74,8 +83,9 @@ class MethodError(ValueError):
 
 
 def check_methods(names: list[str], have_artifact: bool, static_source: str = "artifact",
-                  have_budget: bool = False) -> list[str]:
+                  have_budget: bool = False, refresh_every: int | None = None) -> list[str]:
     """Validate method names before anything is loaded; errors name the method and the fix."""
+    check_refresh_every(refresh_every)
     if not names:
         raise MethodError(f"no methods given; choose from {', '.join(METHODS)}")
     for n in names:
@@ -87,12 +97,25 @@ def check_methods(names: list[str], have_artifact: bool, static_source: str = "a
         if METHODS[n].needs_budget and not have_budget:
             raise MethodError(f"method {n!r} needs --budget (the budget stage's budget.json); build one with "
                               "`python -m coreinfer.pipeline budget budget.target=...` or `dvc repro budget`")
+        if METHODS[n].needs_refresh and refresh_every is None:
+            raise MethodError(f"method {n!r} needs --refresh-every N (decoded tokens between re-selections, >= 1); "
+                              "e.g. --refresh-every 16")
         if n == "static" and static_source == "artifact" and not have_artifact:
             raise MethodError("method 'static' needs --artifact (its global hot set); build one with `dvc repro`, "
                               "or use --static-source profile to take the hot set from the evaluation's profile corpus")
     if len(set(names)) != len(names):
         raise MethodError(f"method listed twice: {names}")
     return names
+
+
+def check_refresh_every(n) -> int | None:
+    """``refresh_every``: None (no refresh) or a whole number of decoded tokens >= 1."""
+    if n is None:
+        return None
+    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+        raise MethodError(f"--refresh-every must be a whole number of decoded tokens >= 1, got {n!r}; "
+                          "e.g. --refresh-every 16")
+    return n
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -250,6 +273,98 @@ class MaskTracker:
         return self.kept / self.total if self.total else float("nan")
 
 
+def _neuron_bytes(w: FFNWeights) -> tuple[float, float]:
+    """(bytes of one neuron's gate/up rows (or fc1 row and bias), bytes of one neuron in all: those rows plus its
+    down column) of a dense layer."""
+    rows = sum(t.numel() * t.element_size() for t in (w.gate, w.up, w.fc1, w.fc1_bias) if t is not None)
+    down = w.down.numel() * w.down.element_size()
+    return rows / w.n_neurons, (rows + down) / w.n_neurons
+
+
+@dataclass
+class RefreshTracker:
+    """What one stability-refresh call read: each layer's FFN bytes per token between refreshes, and what the
+    refreshes read on top (two counts: the least a refresh must read, and a plain full re-gather)."""
+
+    tokens: int = 0  # sparse tokens run (after the prefill)
+    layer_bytes: dict[int, int] = field(default_factory=dict)  # sparse layer -> its compact FFN's bytes per token
+    layer_k: dict[int, int] = field(default_factory=dict)
+    refreshes: int = 0  # re-selections, summed over the sparse layers
+    jaccard_sum: float = 0.0  # Jaccard(old, new core set), summed over refreshes
+    refresh_bytes: float = 0.0  # least: the non-core gate/up rows (to complete the window's activations), plus
+    #                             reading and writing the entering neurons into the compact FFN
+    refresh_bytes_full: float = 0.0  # plain: every gate/up row, plus re-gathering the whole compact FFN (read, write)
+
+
+class RefreshSession(Session):
+    """Stability core sets from the prompt's dense prefill, re-selected every ``every`` decoded tokens from the
+    dense intermediate activations of those ``every`` tokens, with the runtime's own selection (``select``).
+
+    A sparse decode does not have those dense activations: the refresh computes them from the tokens' FFN inputs
+    (as they were in the sparse run), which is what ``RefreshTracker`` charges. Each token's FFN output is the
+    compact FFN of the core set in effect for it (``FFNWeights.gather``, as the runtime decodes); its dense
+    activations are computed alongside for the next refresh. Causal: a core set depends only on earlier tokens.
+    """
+
+    def __init__(self, layers, select: Callable[[int, torch.Tensor], torch.Tensor], every: int,
+                 tracker: RefreshTracker):
+        check_refresh_every(every)
+        self.layers = layers
+        self.select = select
+        self.every = every
+        self.tracker = tracker
+        self.prefill_done = False
+        self.core_sets: dict[int, torch.Tensor] = {}
+        self.compact: dict[int, FFNWeights] = {}
+        self.window: dict[int, list[torch.Tensor]] = {}  # dense activations of the tokens since the last selection
+        self.first = min(layers)
+
+    def ffn(self, layer_idx, x, dense):
+        if layer_idx not in self.layers:
+            return dense(x)
+        if not self.prefill_done:  # the prefill: dense, and the first selection (as CoreSetSession does)
+            a = dense.intermediate(x)
+            self._install(layer_idx, self.select(layer_idx, a.reshape(-1, a.shape[-1])), dense)
+            self.tracker.layer_bytes[layer_idx] = self.compact[layer_idx].nbytes()
+            self.tracker.layer_k[layer_idx] = int(self.core_sets[layer_idx].numel())
+            return dense.output(a)
+        if x.dim() == 3 and x.shape[0] != 1:
+            raise ValueError("stability-refresh follows one sequence; score or generate one prompt at a time")
+        rows = x.reshape(-1, x.shape[-1])
+        acts = dense.intermediate(rows)
+        outs, t = [], 0
+        while t < rows.shape[0]:
+            n_window = sum(w.shape[0] for w in self.window[layer_idx])
+            if n_window == self.every:
+                self._refresh(layer_idx, dense)
+                n_window = 0
+            take = min(rows.shape[0] - t, self.every - n_window)
+            outs.append(self.compact[layer_idx](rows[t:t + take]))
+            self.window[layer_idx].append(acts[t:t + take])
+            t += take
+        if layer_idx == self.first:
+            self.tracker.tokens += rows.shape[0]
+        return torch.cat(outs).reshape(x.shape)
+
+    def _install(self, layer_idx: int, core: torch.Tensor, dense: FFNWeights) -> None:
+        self.core_sets[layer_idx] = core
+        self.compact[layer_idx] = dense.gather(core)
+        self.window[layer_idx] = []
+
+    def _refresh(self, layer_idx: int, dense: FFNWeights) -> None:
+        old = self.core_sets[layer_idx]
+        new = self.select(layer_idx, torch.cat(self.window[layer_idx]))
+        kept = int(torch.isin(new, old).sum())
+        entered = new.numel() - kept
+        row_b, neuron_b = _neuron_bytes(dense)
+        tr = self.tracker
+        tr.refreshes += 1
+        tr.jaccard_sum += kept / (old.numel() + new.numel() - kept)
+        tr.refresh_bytes += (dense.n_neurons - old.numel()) * row_b + 2 * entered * neuron_b
+        tr.refresh_bytes_full += dense.n_neurons * row_b + 2 * new.numel() * neuron_b
+        self._install(layer_idx, new, dense)
+
+
 @dataclass
 class MethodContext:
     """Everything a method needs beyond the prompt: the model, the sparse layers and calibration data."""
@@ -263,6 +378,7 @@ class MethodContext:
     profile: Profile | None = None
     predictors: dict[int, SVDPredictor] = field(default_factory=dict)
     budget: str | None = None  # path of a budget stage output (method "budget")
+    refresh_every: int | None = None  # method "stability-refresh": decoded tokens between re-selections
 
     def static_core_sets(self, kept: float) -> dict[int, torch.Tensor]:
         n = self.lm.adapter.n_neurons
@@ -353,6 +469,10 @@ class MethodRun:
         if m == "budget":
             layer_k = self.layer_k
             return CoreSetSession(list(layer_k), stability_selector(ctx.alpha, self.kept, DEFAULT_SCORE, layer_k)), None
+        if m == "stability-refresh":
+            tracker = RefreshTracker()
+            select = stability_selector(ctx.alpha, self.kept, self.score or DEFAULT_SCORE)
+            return RefreshSession(ctx.layers, select, ctx.refresh_every, tracker), tracker
         if m == "static":
             return CoreSetSession(ctx.layers, core_sets=ctx.static_core_sets(self.kept)), None
         if m == "griffin":
@@ -395,6 +515,8 @@ class MethodRun:
         n_layers, n = lm.adapter.n_layers, lm.adapter.n_neurons
         if self.method == "dense":
             return {"kept_sparse": 1.0, "kept_model": 1.0, "ffn_bytes_per_token": int(stats.ffn_bytes_per_token)}
+        if isinstance(tracker, RefreshTracker):
+            return self._refresh_cost(tracker)
         if tracker is None:
             sizes = stats.layer_k or {}
             if not sizes:
@@ -421,6 +543,25 @@ class MethodRun:
         n_sparse = len(self.ctx.layers)
         kept_model = (n_sparse * frac + (n_layers - n_sparse)) / n_layers
         return {"kept_sparse": frac, "kept_model": kept_model, "ffn_bytes_per_token": int(round(nb))}
+
+
+    def _refresh_cost(self, tr: RefreshTracker) -> dict:
+        """FFN bytes per decoded token of stability-refresh: the compact FFNs every token reads, plus the refreshes'
+        reads spread over the call's sparse tokens (the least a refresh must read; ``..._full_refresh``: a plain
+        full re-gather). Activation traffic (the window's stored inputs) is not counted: N x (H + k) values per
+        layer, under 2% of a layer's weights at N = 32 on these models."""
+        lm = self.ctx.lm
+        n_layers, n = lm.adapter.n_layers, lm.adapter.n_neurons
+        kept_sparse = sum(tr.layer_k.values()) / (len(tr.layer_k) * n)
+        kept_model = (sum(tr.layer_k.values()) + (n_layers - len(tr.layer_k)) * n) / (n_layers * n)
+        out = {"kept_sparse": kept_sparse, "kept_model": kept_model, "refreshes": tr.refreshes // len(tr.layer_k),
+               "core_jaccard": tr.jaccard_sum / tr.refreshes if tr.refreshes else None}
+        if tr.tokens == 0:  # nothing ran after the prefill: no bytes per decoded token to report
+            return {**out, "ffn_bytes_per_token": None, "ffn_bytes_per_token_full_refresh": None}
+        token = sum(tr.layer_bytes.get(i, w.nbytes()) for i, w in enumerate(lm.adapter.dense))
+        out["ffn_bytes_per_token"] = int(round(token + tr.refresh_bytes / tr.tokens))
+        out["ffn_bytes_per_token_full_refresh"] = int(round(token + tr.refresh_bytes_full / tr.tokens))
+        return out
 
 
 def method_configs(methods: list[str], kept: list[float], scores: list[str],

@@ -23,6 +23,8 @@ from . import methods as MM
 from . import tasks as T
 
 RESULTS_FILE = "results.jsonl"
+# per-call cost details some methods record (stability-refresh), averaged into the summary rows where present
+EXTRA_COST_KEYS = ("ffn_bytes_per_token_full_refresh", "refreshes", "core_jaccard")
 FORMAT = "coreinfer.eval.v1"
 
 
@@ -52,6 +54,7 @@ class EvalConfig:
     profile_max_tokens: int = 256
     profile_dir: str | None = None  # where the profile cache (profile-<hash>.npz) lives; None: ``out``
     budget: str | None = None  # the budget stage's budget.json (method "budget": per-layer sizes at each kept bytes)
+    refresh_every: int | None = None  # method "stability-refresh": decoded tokens between re-selections
     task_config: dict[str, T.TaskConfig] = field(default_factory=dict)
     dtype: str | None = None
     device: str | None = None
@@ -71,7 +74,8 @@ def validate(cfg: EvalConfig) -> EvalConfig:
     T.check_tasks(list(cfg.tasks))
     if cfg.static_source not in ("artifact", "profile"):
         raise EvalError(f"static_source must be 'artifact' or 'profile', got {cfg.static_source!r}")
-    MM.check_methods(list(cfg.methods), cfg.artifact is not None, cfg.static_source, cfg.budget is not None)
+    MM.check_methods(list(cfg.methods), cfg.artifact is not None, cfg.static_source, cfg.budget is not None,
+                     cfg.refresh_every)
     if cfg.budget is not None and not Path(cfg.budget).is_file():
         raise EvalError(f"--budget {cfg.budget}: no such file; the budget stage writes artifacts/<model>/budget.json")
     if not cfg.kept:
@@ -244,7 +248,7 @@ def run(cfg: EvalConfig, lm=None) -> dict:
     data_hashes = {_data_name(f): T.file_sha256(f) for t in tasks for f in t.files() if f.is_file()}
 
     ctx = MM.MethodContext(lm, layers, cfg.alpha, cfg.seed, artifact=lm.artifact if cfg.artifact else None,
-                           static_source=cfg.static_source, budget=cfg.budget)
+                           static_source=cfg.static_source, budget=cfg.budget, refresh_every=cfg.refresh_every)
     profile_info = None
     needs_profile = any(MM.METHODS[m].needs_profile and (m != "static" or cfg.static_source == "profile")
                         for m in cfg.methods)
@@ -262,6 +266,7 @@ def run(cfg: EvalConfig, lm=None) -> dict:
         "layers": [layers.start, layers.stop],
         "seed": cfg.seed,
         "static_source": cfg.static_source if "static" in cfg.methods else None,
+        "refresh_every": cfg.refresh_every if "stability-refresh" in cfg.methods else None,
         "profile": profile_info,
         "data_sha256": data_hashes,
         "task_config": {t.name: {k: portable_path(v) if k == "file" and v else v for k, v in asdict(t.cfg).items()}
@@ -364,11 +369,12 @@ def summarize(cfg, tasks, items, runs, results: ResultsFile, identity: dict) -> 
                 vals = [x[key] for x in recs if isinstance(x.get(key), (int, float))]
                 return sum(vals) / len(vals) if vals else None
             used = sorted({str(x.get("method_used")) for x in recs})
+            extra = {k: _finite(avg(k)) for k in EXTRA_COST_KEYS if any(k in x for x in recs)}
             rows.append({"method": r.method, "kept": round(r.kept, 6), "score": r.score or "-", "n": len(recs),
                          **{k: _finite(v) for k, v in agg.items()},
                          "kept_sparse": _finite(avg("kept_sparse")), "kept_model": _finite(avg("kept_model")),
                          "ffn_bytes_per_token": avg("ffn_bytes_per_token"), "method_used": ",".join(used),
-                         "speed_path": MM.METHODS[r.method].speed_path})
+                         "speed_path": MM.METHODS[r.method].speed_path, **extra})
         summary["tasks"][t.name] = {"metrics": list(t.metric_names), "n_items": len(items[t.name]), "rows": rows}
     return summary
 

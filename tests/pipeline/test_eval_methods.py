@@ -297,3 +297,103 @@ def test_down_token_scores_like_the_oracle_and_pays_for_every_gate_up_row(lm_ref
     session, _ = run.session("x")
     full = lm.score_ids(ids, cont, "stability", 0.4, 1.0, layers, session=session, keep_logprobs=True)
     assert torch.equal(full.logprobs, dense.logprobs)  # kept 1.0 equals dense exactly
+
+
+class _Recording(MM.RefreshSession):
+    """The refresh session, also recording each sparse layer's FFN inputs after the prefill and every core set it
+    installs (the test recomputes both from the runtime's own functions)."""
+
+    def __init__(self, *a, **kw):
+        super().__init__(*a, **kw)
+        self.inputs: dict[int, list[torch.Tensor]] = {}
+        self.history: dict[int, list[torch.Tensor]] = {}
+
+    def ffn(self, layer_idx, x, dense):
+        if layer_idx in self.layers and self.prefill_done:
+            self.inputs.setdefault(layer_idx, []).append(x.reshape(-1, x.shape[-1]).clone())
+        return super().ffn(layer_idx, x, dense)
+
+    def _install(self, layer_idx, core, dense):
+        self.history.setdefault(layer_idx, []).append(core.clone())
+        super()._install(layer_idx, core, dense)
+
+
+def _refresh_run(lm, kept, every, score="magnitude"):
+    ctx = _ctx(lm, refresh_every=every)
+    return MM.MethodRun("stability-refresh", kept, score, ctx)
+
+
+def test_stability_refresh_without_a_refresh_is_stability_exactly(lm_ref):
+    lm, _ = lm_ref
+    ids, cont = _ids(lm)
+    layers = lm.resolve_layers("1:3")
+    plain = lm.score_ids(ids, cont, "stability", 0.4, 0.5, layers, score="magnitude", keep_logprobs=True)
+    run = _refresh_run(lm, 0.5, every=len(cont))  # len(cont) - 1 tokens run sparse: never a full window
+    session, tracker = run.session("x")
+    out = lm.score_ids(ids, cont, run.runtime_method(), 0.4, 0.5, layers, score="magnitude", session=session,
+                       keep_logprobs=True)
+    assert torch.equal(out.logprobs, plain.logprobs)
+    assert all(torch.equal(session.core_sets[i], plain.core_sets[i]) for i in layers)
+    cost = run.cost(out.stats, tracker)
+    assert cost["refreshes"] == 0 and cost["core_jaccard"] is None
+    assert cost["ffn_bytes_per_token"] == plain.stats.ffn_bytes_per_token == cost["ffn_bytes_per_token_full_refresh"]
+    assert cost["kept_model"] == pytest.approx(plain.stats.kept_fraction)
+
+
+def test_stability_refresh_reselects_from_the_last_window_and_counts_its_bytes(lm_ref):
+    from coreinfer.runtime.selection import stability_select
+
+    lm, _ = lm_ref
+    ids, cont = _ids(lm)
+    layers = lm.resolve_layers("1:3")
+    every, kept = 4, 0.5
+    run = _refresh_run(lm, kept, every)
+    tracker = MM.RefreshTracker()
+    session = _Recording(layers, run.session("x")[0].select, every, tracker)
+    out = lm.score_ids(ids, cont, "stability", 0.4, kept, layers, session=session, keep_logprobs=True)
+    n_sparse = len(cont) - 1
+    n_refresh = (n_sparse - 1) // every  # a refresh before tokens 4, 8, ... that exist
+    assert n_refresh >= 2
+    acts = {}
+    lm.capture(ids, None, lambda layer, a: acts.__setitem__(layer, a[0].clone()))
+    w = lm.adapter.dense[1]
+    n, h = lm.adapter.n_neurons, w.gate.shape[1]
+    k = kept_count(kept, n)
+    row_b, neuron_b = 2 * h * 4, 3 * h * 4  # float32 gate + up rows; plus the down column
+    least = full = 0
+    for i in layers:
+        x = torch.cat(session.inputs[i])
+        hist = session.history[i]
+        assert len(hist) == 1 + n_refresh
+        # the first set is the prompt's own; each later one the runtime's selection over the previous window,
+        # from the dense activations of those tokens' FFN inputs in this (sparse) run
+        assert torch.equal(hist[0], stability_select(acts[i], 0.4, kept, "magnitude"))
+        for b in range(1, len(hist)):
+            window = lm.adapter.dense[i].intermediate(x[(b - 1) * every:b * every])
+            assert torch.equal(hist[b], stability_select(window, 0.4, kept, "magnitude"))
+            entered = len(set(hist[b].tolist()) - set(hist[b - 1].tolist()))
+            least += (n - k) * row_b + 2 * entered * neuron_b
+            full += n * row_b + 2 * k * neuron_b
+        assert any(not torch.equal(hist[b], hist[0]) for b in range(1, len(hist)))  # it did change something
+    cost = run.cost(out.stats, tracker)
+    token = 2 * w.nbytes() + 2 * k * neuron_b  # 2 dense layers, 2 compact ones, between refreshes
+    assert cost["refreshes"] == n_refresh
+    assert cost["ffn_bytes_per_token"] == round(token + least / n_sparse)
+    assert cost["ffn_bytes_per_token_full_refresh"] == round(token + full / n_sparse)
+    assert 0 < cost["core_jaccard"] < 1
+    # causal: generating one token at a time refreshes at the same positions as scoring the whole continuation
+    g_session, _ = run.session("x")
+    g = lm.generate(PROMPT, "stability", beta=kept, layers=layers, max_new_tokens=12, session=g_session,
+                    method_used="stability-refresh", eos_token_id=[lm.tokenizer.pad_token_id])
+    s_session, _ = run.session("x")
+    scored = lm.score_ids(ids, g.token_ids, "stability", 0.4, kept, layers, session=s_session)
+    assert len(g.token_ids) == 12 and scored.greedy_ids == g.token_ids
+
+
+def test_stability_refresh_needs_a_valid_refresh_every(lm_ref):
+    with pytest.raises(MM.MethodError, match="needs --refresh-every N"):
+        MM.check_methods(["dense", "stability-refresh"], have_artifact=False)
+    for bad in (0, -3, 2.5, True):
+        with pytest.raises(MM.MethodError, match="--refresh-every must be a whole number of decoded tokens >= 1"):
+            MM.check_methods(["stability-refresh"], have_artifact=False, refresh_every=bad)
+    assert MM.check_methods(["stability-refresh"], have_artifact=False, refresh_every=1) == ["stability-refresh"]

@@ -140,6 +140,8 @@ def test_restart_with_other_settings_is_refused(tiny_llama, data, tmp_path):
     (dict(scores=["loud"]), EvalError, "unknown selection score"),
     (dict(methods=["similarity"]), MethodError, "needs --artifact"),
     (dict(methods=["static"], static_source="artifact"), MethodError, "needs --artifact"),
+    (dict(methods=["dense", "stability-refresh"]), MethodError, "needs --refresh-every N"),
+    (dict(methods=["stability-refresh"], refresh_every=0), MethodError, "--refresh-every must be a whole number"),
 ])
 def test_bad_config_fails_before_loading(kw, err, match, tmp_path):
     with pytest.raises(err, match=match):
@@ -196,6 +198,30 @@ def test_cli_errors_are_clear(capsys, tmp_path):
     assert "unknown task 'nope'" in capsys.readouterr().err
     assert cli.main(["--kept", "0.2,1.2", "--out", str(tmp_path)]) == 2
     assert "(0, 1]" in capsys.readouterr().err
+    assert cli.main(["--methods", "dense,stability-refresh", "--refresh-every", "0", "--out", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "--refresh-every must be a whole number of decoded tokens >= 1, got 0" in err
+
+
+def test_stability_refresh_runs_scoring_and_generation_and_pays_for_its_refreshes(tiny_llama, data, tmp_path):
+    lm, _ = tiny_llama
+    tc = {**SMALL_TASKS, "agreement": T.TaskConfig(continuation=12), "truthfulqa_gen": T.TaskConfig(shots=1, max_new_tokens=8)}
+    cfg = _cfg(tmp_path, methods=["dense", "stability", "stability-refresh"], kept=[0.5], scores=["magnitude"],
+               tasks=["agreement", "truthfulqa_gen"], refresh_every=3, task_config=tc)
+    summary = runner.run(cfg, lm=lm)
+    rows = {r["method"]: r for r in summary["tasks"]["agreement"]["rows"]}
+    refresh, plain = rows["stability-refresh"], rows["stability"]
+    assert refresh["refreshes"] == (12 - 1 - 1) // 3 and 0 < refresh["core_jaccard"] < 1
+    assert refresh["kept_model"] == pytest.approx(plain["kept_model"])
+    assert plain["ffn_bytes_per_token"] < refresh["ffn_bytes_per_token"] < refresh["ffn_bytes_per_token_full_refresh"]
+    assert "ffn_bytes_per_token_full_refresh" not in plain
+    gen = {r["method"]: r for r in summary["tasks"]["truthfulqa_gen"]["rows"]}
+    assert gen["stability-refresh"]["n"] == 2 and 0 <= gen["stability-refresh"]["rougeL_max"] <= 1
+    meta = json.loads((tmp_path / "out" / "results.jsonl").read_text().splitlines()[0])
+    assert meta["identity"]["refresh_every"] == 3
+    with pytest.raises(EvalError, match="refresh_every"):  # another N is another evaluation
+        runner.run(_cfg(tmp_path, methods=["dense", "stability-refresh"], kept=[0.5], scores=["magnitude"],
+                        tasks=["agreement"], refresh_every=4, task_config=tc), lm=lm)
 
 
 def test_cli_end_to_end_on_a_saved_tiny_model(tiny_llama, data, tmp_path, capsys):
