@@ -399,6 +399,44 @@ def _no_fit_message(shape, elem, budget, ks, context, prompt, parts) -> str:
             f"{longest}; lower the kept fraction, shorten the context, or raise the budget")
 
 
+# --------------------------------------------------------------------------------------------------- core rows
+
+
+class HostRowGather:
+    """Core neurons' weights from host memory to the device, for both offloaded paths: the host copies lay every
+    neuron's weights out as rows (gate/up/fc1 rows, the down projection transposed), so a core set's share of each
+    tensor is k contiguous row copies into a pinned buffer, then one host-to-device copy for all of them. Two
+    buffers, used in turn: the CPU fills one while the other's copy runs (an event guards its reuse)."""
+
+    def __init__(self, numel: int, dtype: torch.dtype, pin: bool):
+        self.buffers = [torch.empty(numel, dtype=dtype, pin_memory=pin) for _ in range(2 if numel else 0)]
+        self.free: list = [None] * len(self.buffers)  # CUDA event: that buffer's last copy has finished
+        self.turn = 0
+
+    def copy(self, parts, dst: torch.Tensor) -> int:
+        """``parts``: (host tensor, row indices, or None for the whole tensor), gathered one after another into
+        ``dst[:n]`` (flat, on the device); returns n. The copy is asynchronous on CUDA (the current stream)."""
+        slot, self.turn = self.turn, 1 - self.turn
+        if self.free[slot] is not None:
+            self.free[slot].synchronize()
+        flat, off = self.buffers[slot], 0
+        for t, idx in parts:
+            n = t.numel() if idx is None else idx.numel() * (t.numel() // max(1, t.shape[0]))
+            if n > flat.numel() - off:
+                raise ValueError(f"core rows of {off + n} elements exceed the {flat.numel()} the row buffers hold")
+            view = flat[off:off + n]
+            if idx is None:
+                view.view(t.shape).copy_(t)
+            else:
+                torch.index_select(t, 0, idx, out=view.view(idx.numel(), *t.shape[1:]))
+            off += n
+        dst[:off].copy_(flat[:off], non_blocking=True)
+        if dst.is_cuda:
+            self.free[slot] = torch.cuda.Event()
+            self.free[slot].record(torch.cuda.current_stream(dst.device))
+        return off
+
+
 # --------------------------------------------------------------------------------------------------- the device
 
 

@@ -8,15 +8,17 @@ gets a clear error; ``stats.path`` says "fast-offload". Elsewhere (other archite
 offloaded path below serves every call (``stats.path`` "eager-offload").
 
 Eager offloaded path: attention, embeddings, lm_head, norms and the dense FFN of the resident layers go to the
-device; the dense FFN of each streamed layer stays in host memory (pinned where CUDA exists) behind a
+device; the dense FFN of each streamed layer stays in host memory (pinned where CUDA exists; its down projection
+stored transposed, (I, H) row-major under its (H, I) shape, so each neuron's weights are rows) behind a
 ``HostFFN``, which behaves like the layer's ``FFNWeights`` but copies the layer into one of the plan's staging
-buffers on the device when it is used:
+buffers on the device (laid out as the host copy: one copy) when it is used:
 
 * a dense prefill (stability-guided, or similarity-guided without ``sparse_prefill``) streams each streamed
   layer's dense FFN; the prompt's core rows/columns are gathered from the staged copy into device-resident
   compact FFNs as soon as the layer's core set is known (device to device: no extra bus traffic);
 * similarity-guided prompts with ``sparse_prefill=True`` know their core sets before the prefill: only the core
-  rows cross the bus (gathered in host memory), or none when that cluster's compact FFNs are still resident
+  rows cross the bus (``memory.HostRowGather``: contiguous row copies, one copy), or none when that cluster's
+  compact FFNs are still resident
   from an earlier prompt (an LRU of clusters, as many as the plan's ``cluster_slots``);
 * decoding then reads the resident compact FFNs only; the host copies are not touched (``method="dense"``
   still streams every streamed layer for every token: that is what dense decoding under a budget costs).
@@ -31,6 +33,7 @@ the CUDA fast path, ``cuda/offload.py``, overlaps them). ``memory_budget=None`` 
 from __future__ import annotations
 
 import dataclasses
+import math
 import sys
 import threading
 import time
@@ -44,7 +47,8 @@ from . import adapters
 from .ffn import FFNWeights
 from .generation import GenerateOutput, Stats
 from .loading import load_model, resolve_dtype
-from .memory import MemoryBudgetError, MemoryPlan, ModelShape, check_budget_device, parse_budget, plan_memory
+from .memory import (HostRowGather, MemoryBudgetError, MemoryPlan, ModelShape, check_budget_device, padded,
+                     parse_budget, plan_memory)
 from .selection import DEFAULT_SCORE, kept_count
 from .session import CoreSetSession
 from .sparse_lm import DEFAULT_BETA, SparseLM
@@ -88,7 +92,9 @@ class Staging:
     """The plan's staging buffers on the device: each holds one streamed layer's dense FFN (LRU by layer)."""
 
     def __init__(self, template: FFNWeights, n_slots: int, device: torch.device):
-        self.slots = [dataclasses.replace(template, **{f: torch.empty(t.shape, dtype=t.dtype, device=device)
+        # the host copies' strides (down: (I, H) rows under its (H, I) shape): each tensor is one contiguous copy
+        self.slots = [dataclasses.replace(template, **{f: torch.empty_strided(t.shape, t.stride(), dtype=t.dtype,
+                                                                              device=device)
                                                        for f, t in _tensors(template).items()})
                       for _ in range(n_slots)]
         self.held: list[int | None] = [None] * n_slots  # layer each slot holds
@@ -162,6 +168,7 @@ class Offload:
         self.active = active  # the SparseLM's ContextVar of the running call's session
         self.lock = threading.RLock()  # one call at a time (shared staging buffers)
         self.staging: Staging | None = None
+        self.rows: HostRowGather | None = None  # core rows of streamed layers from host memory (set by _place)
         self.cache: OrderedDict = OrderedDict()  # (layer, core-set bytes) -> compact FFNWeights on the device
         self.bus = weakref.WeakKeyDictionary()  # session -> bytes moved host -> device during its call
         self.total_bus_bytes = 0
@@ -215,14 +222,38 @@ class Offload:
             compact = dataclasses.replace(compact, **{f: t.clone() for f, t in _tensors(compact).items()
                                                       if any(t is s for s in shared)})
         else:
-            host = ffn.host.gather(core_set.to("cpu"))
-            compact = dataclasses.replace(host, **{f: t.to(self.device, non_blocking=True)
-                                                   for f, t in _tensors(host).items()})
-            self._count(ffn_bytes(host))
+            compact = self._from_host(ffn.host, core_set)
+            self._count(ffn_bytes(compact))
         if key is not None:
             self.cache[key] = compact
             self._trim(self.plan.cluster_slots)
         return compact
+
+    def _from_host(self, host: FFNWeights, core_set: torch.Tensor) -> FFNWeights:
+        """The compact FFN of ``core_set`` copied from a streamed layer's host copy: its rows of gate and up (or fc1
+        and its bias), of down transposed, and fc2's bias, in one copy into one device tensor the compact FFN views."""
+        idx = core_set.to("cpu", torch.long).view(-1)
+        k, H = idx.numel(), host.down.shape[0]
+        down_t = host.down.t()  # (I, H) rows: _place stores the host copy so
+        rows = [host.gate, host.up, down_t] if host.kind != "mlp" else [host.fc1, down_t]
+        parts = [(t, idx) for t in rows] + [(t, idx) for t in (host.fc1_bias,) if t is not None]
+        parts += [(host.down_bias, None)] if host.down_bias is not None else []
+        flat = torch.empty(sum(t.numel() if i is None else k * (t.numel() // t.shape[0]) for t, i in parts),
+                           dtype=host.down.dtype, device=self.device)
+        self.rows.copy(parts, flat)
+        views, off = [], 0
+        for t, i in parts:
+            shape = t.shape if i is None else (k, *t.shape[1:])
+            n = math.prod(shape)
+            views.append(flat[off:off + n].view(shape))
+            off += n
+        if host.kind == "mlp":
+            fc1, down = views[0], views[1].t()
+            fc1_bias = views[2] if host.fc1_bias is not None else None
+            return FFNWeights("mlp", host.act, down, fc1=fc1, fc1_bias=fc1_bias,
+                              down_bias=views[-1] if host.down_bias is not None else None)
+        return FFNWeights(host.kind, host.act, views[2].t(), gate_up=flat[:2 * k * H].view(2 * k, H),
+                          down_bias=views[-1] if host.down_bias is not None else None)
 
     def _trim(self, sets: int) -> None:
         while len(self.cache) > max(0, sets) * self._per_set():
@@ -392,14 +423,24 @@ def _ffn_modules(layer, fam) -> list[torch.nn.Module]:
     return [layer.fc1, layer.fc2] if fam.name == "opt" else [layer.mlp]
 
 
+def _rows_layout(t: torch.Tensor, pin: bool) -> torch.Tensor:
+    """``t`` (H, I) with its storage transposed, (I, H) row-major (pinned on CUDA): the same shape and values, but
+    each neuron's down weights are one contiguous row (a core set's are k row copies, not k strided columns)."""
+    rows = torch.empty(t.shape[1], t.shape[0], dtype=t.dtype, pin_memory=pin)
+    rows.copy_(t.t())
+    return rows.t()
+
+
 def _place(lm: OffloadedSparseLM, plan: MemoryPlan, device: torch.device) -> None:
-    """Move every weight but the streamed layers' dense FFN to ``device``; pin those (CUDA); rebuild the FFN views."""
+    """Move every weight but the streamed layers' dense FFN to ``device``; pin those (CUDA), their down projection
+    in rows layout (``_rows_layout``, replacing the parameter's storage: one host copy); rebuild the FFN views."""
     fam = lm.adapter.family
     streamed = set(plan.streamed)
     keep = set()
     for i in streamed:
         for m in _ffn_modules(lm.adapter.layers[i], fam):
             keep.update(id(p) for p in m.parameters())
+    downs = {lm.adapter.dense[i].down.data_ptr() for i in streamed}
     pin = device.type == "cuda"
     seen = set()
     with torch.no_grad():
@@ -409,7 +450,9 @@ def _place(lm: OffloadedSparseLM, plan: MemoryPlan, device: torch.device) -> Non
                     continue
                 seen.add(id(p))
                 if id(p) in keep:
-                    if pin:
+                    if p.data.data_ptr() in downs:
+                        p.data = _rows_layout(p.data, pin)
+                    elif pin:
                         p.data = p.data.pin_memory()
                 else:
                     p.data = p.data.to(device)
@@ -429,6 +472,12 @@ def _place(lm: OffloadedSparseLM, plan: MemoryPlan, device: torch.device) -> Non
     if streamed:
         template = lm.adapter.dense[plan.streamed[0]].host
         lm.offload.staging = Staging(template, plan.staging_buffers, device)
+        widest = padded(max(plan.layer_k.get(i, template.n_neurons) for i in plan.streamed))
+        # per neuron: its gate and up (or fc1 and fc1's bias) and down rows; plus fc2's bias
+        per_neuron = sum(t.numel() // t.shape[0] for t in (template.gate, template.up, template.fc1, template.fc1_bias)
+                         if t is not None) + template.down.shape[0]
+        bias = 0 if template.down_bias is None else template.down_bias.numel()
+        lm.offload.rows = HostRowGather(widest * per_neuron + bias, template.down.dtype, pin)
     lm.loaded.device = device
 
 

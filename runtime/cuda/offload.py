@@ -15,8 +15,8 @@ is known (selected from its activations, or given), its core rows/columns are ga
 the device into the compact buffers. Similarity-guided prompts with ``sparse_prefill`` know their core sets
 before the prefill: only core rows cross the bus, or none when that cluster's sets are already resident (the
 decode buffers, plus an LRU of ``plan.cluster_slots - 1`` further sets). Core rows from host memory are k
-contiguous row copies per part into one of two pinned staging buffers, then one host-to-device copy per layer
-into a (then idle) streaming buffer: the CPU gathers layer l+1 while layer l's copy runs.
+contiguous row copies per part into one of two pinned buffers (``memory.HostRowGather``), then one host-to-device
+copy per layer into a (then idle) streaming buffer: the CPU gathers layer l+1 while layer l's copy runs.
 
 Measured on the H200 (docs/benchmarks.md, run h200-3): Llama-3.1-8B shape under 12 GiB at kept 0.4 decodes at
 387 tok/s (1.04x the in-memory fast path, 345x Hugging Face + accelerate offloading), the stability-guided prefill
@@ -34,7 +34,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
-from ..memory import MemoryBudgetError, MemoryPlan, padded
+from ..memory import HostRowGather, MemoryBudgetError, MemoryPlan, padded
 from ..selection import DEFAULT_SCORE, stability_select_layers
 from .fastlm import FastLM, FastPathError, FastWeights, LayerWeights
 
@@ -208,13 +208,11 @@ class BudgetFastLM(FastLM):
                 rope_fn=rope_fn or (None if weights.rope_fn is None else _device_rope(weights.rope_fn, dev)))
             n_slots = plan.staging_buffers if plan.streamed else 0
             self._staging = [torch.empty(self.store.numel, dtype=weights.dtype, device=dev) for _ in range(n_slots)]
-        # core rows of a streamed layer gathered in host memory: two buffers (the CPU fills one while the other's
-        # copy runs), each one layer's widest core set: gate||up (or fc1) rows, down_t rows, fc1's bias
+        # a streamed layer's core rows from host memory, for its widest planned core set: gate||up (or fc1) rows,
+        # down_t rows, fc1's bias
         rows_k = max((padded(plan.layer_k[li]) for li in plan.streamed if li in plan.layer_k), default=0)
         per_neuron = (H if weights.layers[0].ffn_kind == "mlp" else 2 * H) + H + (weights.layers[0].up_b is not None)
-        self._host_rows = [torch.empty(rows_k * per_neuron, dtype=weights.dtype, pin_memory=self._on_cuda)
-                           for _ in range(2 if (rows_k and n_slots) else 0)]
-        self._host_rows_free: list = [None] * len(self._host_rows)  # event: that buffer's last copy is done
+        self._host_rows = HostRowGather(rows_k * per_neuron if n_slots else 0, weights.dtype, self._on_cuda)
         self._staging_free: list = [None] * n_slots  # event: the last compute reading the slot is done
         self._copy_stream = torch.cuda.Stream(dev) if (self._on_cuda and n_slots) else None
         self._spare: OrderedDict = OrderedDict()  # cluster -> {layer: (c_up, c_up_b, c_down)} copies (LRU)
@@ -307,10 +305,11 @@ class BudgetFastLM(FastLM):
         c_down[:, :k].copy_(torch.index_select(src["down_t"], 0, idx).t())  # k rows of (I, H): down's columns
         c_down[:, k:].zero_()
 
-    def _copy_from_host(self, li: int, idx: torch.Tensor, j: int) -> None:
-        """Layer ``li``'s core neurons from host memory (the ``j``-th such layer of the call): their rows of gate||up
-        (or fc1), down_t and fc1's bias gathered into pinned buffer ``j % 2`` (contiguous row copies), one copy into
-        an idle streaming buffer, placed into the decode buffers there: only k neurons' weights cross the bus."""
+    def _copy_from_host(self, li: int, idx: torch.Tensor) -> None:
+        """Layer ``li``'s core neurons from host memory: their rows of gate||up (or fc1), down_t and fc1's bias
+        (``HostRowGather``: contiguous row copies, one copy) land in a streaming buffer (idle: a sparse prefill
+        streams no dense FFN; each layer's placement runs before the next copy on the stream) and are placed into
+        the decode buffers: only k neurons' weights cross the bus."""
         host = self.store.views(self.store.blocks[li])
         c_up, c_up_b, c_down = self._core_buffers[li]
         idx = idx.to("cpu", torch.long).view(-1)
@@ -318,22 +317,11 @@ class BudgetFastLM(FastLM):
         kp = c_down.shape[1]
         gated = self.w.layers[li].ffn_kind != "mlp"
         n_up = 2 * k if gated else k
-        n = (n_up + k) * H + (k if c_up_b is not None else 0)
-        slot = j % len(self._host_rows)
-        if self._host_rows_free[slot] is not None:
-            self._host_rows_free[slot].synchronize()  # its previous copy to the device has finished
-        flat = self._host_rows[slot][:n]
-        torch.index_select(host["up_w"], 0, torch.cat([idx, idx + I]) if gated else idx,
-                           out=flat[:n_up * H].view(n_up, H))
-        torch.index_select(host["down_t"], 0, idx, out=flat[n_up * H:(n_up + k) * H].view(k, H))
+        parts = [(host["up_w"], torch.cat([idx, idx + I]) if gated else idx), (host["down_t"], idx)]
         if c_up_b is not None:
-            torch.index_select(host["up_b"], 0, idx, out=flat[(n_up + k) * H:])
-        landed = self._staging[j % len(self._staging)][:n]  # idle: a sparse prefill streams no dense FFN
-        landed.copy_(flat, non_blocking=True)
-        if self._on_cuda:
-            ev = torch.cuda.Event()
-            ev.record(torch.cuda.current_stream(self.budget_device))
-            self._host_rows_free[slot] = ev
+            parts.append((host["up_b"], idx))
+        landed = self._staging[0]
+        n = self._host_rows.copy(parts, landed)
         up, down = landed[:n_up * H].view(n_up, H), landed[n_up * H:(n_up + k) * H].view(k, H)
         if gated:
             c_up[:k].copy_(up[:k])
@@ -346,9 +334,9 @@ class BudgetFastLM(FastLM):
         c_down[:, :k].copy_(down.t())
         c_down[:, k:].zero_()
         if c_up_b is not None:
-            c_up_b[:k].copy_(landed[(n_up + k) * H:])
+            c_up_b[:k].copy_(landed[(n_up + k) * H:n])
             c_up_b[k:].zero_()
-        self.bytes_moved += n * flat.element_size()
+        self.bytes_moved += n * landed.element_size()
 
     def _save_active(self) -> None:
         """Before the decode buffers are overwritten: keep their cluster's sets in the LRU if it has room."""
@@ -391,13 +379,11 @@ class BudgetFastLM(FastLM):
             self._active_key = key
             return "lru"
         self._save_active()
-        from_host = 0
         for li in self._core_buffers:
             if li in self._dense_dev:
                 self._gather_into(li, req.core_sets[li].to(self.budget_device, torch.long).view(-1), self._dense_dev[li])
             else:
-                self._copy_from_host(li, req.core_sets[li], from_host)
-                from_host += 1
+                self._copy_from_host(li, req.core_sets[li])
         self._active_key = key
         return "gathered"
 

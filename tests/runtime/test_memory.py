@@ -8,7 +8,7 @@ import torch
 
 transformers = pytest.importorskip("transformers")
 
-from coreinfer.runtime.memory import (CORE_PAD, WORKSPACE_MARGIN, MemoryBudgetError, ModelShape,  # noqa: E402
+from coreinfer.runtime.memory import (CORE_PAD, WORKSPACE_MARGIN, HostRowGather, MemoryBudgetError, ModelShape,  # noqa: E402
                                       check_budget_device, parse_budget, plan_memory, prefill_workspace_bytes)
 
 GiB = 1 << 30
@@ -226,3 +226,16 @@ def test_largest_core_k_and_longest_context():
     with pytest.raises(MemoryBudgetError):
         plan_memory(llama13b(), "16GiB", layer_k=ks, context_length=n + 1)
     assert largest_core_k(llama8b(), "4GiB", context_length=384) == 0
+
+
+def test_host_row_gather_copies_rows_in_turn_and_refuses_more_than_it_holds():
+    g = torch.Generator().manual_seed(0)
+    rows, bias = torch.randn(10, 4, generator=g), torch.randn(10, generator=g)
+    gather = HostRowGather(3 * 4 + 3 + 4, torch.float32, pin=False)
+    idx = torch.tensor([1, 4, 9])
+    dst = torch.zeros(32)
+    for _ in range(3):  # the two buffers in turn
+        n = gather.copy([(rows, idx), (bias, idx), (rows[0], None)], dst)
+        assert n == 19 and torch.equal(dst[:n], torch.cat([rows[idx].reshape(-1), bias[idx], rows[0]]))
+    with pytest.raises(ValueError, match="exceed the 19 the row buffers hold"):
+        gather.copy([(rows, torch.arange(5))], dst)

@@ -257,7 +257,7 @@ def test_logits_equal_in_memory_stability_and_similarity_resident_or_from_host(f
     want_stab, want_a, want_b = want(mem), want(mem, a, sparse_prefill=True), want(small, b, sparse_prefill=True)
     assert not _close(want_a, want_stab) and not _close(want_a, want_b)
     fast = BudgetFastLM(FastWeights.from_hf(model), _plan(model, resident_sparse=1), "cpu")
-    assert fast.plan.streamed == [1, 2, 3] and len(fast._host_rows) == 2
+    assert fast.plan.streamed == [1, 2, 3] and len(fast._host_rows.buffers) == 2
     per_neuron = 3 * 64 if family == "llama" else 2 * 64 + 1  # gate, up, down rows (fc1, fc2 rows, fc1's bias)
 
     def sim(sets, name):
