@@ -410,3 +410,59 @@ def test_cuda_eager_offload_for_an_architecture_the_fast_path_lacks(tokenizer):
     assert got.stats.path == "eager-offload" and got.token_ids == want.token_ids
     assert max((a - b).abs().max().item() for a, b in zip(want.logits, got.logits)) < 1e-3
     assert got.stats.memory["bus_bytes"] == 4 * ffn_bytes(host.host)
+
+
+@pytest.mark.gpu
+@needs_cuda
+def test_cuda_similarity_from_host_logits_equal_in_memory():
+    """Clusters never resident (core rows gathered from the host store's rows through the two pinned buffers, one
+    copy per layer, events between calls and layers): each call's float32 logits against the in-memory fast path."""
+    model = _cuda_model(torch.float32, seed=13)
+    prompt = _ids(40, 14, 5000)
+    H, n = 1024, 2816
+    k = kept_count(0.4, n)
+    plan = _plan(model, resident_sparse=1, dtype=torch.float32, kept=0.4, context=64)
+    assert plan.streamed == [1, 2, 3, 4, 5] and plan.cluster_slots == 1
+    fast = BudgetFastLM(FastWeights.from_hf(model), plan, "cuda", rope_fn=model_rope(model, "cuda"))
+    assert all(b.is_pinned() for b in fast._host_rows.buffers) and fast.store.blocks[1].is_pinned()
+    a, b = _core_sets(6, n, k, 15), _core_sets(6, n, k, 16)
+    calls = [a, b, a]  # one decode slot: "a" comes from host again after "b"
+    got = [fast.generate_budget(prompt, 12, core_sets=s, cluster=j % 2, sparse_prefill=True, keep_logits=True)
+           for j, s in enumerate(calls)]
+    del fast
+    gc.collect()
+    torch.cuda.empty_cache()
+    mem = FastLM(FastWeights.from_hf(model.cuda()), max_seq_len=64, kept_fraction=0.4)
+    for sets, out in zip(calls, got):
+        want = [t.clone() for t in mem.generate(prompt, 12, core_sets=sets, sparse_prefill=True, keep_logits=True).logits]
+        assert out.sets_from == "gathered" and out.bus_bytes == 5 * 3 * H * k * 4
+        assert len(out.logits) == len(want) == 12
+        assert max((x - y).abs().max().item() for x, y in zip(out.logits, want)) < 1e-3
+
+
+@pytest.mark.gpu
+@needs_cuda
+def test_cuda_eager_offload_similarity_from_host_equals_in_memory(tokenizer):
+    """The eager path on CUDA: pinned host FFNs with down stored as rows, staging buffers of the same strides, a
+    cluster's compact FFN copied from host in one copy (then resident): the in-memory logits (float32)."""
+    from coreinfer.runtime.offload import MemoryBudget, ffn_bytes, offload_loaded
+    from coreinfer.runtime.session import CoreSetSession
+
+    ref, lm, budget = _in_memory_and_offloaded("gemma", tokenizer)
+    offload_loaded(lm, MemoryBudget(budget, kept_fraction=0.4, context_length=96, layers="0:4"), "cuda")
+    host = lm.adapter.dense[0].host
+    assert host.down.is_pinned() and host.down.t().is_contiguous() and lm.offload.staging.slots[0].down.is_cuda
+    n = lm.adapter.n_neurons
+    g = torch.Generator().manual_seed(3)
+    sets = {i: torch.randperm(n, generator=g)[:kept_count(0.4, n)].sort().values for i in range(4)}
+
+    def session():
+        return CoreSetSession(range(4), None, core_sets={i: c.clone() for i, c in sets.items()}, sparse_prefill=True)
+
+    prompt = "Paris is the capital of France and Berlin is the capital of Germany."
+    kw = dict(max_new_tokens=8, return_logits=True, method_used="similarity")
+    want = ref.generate(prompt, session=session(), **kw)
+    for moved in (4 * ffn_bytes(host.gather(sets[0])), 0):  # from host, then resident
+        got = lm.generate(prompt, session=session(), **kw)
+        assert got.token_ids == want.token_ids and got.stats.memory["bus_bytes"] == moved
+        assert max((a - b).abs().max().item() for a, b in zip(want.logits, got.logits)) < 1e-3
