@@ -5,7 +5,9 @@ lm_head, norms, the KV cache and the compact core-FFN buffers are resident; the 
 is only needed by a dense prefill (stability-guided selection), so the layers that do not fit keep it in
 (pinned) host memory and stream it to a staging buffer during the prefill. ``plan_memory`` makes that
 decision from the model's config alone (published shapes: ``ModelShape.from_config``) and returns a
-``MemoryPlan``; ``parse_budget`` reads the budget ("12GiB", "16GB", "500MiB", bytes).
+``MemoryPlan``; ``parse_budget`` reads the budget ("12GiB", "16GB", "500MiB", bytes). ``HostRowGather`` moves a
+core set's rows from the host copies (which lay every neuron's weights out as rows, the down projection transposed)
+to the device, for both offloaded paths.
 
 Byte counts follow the layouts the runtime allocates: the compact core FFN of a sparse layer holds k neurons
 padded to a multiple of ``CORE_PAD`` (as the fast path's compact buffers), the KV cache ``ceil(C / 16) * 16``
