@@ -149,7 +149,7 @@ def step_kernels(spec: str = "llama-3.1-8b", kept_fraction: float | None = 0.4, 
         fast._decode_step()
     out = {"model": spec, "arch": f"sm_{arch}", "kept_fraction": kept_fraction, "k": fast.k,
            "options": {k: (list(v) if isinstance(v, tuple) else v) for k, v in opts.items()},
-           "layers_built": n_layers, "norm": fast.norm, "step": report(step)}
+           "layers_built": n_layers, "step": report(step)}
     if kept_fraction is not None:
         acts = torch.empty(n_layers, prompt_tokens, weights.n_neurons, dtype=dtype)
         with compile_only(arch) as sel:
@@ -158,16 +158,14 @@ def step_kernels(spec: str = "llama-3.1-8b", kept_fraction: float | None = 0.4, 
     return out
 
 
-def launches_outside_layers(result: dict) -> int:
-    """Triton launches of a step outside its layers: the lm_head GEMV and argmax + counters, and with
-    ``norm="kernel"`` the first residual + RMSNorm before layer 0."""
-    return 3 if result["norm"] == "kernel" else 2
+# Triton launches of a step outside its layers: the first RMSNorm, the lm_head GEMV, argmax + counters
+STEP_TRITON_LAUNCHES_OUTSIDE_LAYERS = 3
 
 
 def launches_per_step(result: dict, n_layers: int) -> int:
     """Kernel launches of a full-depth decode step from a shallower build: the Triton launches per layer times
     the depth, the rest once, plus the embedding lookup (one PyTorch launch)."""
-    fixed = launches_outside_layers(result)
+    fixed = STEP_TRITON_LAUNCHES_OUTSIDE_LAYERS
     per_layer, rest = divmod(len(result["step"]) - fixed, result["layers_built"])
     if rest:
         raise RuntimeError(f"{len(result['step'])} launches do not split into {result['layers_built']} equal layers")

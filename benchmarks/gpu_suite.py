@@ -9,6 +9,8 @@ From the repo root on the GPU machine (scripts/gpu_run.sh sets it up). Steps:
   path, dense and sparse: same tokens, same core sets (DIR/greedy.json);
 * tune: the GEMV tilings timed in the whole decode step (DIR/tune.json);
 * lesion: the step timed without its attention / residual+norm launches (DIR/lesion.json);
+* variants: decode-step variants (``--variants``, JSON) timed side by side, with their logits against the plain
+  step (DIR/variants.json);
 * e2e: the product's main call (``SparseLM.generate`` with an artifact, auto, chat, sampling, streaming) and
   the CLI on the Llama-3.1-8B shape, against the benchmark's rows on the same weights (DIR/e2e.json);
 * suite: the benchmark (``bench.run_suite``: HF generate dynamic and static-compiled, our dense and sparse
@@ -272,14 +274,13 @@ def tune_tilings(log=print, spec: str = "llama-3.1-8b", beta: float = 0.4, new_t
 
 def lesion_profile(log=print, spec: str = "llama-3.1-8b", new_tokens: int = 128, repeats: int = 3) -> dict:
     """Where the per-step time beyond the weights' roofline goes, by leaving pieces of the captured step out
-    (PDL overlaps kernels, so profiler times do not add up): the step without its attention launches, and the
-    step with one launch per residual add + RMSNorm (``norm="kernel"``, the build before they were folded into
-    the GEMVs) with and without those launches, dense and at kept 0.4 (the outputs are garbage; only the time
-    counts). Median decode tok/s and ms per step; the differences are what each piece costs."""
+    (PDL overlaps kernels, so profiler times do not add up): the step without its attention launches, without
+    its residual + RMSNorm launches, and without both, dense and at kept 0.4 (the outputs are garbage; only
+    the time counts). Median decode tok/s and ms per step; the differences are what each piece costs."""
     import statistics
 
     from coreinfer.runtime.cuda import bench
-    from coreinfer.runtime.cuda.fastlm import FastWeights
+    from coreinfer.runtime.cuda.fastlm import FastLM, FastWeights
 
     model, tok = bench.build_shape_model(spec, torch.bfloat16)
     ids = bench.bench_prompt(tok, model.get_input_embeddings().weight.shape[0]).cuda()
@@ -296,10 +297,8 @@ def lesion_profile(log=print, spec: str = "llama-3.1-8b", new_tokens: int = 128,
 
     rows = []
     for beta in (None, 0.4):
-        for label in ("full step", "no attention", "norm kernel", "norm kernel, no residual+norm",
-                      "norm kernel, no attention, no residual+norm"):
-            step = {"norm": "kernel"} if "norm kernel" in label else None
-            fast = bench.step_variant(weights, step, max_seq_len=ids.numel() + new_tokens, kept_fraction=beta)
+        for label in ("full step", "no attention", "no residual+norm", "no attention, no residual+norm"):
+            fast = FastLM(weights, max_seq_len=ids.numel() + new_tokens, kept_fraction=beta)
             if "no attention" in label:
                 fast._attn = NoAttention()
             if "residual" in label:
@@ -315,6 +314,48 @@ def lesion_profile(log=print, spec: str = "llama-3.1-8b", new_tokens: int = 128,
     del weights
     _free_cuda()
     return {"model": spec, "copy_bandwidth_gb_s": bw / 1e9, "rows": rows}
+
+
+def step_variants(variants: list[dict], log=print, spec: str = "llama-3.1-8b", betas=(None, 0.4),
+                  new_tokens: int = 128, repeats: int = 3) -> dict:
+    """Decode-step variants (``bench.step_variant`` choices) side by side on one set of weights, dense and
+    sparse: median decode tok/s, and teacher-forced logits against the plain step (Triton GEMVs, but the
+    residual adds and norms unfused, no PDL) given the same core sets (max relative error, top-1 agreement)."""
+    from coreinfer.runtime.cuda import bench
+    from coreinfer.runtime.cuda.fastlm import FastWeights
+
+    model, tok = bench.build_shape_model(spec, torch.bfloat16)
+    vocab = model.get_input_embeddings().weight.shape[0]
+    ids = bench.bench_prompt(tok, vocab).cuda()
+    cont = torch.randint(0, vocab, (16,), generator=torch.Generator().manual_seed(99))
+    weights = FastWeights.from_hf(model)
+    del model
+    bw = bench.copy_bandwidth()
+    rows = []
+    for beta in betas:
+        plain = bench.step_variant(weights, {"fused_norm": False, "pdl": False}, max_seq_len=ids.numel() + 32,
+                                   kept_fraction=beta)
+        ref, core = plain.forced_logits(ids, cont)
+        del plain
+        for variant in variants:
+            try:
+                row, fast = bench.fast_bench(weights, ids, new_tokens, repeats, beta, step=variant)
+                got, _ = bench.step_variant(weights, variant, max_seq_len=ids.numel() + 32,
+                                            kept_fraction=beta).forced_logits(ids, cont, core_sets=core or None)
+                row = {"step": variant, "beta": beta, "decode_tok_s": row["decode_tok_s"],
+                       "pct_roofline": 100 * row["decode_tok_s"] / bench.roofline_tok_s(row["bytes_per_token"], bw),
+                       "ttft_ms": row["ttft_ms"],
+                       "rel_err_vs_plain": ((got - ref).norm(dim=-1) / ref.norm(dim=-1)).max().item(),
+                       "top1_vs_plain": (got.argmax(-1) == ref.argmax(-1)).float().mean().item()}
+                del fast
+            except Exception as err:  # recorded, never hidden
+                row = {"step": variant, "beta": beta, "error": repr(err)}
+            rows.append(row)
+            log(f"[variants] {row}")
+            _free_cuda()
+    del weights
+    _free_cuda()
+    return {"model": spec, "copy_bandwidth_gb_s": bw / 1e9, "new_tokens": new_tokens, "repeats": repeats, "rows": rows}
 
 
 E2E_PROMPTS = ["Explain in two sentences why the sky is blue.", "Capital of Peru?",
@@ -506,7 +547,7 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", default=os.environ.get("OUT", "gpu-out"), help="folder for the raw JSON and logs")
     ap.add_argument("--steps", default="tests,e2e,suite",
-                    help="comma-separated, run in this order: tests, greedy, tune, lesion, e2e, suite, memory")
+                    help="comma-separated, run in this order: tests, greedy, tune, lesion, variants, e2e, suite, memory")
     ap.add_argument("--carry", default=".carry", help="folder with smollm2-tokenizer/ and tiny-embedder/ (e2e)")
     ap.add_argument("--smollm2", default=None, help="path of SmolLM2-135M-Instruct.Q4_1.gguf (greedy step)")
     ap.add_argument("--models", default="llama-3.1-8b", help="comma-separated shapes or specs for the suite")
@@ -515,6 +556,8 @@ def main(argv=None) -> int:
     ap.add_argument("--repeats", type=int, default=3, help="timed repeats per configuration (median)")
     ap.add_argument("--rows-config", default="[2048,4,128,8,3]", help="the down GEMV's tiling as JSON ('' tunes it)")
     ap.add_argument("--memory-args", default="", help="arguments for benchmarks.memory_budget (memory step)")
+    ap.add_argument("--variants", default='[{}, {"pdl": false}]',
+                    help="JSON list of bench.step_variant choices timed side by side (variants step)")
     args = ap.parse_args(argv)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -537,6 +580,8 @@ def main(argv=None) -> int:
         "greedy": greedy,
         "tune": lambda: (out / "tune.json").write_text(json.dumps(tune_tilings(log=log), indent=1, default=str)),
         "lesion": lambda: (out / "lesion.json").write_text(json.dumps(lesion_profile(log=log), indent=1, default=str)),
+        "variants": lambda: (out / "variants.json").write_text(json.dumps(step_variants(
+            json.loads(args.variants), log=log, new_tokens=args.new_tokens, repeats=args.repeats), indent=1, default=str)),
         "e2e": lambda: main_job_e2e(Path(args.carry), out, log=log, new_tokens=args.new_tokens, repeats=args.repeats),
         "suite": lambda: run_suite_step(args, out, log),
         "memory": memory,

@@ -57,21 +57,6 @@ for n, k in [(20, 64), (7, 576), (9, 2100)]:
         out = torch.full((n,), float("nan"))
         got_fn(out)
         assert ((out - want).norm() / want.norm()).item() < 1e-5, ((out - want).norm() / want.norm())
-    # the RMSNorm folded into the product's prologue, the residual add into its epilogue
-    from coreinfer.runtime.cuda.fastlm import rms_norm  # noqa: E402
-
-    nw, res = 1 + 0.1 * torch.randn(k), torch.randn(n)
-    for dtype in (torch.float32, torch.bfloat16):
-        wd, xd, nwd, resd = top.to(dtype), (3 * x).to(dtype), nw.to(dtype), res.to(dtype)
-        want = (wd.float() @ rms_norm(xd, nwd, 1e-5).float())
-        out = torch.full((n,), float("nan")).to(dtype)
-        kernels.gemv(wd, xd, out, norm=nwd, eps=1e-5)
-        tol = 1e-5 if dtype == torch.float32 else 2e-2  # the interpreter truncates float32 -> bf16 (a few ulps)
-        assert ((out.float() - want).norm() / want.norm()).item() < tol, (n, k, dtype)
-        out = torch.full((n,), float("nan")).to(dtype)
-        kernels.gemv(wd, xd, out, b[:n].to(dtype), residual=resd)
-        want = resd.float() + (wd.float() @ xd.float() + b[:n].to(dtype).float())
-        assert ((out.float() - want).norm() / want.norm()).item() < tol, (n, k, dtype)
 print("gemv ok")
 
 # the gather-free sparse decode's GEMVs: core rows read in place by index (gate||up, fc1 + bias), and the
@@ -97,9 +82,6 @@ for n_all, k, h in [(50, 13, 64), (40, 7, 576), (300, 130, 96)]:
             kernels.gemv_rows(down_t, a, out, idx, bb, part, config=config)
             want = a @ down_t[il] + (0 if bb is None else bb)
             assert ((out - want).norm() / want.norm()).item() < 1e-5, (config, split)
-            res = torch.randn(h)  # the residual add after the product (split or not)
-            kernels.gemv_rows(down_t, a, out, idx, bb, part, config=config, residual=res)
-            assert ((out - want - res).norm() / (want + res).norm()).item() < 1e-5, (config, split)
     out = torch.full((h,), float("nan"))
     kernels.gemv_rows(down_t[:k].contiguous(), a, out, None, None, torch.empty(8, h), config=(32, 4, 2, 4, 2))
     assert ((out - a @ down_t[:k]).norm() / (a @ down_t[:k]).norm()).item() < 1e-5
@@ -235,8 +217,8 @@ for L, I, T in [(3, 40, 6), (2, 300, 100), (1, 9, 1), (5, 70, 256)]:
 print("select_kernels passed")
 
 # the gather-free decode end to end (tiny models, float32, CPU): gemv="triton" reads the core rows in place
-# (the Llama step with its norms and residual adds inside the GEMVs, or, norm="kernel", as launches of their
-# own), gemv="torch" decodes from gathered compact buffers; same core sets -> same logits
+# (the Llama step with its fused residual + RMSNorm launches, or unfused), gemv="torch" decodes from gathered
+# compact buffers; same core sets -> same logits
 import transformers  # noqa: E402
 
 from coreinfer.runtime.cuda.bench import step_variant  # noqa: E402
@@ -253,14 +235,14 @@ for family in ("llama", "opt"):
     g = torch.Generator().manual_seed(5)
     prompt, cont = torch.randint(0, 97, (15,), generator=g), torch.randint(0, 97, (5,), generator=g)
     ref, core_ref = FastLM(w, max_seq_len=32, kept_fraction=0.3, sparse_layers=range(1, 3)).forced_logits(prompt, cont)
-    for norm in (("gemv", "kernel") if family == "llama" else ("torch",)):
-        idx_lm = step_variant(w, {"gemv": "triton", "norm": norm}, max_seq_len=32, kept_fraction=0.3,
+    for fused in ((True, False) if family == "llama" else (False,)):
+        idx_lm = step_variant(w, {"gemv": "triton", "fused_norm": fused}, max_seq_len=32, kept_fraction=0.3,
                               sparse_layers=range(1, 3))
-        assert idx_lm.indexed and idx_lm.c_up[1] is None and idx_lm.norm == norm
+        assert idx_lm.indexed and idx_lm.c_up[1] is None and idx_lm.fused_norm == fused
         got, core = idx_lm.forced_logits(prompt, cont)
         assert all(torch.equal(core[i], core_ref[i]) for i in core)
         err = (got - ref).abs().max().item()
-        assert err < 1e-4, (family, norm, err)
+        assert err < 1e-4, (family, fused, err)
     # per-layer core-set sizes (a calibrated budget): rows of different lengths in the one index buffer
     lk = {0: 20, 2: 57}
     got, core = step_variant(w, {"gemv": "triton"}, max_seq_len=32, layer_k=lk).forced_logits(prompt, cont)

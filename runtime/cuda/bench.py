@@ -223,7 +223,7 @@ def fast_bench(weights, ids: torch.Tensor, new_tokens: int, repeats: int, kept_f
            "peak_mem_gb": torch.cuda.max_memory_allocated() / 1e9, "bytes_per_token": fast.bytes_per_token(),
            "fast_buffers_gb": fast.buffer_bytes() / 1e9, "setup_s": setup_s, "step": dict(step or {}),
            "cuda_graph": fast.cuda_graph, "compiled_elementwise": fast.ops.compiled, "attention": fast.attention,
-           "gemv": fast.gemv, "pdl": fast.pdl, "norm": fast.norm, "gemv_config": fast.gemv_config,
+           "gemv": fast.gemv, "pdl": fast.pdl, "fused_norm": fast.fused_norm, "gemv_config": fast.gemv_config,
            "rows_config": fast.rows_config, "gather_free": fast.indexed, "down_t_gb": weights.down_t_bytes() / 1e9,
            "tokens": runs[0].tokens}
     row["select_gather_pct_prefill"] = 100 * (med["select_ms"] + med["gather_ms"]) / med["prefill_ms"]
@@ -232,11 +232,9 @@ def fast_bench(weights, ids: torch.Tensor, new_tokens: int, repeats: int, kept_f
 
 # the ablation rows of ``bench_model``: (label, kept fraction, step_variant), what each piece of the step is worth
 ABLATION = (
-    ("fast-dense-norm-kernel", None, {"norm": "kernel"}),
-    ("fast-sparse-norm-kernel", 0.4, {"norm": "kernel"}),
-    ("fast-dense-no-pdl-unfused-norm", None, {"pdl": False, "norm": "torch"}),
+    ("fast-dense-no-pdl-unfused-norm", None, {"pdl": False, "fused_norm": False}),
     ("fast-sparse-no-pdl", 0.4, {"pdl": False}),
-    ("fast-sparse-no-pdl-unfused-norm", 0.4, {"pdl": False, "norm": "torch"}),
+    ("fast-sparse-no-pdl-unfused-norm", 0.4, {"pdl": False, "fused_norm": False}),
     ("fast-dense-cublas-gemv", None, {"gemv": "torch", "pdl": False}),
     ("fast-sparse-cublas-gemv", 0.4, {"gemv": "torch", "pdl": False}),
     ("fast-sparse-cublas-sdpa-attention", 0.4, {"gemv": "torch", "attention": "sdpa", "pdl": False}),

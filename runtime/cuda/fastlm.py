@@ -25,7 +25,7 @@ One ``FastLM`` instance decodes ONE prompt at a time: its KV cache and compact b
 state that a call fills and reads; each public call holds the instance's lock for its whole duration.
 Each call's core sets and timings are returned in a per-call ``FastGeneration``.
 
-On CPU (or with ``cuda_graph=False``) the same step runs eagerly: that is how the tests compare it,
+On CPU (or in a ``cuda.bench.step_variant`` without the graph) the same step runs eagerly: that is how the tests compare it,
 in float32, with the Hugging Face model itself.
 """
 
@@ -48,7 +48,7 @@ from ..selection import (DEFAULT_SCORE, check_fraction, check_layer_k, check_sco
 SUPPORTED = ("llama", "mistral", "qwen2", "opt")
 PAD = 64  # compact FFN slots are padded to a multiple of this (see FastLM.__init__)
 # how a decode step can be built (FastLM._step_overrides); the product always builds the device's default
-STEP_CHOICES = ("cuda_graph", "compile_elementwise", "attention", "gemv", "pdl", "norm", "gemv_config",
+STEP_CHOICES = ("cuda_graph", "compile_elementwise", "attention", "gemv", "pdl", "fused_norm", "gemv_config",
                 "gemv_config_up", "rows_config")
 DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
@@ -433,7 +433,7 @@ class FastLM:
         self.attention = self._pick_attention(step.get("attention"), on_cuda)
         self.gemv = self._pick_gemv(step.get("gemv"), on_cuda)
         self.pdl = self._pick_pdl(step.get("pdl"))
-        self.norm = self._pick_norm(step.get("norm"))
+        self.fused_norm = self._pick_fused_norm(step.get("fused_norm"))
         self.gemv_config = step.get("gemv_config")  # the Triton GEMV's kernel config (None: kernels.GEMV_CONFIG)
         # ... of gate||up / fc1 (None: kernels.GEMV_CONFIG_UP)
         self.gemv_config_up = step.get("gemv_config_up") or self.gemv_config
@@ -503,7 +503,7 @@ class FastLM:
 
     def _step_overrides(self) -> dict:
         """How this instance's decode step departs from the device's default (``STEP_CHOICES``): never, for the
-        product, which builds the measured-fastest step; ``cuda.bench.StepVariant`` overrides it for the
+        product, which builds the measured-fastest step; ``cuda.bench.step_variant`` overrides it for the
         benchmark's ablation rows and for the slower reference steps the tests compare against."""
         return {}
 
@@ -565,19 +565,13 @@ class FastLM:
             raise FastPathError("pdl=True needs a CUDA device of compute capability >= 9.0 (Hopper); use pdl=False")
         return True
 
-    def _pick_norm(self, norm: str | None) -> str:
-        """Where the residual adds and RMSNorms run. "gemv": inside the GEMVs (the residual add in the epilogue
-        of the o / down product, the norm in the prologue of the qkv / gate||up / lm_head product: each program
-        normalises the whole vector itself; the split down product's sum and residual add as one launch), so
-        they have no launches of their own; "kernel": one Triton launch per residual add + RMSNorm; "torch":
-        compiled element-wise PyTorch (LayerNorm models, cuBLAS GEMVs, CPU). Default: "gemv" where it applies
-        (Triton GEMVs, an RMSNorm model), else "torch"."""
-        if norm not in (None, "gemv", "kernel", "torch"):
-            raise FastPathError(f"norm must be 'gemv', 'kernel' or 'torch', got {norm!r}")
+    def _pick_fused_norm(self, fused_norm: bool | None) -> bool:
+        """Residual add + RMSNorm (+ the split down product's sum) and argmax + step counters as one Triton
+        launch each. Default: on with the Triton GEMVs for the RMSNorm models (not OPT's LayerNorm)."""
         ok = self.gemv == "triton" and self.w.family == "llama"
-        if norm in ("gemv", "kernel") and not ok:
-            raise FastPathError(f"norm={norm!r} needs gemv='triton' and an RMSNorm model (llama/mistral/qwen2)")
-        return norm or ("gemv" if ok else "torch")
+        if fused_norm and not ok:
+            raise FastPathError("fused_norm=True needs gemv='triton' and an RMSNorm model (llama/mistral/qwen2)")
+        return ok if fused_norm is None else bool(fused_norm)
 
     # ---- accounting
 
@@ -634,9 +628,9 @@ class FastLM:
         return ops.rms_norm(x, wt, self.w.eps) if b is None else ops.layer_norm(x, wt, b, self.w.eps)
 
     def _add_norm(self, x, y, wt, b, ops, y_bias=None):
-        """(x + y, norm(x + y)). With ``norm == "kernel"``: one Triton launch, where ``y`` may also be the split
+        """(x + y, norm(x + y)). With ``fused_norm``: one Triton launch, where ``y`` may also be the split
         down product's float32 partial rows (summed in order, + ``y_bias``), or None (norm of x alone)."""
-        if self.norm == "kernel":
+        if self.fused_norm:
             from .kernels import residual_rms_norm
 
             return residual_rms_norm(x, y, wt, self.w.eps, self._scratch, y_bias, self.pdl)
@@ -810,39 +804,34 @@ class FastLM:
                 valid = valid & (self._slots > pos - w.sliding_window)
             mask = valid.view(1, 1, 1, -1)
         g = w.n_heads // w.n_kv_heads
-        fold = self.norm == "gemv"  # residual adds and norms inside the GEMVs: h is x, normalised by its reader
         first = w.layers[0]
-        x, h = (x, x) if fold else self._add_norm(x, None, first.norm1_w, first.norm1_b, ops)
+        x, h = self._add_norm(x, None, first.norm1_w, first.norm1_b, ops)
         for li, lw in enumerate(w.layers):
             if self._attn is not None:  # fused RoPE + cache write + split-KV attention (kernels.py)
-                qkv = self._linear(lw.qkv_w, h, lw.qkv_b, norm=lw.norm1_w if fold else None).view(-1)
+                qkv = self._linear(lw.qkv_w, h, lw.qkv_b).view(-1)
                 o = torch.empty(w.n_heads * w.head_dim, device=qkv.device, dtype=qkv.dtype)
                 rope = w.rope_fn is not None
                 self._attn(qkv, self.cos if rope else None, self.sin if rope else None, self.k_cache[li],
                            self.v_cache[li], pos, o, w.head_dim ** -0.5)
-            else:  # (with fold, only under Triton's interpreter: the norm the qkv GEMV would fold in)
-                q, k, v = self._qkv(lw, self._norm(h, lw.norm1_w, None, ops) if fold else h, cos, sin, ops)
+            else:
+                q, k, v = self._qkv(lw, h, cos, sin, ops)
                 self.k_cache[li].index_copy_(2, pos, k)
                 self.v_cache[li].index_copy_(2, pos, v)
                 # GQA for one query token: the g query heads of a kv head become g query rows
                 o = F.scaled_dot_product_attention(q.reshape(1, w.n_kv_heads, g, w.head_dim), self.k_cache[li],
                                                    self.v_cache[li], attn_mask=mask, scale=self._scale())
-            if fold:
-                x = h = self._linear(lw.o_w, o.reshape(1, 1, -1), lw.o_b, residual=x)
-            else:
-                o = self._linear(lw.o_w, o.reshape(1, 1, -1), lw.o_b)
-                x, h = self._add_norm(x, o, lw.norm2_w, lw.norm2_b, ops)
-            norm2 = lw.norm2_w if fold else None
+            o = self._linear(lw.o_w, o.reshape(1, 1, -1), lw.o_b)
             sparse = self.indexed and li in self.sparse_layers
+            x, h = self._add_norm(x, o, lw.norm2_w, lw.norm2_b, ops)
             if sparse:  # core rows read in place (kernels.py)
                 from .kernels import gemv_rows
 
                 idx = self._idx[self._row[li], :self.layer_k[li]]
-                a = self._ffn_up(lw, lw.up_w, lw.up_b, h, idx, norm=norm2)
+                a = self._ffn_up(lw, lw.up_w, lw.up_b, h, idx)
                 y = torch.empty(w.hidden, device=h.device, dtype=h.dtype)
-                # norm "kernel": the partial rows go unsummed to the residual add + norm below
+                # fused_norm: the partial rows go unsummed to the residual add + norm below
                 y = gemv_rows(lw.down_t, a.view(-1), y, idx, lw.down_b, self._partial, self.rows_config,
-                              reduce=self.norm != "kernel", residual=x.view(-1) if fold else None, pdl=self.pdl)
+                              reduce=not self.fused_norm, pdl=self.pdl)
                 y_bias = lw.down_b if y.dim() == 2 else None
                 if y.dim() == 1:
                     y = y.view(1, 1, -1)
@@ -851,17 +840,15 @@ class FastLM:
                 up_w = self.c_up[li] if compact else lw.up_w
                 up_b = (self.c_up_b[li] if compact else lw.up_b) if lw.up_b is not None else None
                 down = self.c_down[li] if compact else lw.down
-                a = self._ffn_up(lw, up_w, up_b, h, norm=norm2)
-                y = self._linear(down, a, lw.down_b, residual=x if fold else None)
+                a = self._ffn_up(lw, up_w, up_b, h)
+                y = self._linear(down, a, lw.down_b)
                 y_bias = None
-            if fold:
-                x = h = y
-            elif li + 1 < len(w.layers):
+            if li + 1 < len(w.layers):
                 nxt = w.layers[li + 1]
                 x, h = self._add_norm(x, y, nxt.norm1_w, nxt.norm1_b, ops, y_bias)
             else:
                 x, h = self._add_norm(x, y, w.final_w, w.final_b, ops, y_bias)
-        logits = self._linear(w.lm_head, h, None, norm=w.final_w if fold else None).view(-1)
+        logits = self._linear(w.lm_head, h, None).view(-1)
         self._next_token(logits, mode)
         return logits
 
@@ -916,19 +903,13 @@ class FastLM:
             score = score.masked_fill(lf < cut, float("-inf"))
         return score.argmax().view(1)
 
-    def _linear(self, weight: torch.Tensor, x: torch.Tensor, bias: torch.Tensor | None, norm: torch.Tensor | None = None,
-                residual: torch.Tensor | None = None) -> torch.Tensor:
-        """x (1, 1, K) @ weight (N, K)^T + bias -> (1, 1, N): Triton GEMV or cuBLAS (``self.gemv``). Triton only:
-        ``norm`` (K,) takes the product with RMSNorm(x) * norm; ``residual`` (1, 1, N) is added to it."""
+    def _linear(self, weight: torch.Tensor, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        """x (1, 1, K) @ weight (N, K)^T + bias -> (1, 1, N): Triton GEMV or cuBLAS (``self.gemv``)."""
         if self.gemv == "triton":
             from .kernels import gemv
 
             out = torch.empty(weight.shape[0], device=x.device, dtype=x.dtype)
-            return gemv(weight, x.reshape(-1), out, bias, norm=norm, eps=self.w.eps,
-                        residual=None if residual is None else residual.reshape(-1), pdl=self.pdl,
-                        config=self.gemv_config).view(1, 1, -1)
-        if norm is not None or residual is not None:
-            raise FastPathError("a norm or residual inside the product needs the Triton GEMV")
+            return gemv(weight, x.reshape(-1), out, bias, pdl=self.pdl, config=self.gemv_config).view(1, 1, -1)
         return F.linear(x, weight, bias)
 
     def _kernel_act(self, lw: LayerWeights):
@@ -938,10 +919,10 @@ class FastLM:
         return ACT_CODES.get("relu" if lw.ffn_kind == "drelu" else self.w.act)
 
     def _ffn_up(self, lw: LayerWeights, up_w: torch.Tensor, up_b: torch.Tensor | None, h: torch.Tensor,
-                idx: torch.Tensor | None = None, norm: torch.Tensor | None = None) -> torch.Tensor:
+                idx: torch.Tensor | None = None) -> torch.Tensor:
         """The FFN's intermediate activation for one token: gate/up (or fc1) and the activation, fused into
         one GEMV kernel where the activation is one the kernel has; with ``idx`` only the core neurons', read
-        from the full matrices in place; with ``norm`` of RMSNorm(h) * norm (``_linear``)."""
+        from the full matrices in place."""
         if self.gemv == "triton":
             from .kernels import GEMV_CONFIG_UP, gemv
 
@@ -951,13 +932,12 @@ class FastLM:
                 n = (up_w.shape[0] // 2 if gated else up_w.shape[0]) if idx is None else idx.numel()
                 out = torch.empty(n, device=h.device, dtype=h.dtype)
                 return gemv(up_w, h.reshape(-1), out, up_b, gated=gated, act=code, act_up=lw.ffn_kind == "drelu",
-                            idx=idx, norm=norm, eps=self.w.eps, pdl=self.pdl,
-                            config=self.gemv_config_up or GEMV_CONFIG_UP).view(1, 1, -1)
+                            idx=idx, pdl=self.pdl, config=self.gemv_config_up or GEMV_CONFIG_UP).view(1, 1, -1)
             if idx is not None:
                 raise FastPathError(f"no fused kernel for activation {self.w.act!r}")  # excluded by self.indexed
         if lw.ffn_kind == "mlp":
-            return self.ops.mlp_act(self._linear(up_w, h, up_b, norm=norm), self.w.act)
-        return self.ops.gated_act(self._linear(up_w, h, None, norm=norm), "drelu" if lw.ffn_kind == "drelu" else self.w.act)
+            return self.ops.mlp_act(self._linear(up_w, h, up_b), self.w.act)
+        return self.ops.gated_act(self._linear(up_w, h, None), "drelu" if lw.ffn_kind == "drelu" else self.w.act)
 
     def _ensure_graph(self, mode: "_Mode") -> None:
         """Capture the decode step for ``mode`` once (one graph per greedy / sampling variant, sharing one

@@ -179,43 +179,13 @@ def _act(y, ACT: tl.constexpr):
 
 
 @triton.jit
-def _rms_scale(x_ptr, eps, K: tl.constexpr, BLOCK_K: tl.constexpr):
-    """rsqrt(mean(x^2) + eps) of the whole (K,) vector x, float32: every program computes the same value."""
-    cols = tl.arange(0, BLOCK_K)
-    xv = tl.load(x_ptr + cols, mask=cols < K, other=0.0).to(tl.float32)
-    ss = xv * xv
-    for k0 in range(BLOCK_K, K, BLOCK_K):
-        cols = k0 + tl.arange(0, BLOCK_K)
-        xv = tl.load(x_ptr + cols, mask=cols < K, other=0.0).to(tl.float32)
-        ss += xv * xv
-    return tl.rsqrt(tl.sum(ss, axis=0) / K + eps)
-
-
-@triton.jit
-def _gemv_input(x_ptr, nw_ptr, cols, col_ok, rstd, NORM: tl.constexpr):
-    """The GEMV's input block, float32: x, or with NORM its RMSNorm w * (x * rstd) rounded to the model dtype
-    at the two places ``fastlm.rms_norm`` rounds it."""
-    xv = tl.load(x_ptr + cols, mask=col_ok, other=0.0)
-    if NORM:
-        hn = (xv.to(tl.float32) * rstd).to(x_ptr.dtype.element_ty).to(tl.float32)
-        wn = tl.load(nw_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)
-        xv = wn * hn
-        xv = xv.to(x_ptr.dtype.element_ty)
-    return xv.to(tl.float32)
-
-
-@triton.jit
-def _gemv_kernel(w_ptr, x_ptr, b_ptr, y_ptr, idx_ptr, nw_ptr, res_ptr, N, up_off, eps,
+def _gemv_kernel(w_ptr, x_ptr, b_ptr, y_ptr, idx_ptr, N, up_off,
                  K: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, HAS_BIAS: tl.constexpr,
                  GATED: tl.constexpr, ACT: tl.constexpr, ACT_UP: tl.constexpr, HAS_IDX: tl.constexpr,
-                 NORM: tl.constexpr, RES: tl.constexpr, GDC: tl.constexpr):
+                 GDC: tl.constexpr):
     """y (N,) = act(W[r] @ x + b[r]) for output slot i reading row r = i, or r = idx[i] with HAS_IDX (the core
     rows of the full matrix, read in place: no gathered copy); with GATED: act(W[r] @ x) * (W[r + up_off] @ x)
-    (act on both with ACT_UP: dReLU). W row-major with K columns; float32 accumulation; BLOCK_N slots per program.
-
-    NORM: the product is taken with RMSNorm(x) * nw instead of x (each program normalises the whole vector
-    itself: no launch of its own). RES: y[i] = res[i] + y[i], rounded as PyTorch adds two model-dtype vectors
-    (the residual add after the o / down projection)."""
+    (act on both with ACT_UP: dReLU). W row-major with K columns; float32 accumulation; BLOCK_N slots per program."""
     pid = tl.program_id(0)
     slots = pid * BLOCK_N + tl.arange(0, BLOCK_N)
     row_ok = slots < N
@@ -232,16 +202,13 @@ def _gemv_kernel(w_ptr, x_ptr, b_ptr, y_ptr, idx_ptr, nw_ptr, res_ptr, N, up_off
     if GATED:
         wu = tl.load(w_ptr + (rows[:, None] + up_off) * K + cols[None, :], mask=ok, other=0.0)
     _gdc_enter(GDC)
-    rstd = 1.0
-    if NORM:
-        rstd = _rms_scale(x_ptr, eps, K, BLOCK_K)
-    xv = _gemv_input(x_ptr, nw_ptr, cols, col_ok, rstd, NORM)
+    xv = tl.load(x_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)
     acc = w.to(tl.float32) * xv[None, :]
     acc_u = wu.to(tl.float32) * xv[None, :]
     for k0 in range(BLOCK_K, K, BLOCK_K):
         cols = k0 + tl.arange(0, BLOCK_K)
         col_ok = cols < K
-        xv = _gemv_input(x_ptr, nw_ptr, cols, col_ok, rstd, NORM)
+        xv = tl.load(x_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)
         ok = row_ok[:, None] & col_ok[None, :]
         w = tl.load(w_ptr + rows[:, None] * K + cols[None, :], mask=ok, other=0.0)
         acc += w.to(tl.float32) * xv[None, :]
@@ -257,9 +224,6 @@ def _gemv_kernel(w_ptr, x_ptr, b_ptr, y_ptr, idx_ptr, nw_ptr, res_ptr, N, up_off
         if ACT_UP:
             u = _act(u, ACT)
         y = y * u
-    if RES:
-        r = tl.load(res_ptr + slots, mask=row_ok, other=0.0).to(tl.float32)
-        y = r + y.to(y_ptr.dtype.element_ty).to(tl.float32)
     tl.store(y_ptr + slots, y.to(y_ptr.dtype.element_ty), mask=row_ok)
 
 
@@ -274,46 +238,36 @@ GEMV_CONFIG_UP = (1, 4096, 4, 2)  # gate||up (two rows per output) and fc1
 
 def gemv(w: torch.Tensor, x: torch.Tensor, out: torch.Tensor, bias: torch.Tensor | None = None, *,
          gated: bool = False, act: int = ACT_NONE, act_up: bool = False, idx: torch.Tensor | None = None,
-         norm: torch.Tensor | None = None, eps: float = 0.0, residual: torch.Tensor | None = None,
          pdl: bool = False, config=None) -> torch.Tensor:
     """Batch-1 matrix-vector product for the decode step (measured faster than cuBLAS on these shapes, see
     docs/benchmarks.md). ``w`` (R, K) contiguous, ``x`` (K,), ``out`` (N,). Output i reads row i, or row
     ``idx[i]`` when ``idx`` (N,) is given (and ``bias[idx[i]]``). With ``gated`` the rows are gate||up:
     R = 2 * (rows of one part) and out = act(gate x) * up x, the up row ``R/2`` after its gate row.
-    ``norm`` (K,): the product of RMSNorm(x, eps) * norm, normalised inside the launch. ``residual`` (N,):
-    out = residual + the product (the residual add, in the model dtype). ``pdl``: launched as a programmatic
-    dependent launch (``pdl_supported``)."""
+    ``pdl``: launched as a programmatic dependent launch (``pdl_supported``)."""
     bn, bk, warps, stages = config or GEMV_CONFIG
     n = out.numel()
     k = w.shape[1]
     if idx is not None and idx.numel() != n:
         raise ValueError(f"idx has {idx.numel()} entries for {n} outputs")
-    if norm is not None and norm.numel() != k:
-        raise ValueError(f"norm weight has {norm.numel()} entries for a {k}-column matrix")
-    if residual is not None and (residual.numel() != n or gated or act != ACT_NONE or residual is out):
-        raise ValueError("residual: one entry per output of a plain product, written to another buffer")
     block_k = bk if k >= bk else max(16, triton.next_power_of_2(k))
     _gemv_kernel[(triton.cdiv(n, bn),)](w, x, bias if bias is not None else w, out, idx if idx is not None else out,
-                                        norm if norm is not None else x, residual if residual is not None else out,
-                                        n, w.shape[0] // 2 if gated else 0, float(eps),
+                                        n, w.shape[0] // 2 if gated else 0,
                                         K=k, BLOCK_N=bn, BLOCK_K=block_k, HAS_BIAS=bias is not None, GATED=gated,
-                                        ACT=act, ACT_UP=act_up, HAS_IDX=idx is not None, NORM=norm is not None,
-                                        RES=residual is not None, GDC=pdl,
+                                        ACT=act, ACT_UP=act_up, HAS_IDX=idx is not None, GDC=pdl,
                                         num_warps=warps, num_stages=stages, **_launch(pdl))
     return out
 
 
 @triton.jit
-def _gemv_rows_kernel(w_ptr, idx_ptr, x_ptr, b_ptr, y_ptr, part_ptr, res_ptr,
+def _gemv_rows_kernel(w_ptr, idx_ptr, x_ptr, b_ptr, y_ptr, part_ptr,
                       N: tl.constexpr, R: tl.constexpr, PER: tl.constexpr, BLOCK_N: tl.constexpr,
                       BLOCK_R: tl.constexpr, SPLIT: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_IDX: tl.constexpr,
-                      RES: tl.constexpr, GDC: tl.constexpr):
+                      GDC: tl.constexpr):
     """y (N,) = sum_j x[j] * W[r_j, :] (+ b) over the R slots j, r_j = idx[j] (or j): a vector times the
     (indexed) rows of a row-major (., N) matrix, e.g. the compact activation times the core rows of the
     transposed down projection. Program (n, s) owns BLOCK_N columns and the s-th of SPLIT runs of PER slots;
     with SPLIT > 1 it writes a float32 partial row, summed in order by ``_split_sum_kernel`` (or by
-    ``_residual_rms_kernel``, fused with the residual add and the next RMSNorm). RES: y = res + y (the
-    residual add, in the model dtype)."""
+    ``_residual_rms_kernel``, fused with the residual add and the next RMSNorm)."""
     pid_n = tl.program_id(0)
     pid_s = tl.program_id(1)
     cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -345,16 +299,14 @@ def _gemv_rows_kernel(w_ptr, idx_ptr, x_ptr, b_ptr, y_ptr, part_ptr, res_ptr,
     if SPLIT == 1:
         if HAS_BIAS:
             y += tl.load(b_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)
-        if RES:
-            y = tl.load(res_ptr + cols, mask=col_ok, other=0.0).to(tl.float32) + y.to(y_ptr.dtype.element_ty).to(tl.float32)
         tl.store(y_ptr + cols, y.to(y_ptr.dtype.element_ty), mask=col_ok)
     else:
         tl.store(part_ptr + pid_s * N + cols, y, mask=col_ok)
 
 
 @triton.jit
-def _split_sum_kernel(part_ptr, b_ptr, y_ptr, res_ptr, N, SPLIT: tl.constexpr, BLOCK: tl.constexpr,
-                      HAS_BIAS: tl.constexpr, RES: tl.constexpr, GDC: tl.constexpr):
+def _split_sum_kernel(part_ptr, b_ptr, y_ptr, N, SPLIT: tl.constexpr, BLOCK: tl.constexpr, HAS_BIAS: tl.constexpr,
+                      GDC: tl.constexpr):
     _gdc_enter(GDC)
     cols = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     ok = cols < N
@@ -363,8 +315,6 @@ def _split_sum_kernel(part_ptr, b_ptr, y_ptr, res_ptr, N, SPLIT: tl.constexpr, B
         y += tl.load(part_ptr + s * N + cols, mask=ok, other=0.0)
     if HAS_BIAS:
         y += tl.load(b_ptr + cols, mask=ok, other=0.0).to(tl.float32)
-    if RES:
-        y = tl.load(res_ptr + cols, mask=ok, other=0.0).to(tl.float32) + y.to(y_ptr.dtype.element_ty).to(tl.float32)
     tl.store(y_ptr + cols, y.to(y_ptr.dtype.element_ty), mask=ok)
 
 
@@ -381,13 +331,12 @@ GEMV_ROWS_CANDIDATES = ((2048, 4, 64, 8, 3), (1024, 4, 128, 4, 3), (2048, 4, 32,
 
 def gemv_rows(w: torch.Tensor, x: torch.Tensor, out: torch.Tensor, idx: torch.Tensor | None = None,
               bias: torch.Tensor | None = None, partial: torch.Tensor | None = None, config=None, *,
-              reduce: bool = True, residual: torch.Tensor | None = None, pdl: bool = False) -> torch.Tensor:
+              reduce: bool = True, pdl: bool = False) -> torch.Tensor:
     """out (N,) = x (R,) @ W[idx] (R, N) (+ bias): ``w`` (M, N) row-major (e.g. the down projection stored
     transposed, (I, H)), rows ``idx`` (R,) (all of its first R rows without). ``partial`` (SPLIT, N) float32
     scratch is needed when the config splits the rows (fixed address for graph capture). With
     ``reduce=False`` a split product returns the partial rows (SPLIT, N) unsummed and without the bias (for
-    ``residual_rms_norm``); an unsplit one returns ``out`` as usual. ``residual`` (N,): out = residual + the
-    product (the residual add, in the model dtype; not with ``reduce=False``)."""
+    ``residual_rms_norm``); an unsplit one returns ``out`` as usual."""
     bn, br, split, warps, stages = config or GEMV_ROWS_CONFIG
     n = out.numel()
     r = x.numel()
@@ -399,19 +348,16 @@ def gemv_rows(w: torch.Tensor, x: torch.Tensor, out: torch.Tensor, idx: torch.Te
     split = triton.cdiv(r, per)
     if split > 1 and (partial is None or partial.numel() < split * n or partial.dtype != torch.float32):
         raise ValueError(f"gemv_rows needs a float32 partial buffer of >= {split} x {n}")
-    if residual is not None and (residual.numel() != n or residual is out or not reduce):
-        raise ValueError("gemv_rows: residual needs one entry per output, another buffer than out, and reduce=True")
-    res = residual if residual is not None else out
     _gemv_rows_kernel[(triton.cdiv(n, bn), split)](
-        w, idx if idx is not None else x, x, bias if bias is not None else w, out, partial if split > 1 else out, res,
+        w, idx if idx is not None else x, x, bias if bias is not None else w, out, partial if split > 1 else out,
         N=n, R=r, PER=per, BLOCK_N=bn, BLOCK_R=br, SPLIT=split, HAS_BIAS=bias is not None, HAS_IDX=idx is not None,
-        RES=residual is not None, GDC=pdl, num_warps=warps, num_stages=stages, **_launch(pdl))
+        GDC=pdl, num_warps=warps, num_stages=stages, **_launch(pdl))
     if split > 1:
         if not reduce:
             return partial.view(-1)[:split * n].view(split, n)
-        _split_sum_kernel[(triton.cdiv(n, 128),)](partial, bias if bias is not None else partial, out, res, n,
-                                                  SPLIT=split, BLOCK=128, HAS_BIAS=bias is not None,
-                                                  RES=residual is not None, GDC=pdl, num_warps=4, **_launch(pdl))
+        _split_sum_kernel[(triton.cdiv(n, 128),)](partial, bias if bias is not None else partial, out, n, SPLIT=split,
+                                                  BLOCK=128, HAS_BIAS=bias is not None, GDC=pdl, num_warps=4,
+                                                  **_launch(pdl))
     return out
 
 

@@ -162,7 +162,7 @@ class BudgetFastLM(FastLM):
     """
 
     def __init__(self, weights: FastWeights, plan: MemoryPlan, device="cuda", *, store: HostFFNStore | None = None,
-                 rope_fn=None, alpha: float = 0.4, score: str = DEFAULT_SCORE, **fast_options):
+                 rope_fn=None, alpha: float = 0.4, score: str = DEFAULT_SCORE):
         dev = torch.device(device)
         if dev.type == "cuda" and dev.index is None:
             dev = torch.device("cuda", torch.cuda.current_device())
@@ -223,8 +223,7 @@ class BudgetFastLM(FastLM):
         self._last_core_sets: dict[int, torch.Tensor] = {}
         self._sets_from = "prefill"
         self._timeline: list[dict] = []
-        super().__init__(compact, max_seq_len=plan.context_length, kept_fraction=None, alpha=alpha, score=score,
-                         **fast_options)
+        super().__init__(compact, max_seq_len=plan.context_length, kept_fraction=None, alpha=alpha, score=score)
 
     # ---- accounting
     def kept_fraction_overall(self) -> float:

@@ -17,30 +17,28 @@ def weights():
 
 
 def _layer_rows(result):
-    """The step's launches of layer 0 and of layer 1 (with norm "kernel" the first RMSNorm comes before them;
-    lm_head and argmax after)."""
-    rows = result["step"][aot.launches_outside_layers(result) - 2:-2]
+    """The step's launches of layer 0 and of layer 1 (the first RMSNorm comes before them, lm_head and argmax
+    after)."""
+    rows = result["step"][1:-2]
     half = len(rows) // 2
     return rows[:half], rows[half:]
 
 
-# per layer, the default step (norms and residual adds inside the GEMVs): qkv GEMV, attention, o GEMV (+ the
-# residual), gate||up GEMV (normalising its input), the down product and the sum of its split rows (+ the
-# residual); with norm="kernel" (the earlier build) a residual+norm launch after the o GEMV and after the down
-# product, whose split rows it sums
+# per layer: qkv GEMV, attention, o GEMV, residual+norm, then the FFN: gate||up GEMV + down product (two
+# launches), then residual+norm
 @pytest.mark.slow
-@pytest.mark.parametrize("options, per_layer, names, outside", [
-    ({}, 6, ["_gemv_kernel", "_attn_kernel", "_gemv_kernel", "_gemv_kernel", "_gemv_rows_kernel", "_split_sum_kernel"], 2),
-    ({"norm": "kernel"}, 7, ["_gemv_kernel", "_attn_kernel", "_gemv_kernel", "_residual_rms_kernel", "_gemv_kernel",
-                             "_gemv_rows_kernel", "_residual_rms_kernel"], 3),
+@pytest.mark.parametrize("options, per_layer, ffn_kernels", [
+    ({}, 7, ["_gemv_kernel", "_gemv_rows_kernel"]),
 ])
-def test_step_kernels_build_for_hopper_without_spills(weights, options, per_layer, names, outside):
+def test_step_kernels_build_for_hopper_without_spills(weights, options, per_layer, ffn_kernels):
     result = aot.step_kernels("llama-3.1-8b", 0.4, options, weights=weights)
     layer0, layer1 = _layer_rows(result)
     assert len(layer0) == len(layer1) == per_layer
-    # embedding + (first norm) + the layers + lm_head + argmax
-    assert aot.launches_per_step(result, 32) == 1 + outside + 32 * per_layer
-    assert [r["kernel"] for r in layer0] == names
+    # embedding + first norm + the layers + lm_head + argmax
+    assert aot.launches_per_step(result, 32) == 1 + 1 + 32 * per_layer + 2
+    names = [r["kernel"] for r in layer0]
+    assert names[:3] == ["_gemv_kernel", "_attn_kernel", "_gemv_kernel"] and names[-1] == "_residual_rms_kernel"
+    assert [n for n in names[3:-1] if n != "_residual_rms_kernel"] == ffn_kernels
     assert [r["cubin_sha1"] for r in layer0] == [r["cubin_sha1"] for r in layer1]  # one binary for every layer
     for r in result["step"] + result["selection"]:
         assert r["local"] == 0, r  # no register spills

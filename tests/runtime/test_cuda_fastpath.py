@@ -182,11 +182,8 @@ def test_triton_attention_refused_on_cpu():
     w = FastWeights.from_hf(_tiny("llama"))
     with pytest.raises(FastPathError, match="pdl=True needs"):
         step_variant(w, {"pdl": True})
-    for norm in ("gemv", "kernel"):
-        with pytest.raises(FastPathError, match=f"norm='{norm}' needs gemv='triton'"):
-            step_variant(w, {"norm": norm})
-    with pytest.raises(FastPathError, match="norm must be"):
-        step_variant(w, {"norm": "fused"})
+    with pytest.raises(FastPathError, match="fused_norm=True needs"):
+        step_variant(w, {"fused_norm": True})
     with pytest.raises(FastPathError, match="attention='triton' needs a CUDA device"):
         step_variant(w, {"attention": "triton"})
     with pytest.raises(FastPathError, match="gemv='triton' needs a CUDA device"):
@@ -196,7 +193,7 @@ def test_triton_attention_refused_on_cpu():
     with pytest.raises(TypeError):  # the product class builds the device's default step: no such options
         FastLM(w, pdl=False)
     fast = FastLM(w)
-    assert fast.attention == "sdpa" and fast.gemv == "torch" and fast.norm == "torch" and not fast.cuda_graph
+    assert fast.attention == "sdpa" and fast.gemv == "torch" and not fast.fused_norm and not fast.cuda_graph
 
 
 def test_unsupported_architecture_is_refused():
@@ -405,10 +402,8 @@ def test_cuda_last_program_reductions_match_torch(pdl):
 @pytest.mark.gpu
 @needs_cuda
 def test_cuda_fused_pdl_step_equals_plain_step():
-    """The default CUDA step (PDL launches; residual adds and RMSNorms inside the GEMVs, the split down product's
-    rows summed with the residual in one launch; fused argmax), and the step with one residual+RMSNorm launch
-    each (norm "kernel"), against the plain step, float32, on a model wide enough for several programs per
-    reduction."""
+    """The default CUDA step (PDL launches, fused residual+RMSNorm summing the split down product's partial rows,
+    fused argmax) against the plain step, float32, on a model wide enough for several programs per reduction."""
     torch.manual_seed(7)
     cfg = transformers.LlamaConfig(hidden_size=1024, intermediate_size=2048, num_hidden_layers=2, num_attention_heads=8,
                                    num_key_value_heads=2, vocab_size=5000, max_position_embeddings=256)
@@ -416,15 +411,14 @@ def test_cuda_fused_pdl_step_equals_plain_step():
     model = transformers.AutoModelForCausalLM.from_config(cfg).cuda().eval()
     weights = FastWeights.from_hf(model)
     prompt, cont = _ids(40, 71, 5000), _ids(12, 72, 5000)
-    plain = step_variant(weights, {"pdl": False, "norm": "torch"}, max_seq_len=64, kept_fraction=0.4)
+    fused = FastLM(weights, max_seq_len=64, kept_fraction=0.4)
+    assert fused.fused_norm and fused.indexed
+    plain = step_variant(weights, {"pdl": False, "fused_norm": False}, max_seq_len=64, kept_fraction=0.4)
+    got, core = fused.forced_logits(prompt, cont)
     ref, core_ref = plain.forced_logits(prompt, cont)
-    for fused in (FastLM(weights, max_seq_len=64, kept_fraction=0.4),
-                  step_variant(weights, {"norm": "kernel"}, max_seq_len=64, kept_fraction=0.4)):
-        assert fused.norm in ("gemv", "kernel") and fused.indexed
-        got, core = fused.forced_logits(prompt, cont)
-        assert all(torch.equal(core[i], core_ref[i]) for i in core)
-        assert (got - ref).abs().max().item() < 1e-3, fused.norm
-        assert fused.generate(prompt, 12).tokens == plain.generate(prompt, 12).tokens, fused.norm
+    assert all(torch.equal(core[i], core_ref[i]) for i in core)
+    assert (got - ref).abs().max().item() < 1e-3
+    assert fused.generate(prompt, 12).tokens == plain.generate(prompt, 12).tokens
 
 
 # ---------------------------------------------------------------------------------------------- SparseLM hook
