@@ -8,7 +8,7 @@ STYLE = {  # method -> (colour, marker); oracle-token dashed (not a speed path)
     "dense": ("black", ""), "stability": ("tab:blue", "o"), "similarity": ("tab:cyan", "s"), "auto": ("tab:purple", "D"),
     "static": ("tab:brown", "v"), "griffin": ("tab:orange", "^"), "random": ("tab:gray", "x"),
     "oracle-token": ("tab:green", "*"), "svd-predictor": ("tab:red", "P"), "budget": ("tab:pink", "h"),
-    "down-token": ("tab:red", "d"),
+    "down-token": ("tab:red", "d"), "stability-refresh": ("tab:purple", "s"),
 }
 LOWER_IS_BETTER = {"kl", "ppl", "ppl_dense_continuation"}
 REPEAT_COLOURS = ("tab:cyan", "tab:olive", "tab:brown", "tab:gray")  # a method's second and later runs (frontier)
@@ -89,16 +89,17 @@ def draw_frontier(summaries: dict[str, dict], path, metrics=(("agreement", "top1
     fig, axes = plt.subplots(1, len(panels), figsize=(5.2 * len(panels), 3.9), squeeze=False)
     model = next(iter(summaries.values())).get("model", "")
     for ax, (task, metric) in zip(axes[0], panels):
-        seen: set[str] = set()
+        runs_of: dict[str, int] = {}  # method -> how many of its series are drawn already
         for name, pts in frontier_series(summaries, task, metric).items():
             method = name.split(" ")[0]
             if method == "dense":
                 ax.axhline(pts[0][1], color="black", lw=1, ls=":", label="dense")
                 continue
             color, marker = STYLE.get(method, ("tab:olive", "."))
-            if method in seen:  # the method again, from another run (another layer range): its own colour
-                color = REPEAT_COLOURS[len(seen) % len(REPEAT_COLOURS)]
-            seen.add(method)
+            repeat = runs_of.get(method, 0)
+            if repeat:  # the method again, from another run (another layer range or setting): its own colour
+                color = REPEAT_COLOURS[(repeat - 1) % len(REPEAT_COLOURS)]
+            runs_of[method] = repeat + 1
             ls = "--" if method == "oracle-token" else "-"
             ax.plot([p[0] for p in pts], [p[1] for p in pts], ls, color=color, marker=marker, label=name, ms=4)
         if metric in LOWER_IS_BETTER:

@@ -397,3 +397,27 @@ def test_stability_refresh_needs_a_valid_refresh_every(lm_ref):
         with pytest.raises(MM.MethodError, match="--refresh-every must be a whole number of decoded tokens >= 1"):
             MM.check_methods(["stability-refresh"], have_artifact=False, refresh_every=bad)
     assert MM.check_methods(["stability-refresh"], have_artifact=False, refresh_every=1) == ["stability-refresh"]
+
+
+def test_frontier_gives_each_run_of_a_method_its_own_colour(tmp_path, monkeypatch):
+    from matplotlib.axes import Axes
+
+    from coreinfer.pipeline.evaluate.plots import draw_frontier
+
+    colours: dict[str, str] = {}
+    plot = Axes.plot
+
+    def recording_plot(self, *a, **kw):  # each series' colour, by label
+        colours[kw["label"]] = kw["color"]
+        return plot(self, *a, **kw)
+
+    monkeypatch.setattr(Axes, "plot", recording_plot)
+
+    def summary(v):
+        return {"model": "m", "tasks": {"agreement": {"metrics": ["top1_agreement"], "n_items": 1, "rows": [
+            {"method": "dense", "kept": 1.0, "score": "-", "top1_agreement": 1.0, "ffn_bytes_per_token": 100},
+            {"method": "stability-refresh", "kept": 0.5, "score": "-", "top1_agreement": v, "ffn_bytes_per_token": 60}]}}}
+
+    draw_frontier({"N=8": summary(0.7), "N=16": summary(0.8), "N=32": summary(0.9)}, tmp_path / "f.png")
+    assert set(colours) == {"stability-refresh (N=8)", "stability-refresh (N=16)", "stability-refresh (N=32)"}
+    assert len(set(colours.values())) == 3
