@@ -544,7 +544,6 @@ class MethodRun:
         kept_model = (n_sparse * frac + (n_layers - n_sparse)) / n_layers
         return {"kept_sparse": frac, "kept_model": kept_model, "ffn_bytes_per_token": int(round(nb))}
 
-
     def _refresh_cost(self, tr: RefreshTracker) -> dict:
         """FFN bytes per decoded token of stability-refresh: the compact FFNs every token reads, plus the refreshes'
         reads spread over the call's sparse tokens (the least a refresh must read; ``..._full_refresh``: a plain
