@@ -421,22 +421,35 @@ class HostRowGather:
         slot, self.turn = self.turn, 1 - self.turn
         if self.free[slot] is not None:
             self.free[slot].synchronize()
-        flat, off = self.buffers[slot], 0
-        for t, idx in parts:
-            n = t.numel() if idx is None else idx.numel() * (t.numel() // max(1, t.shape[0]))
-            if n > flat.numel() - off:
-                raise ValueError(f"core rows of {off + n} elements exceed the {flat.numel()} the row buffers hold")
-            view = flat[off:off + n]
+        flat = self.buffers[slot]
+        off = sum(math.prod(s) for s in self.shapes(parts))
+        if off > flat.numel():
+            raise ValueError(f"core rows of {off} elements exceed the {flat.numel()} the row buffers hold")
+        for (t, idx), view in zip(parts, self.views(parts, flat)):
             if idx is None:
-                view.view(t.shape).copy_(t)
+                view.copy_(t)
             else:
-                torch.index_select(t, 0, idx, out=view.view(idx.numel(), *t.shape[1:]))
-            off += n
+                torch.index_select(t, 0, idx, out=view)
         dst[:off].copy_(flat[:off], non_blocking=True)
         if dst.is_cuda:
             self.free[slot] = torch.cuda.Event()
             self.free[slot].record(torch.cuda.current_stream(dst.device))
         return off
+
+    @staticmethod
+    def shapes(parts) -> list[tuple]:
+        """Each part's shape once gathered: (k, *its row shape) for k row indices, its own shape for None."""
+        return [tuple(t.shape) if idx is None else (idx.numel(), *t.shape[1:]) for t, idx in parts]
+
+    @classmethod
+    def views(cls, parts, flat: torch.Tensor) -> list[torch.Tensor]:
+        """``flat``'s segments as ``copy`` fills them: one view per part, in its gathered shape."""
+        out, off = [], 0
+        for shape in cls.shapes(parts):
+            n = math.prod(shape)
+            out.append(flat[off:off + n].view(shape))
+            off += n
+        return out
 
 
 # --------------------------------------------------------------------------------------------------- the device

@@ -238,15 +238,10 @@ class Offload:
         rows = [host.gate, host.up, down_t] if host.kind != "mlp" else [host.fc1, down_t]
         parts = [(t, idx) for t in rows] + [(t, idx) for t in (host.fc1_bias,) if t is not None]
         parts += [(host.down_bias, None)] if host.down_bias is not None else []
-        flat = torch.empty(sum(t.numel() if i is None else k * (t.numel() // t.shape[0]) for t, i in parts),
-                           dtype=host.down.dtype, device=self.device)
+        flat = torch.empty(sum(math.prod(s) for s in HostRowGather.shapes(parts)), dtype=host.down.dtype,
+                           device=self.device)
         self.rows.copy(parts, flat)
-        views, off = [], 0
-        for t, i in parts:
-            shape = t.shape if i is None else (k, *t.shape[1:])
-            n = math.prod(shape)
-            views.append(flat[off:off + n].view(shape))
-            off += n
+        views = HostRowGather.views(parts, flat)
         if host.kind == "mlp":
             fc1, down = views[0], views[1].t()
             fc1_bias = views[2] if host.fc1_bias is not None else None

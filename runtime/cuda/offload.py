@@ -185,9 +185,8 @@ class BudgetFastLM(FastLM):
                 moved = {f.name: getattr(lw, f.name).to(dev) for f in dataclasses.fields(lw)
                          if isinstance(getattr(lw, f.name), torch.Tensor) and f.name not in LAYER_FFN_FIELDS}
                 if li not in plan.layer_k:  # decodes dense: its whole FFN is resident, down (H, I) as the step reads it
-                    host = self.store.views(self.store.blocks[li])
-                    ffn = dict(up_w=host["up_w"].to(dev), up_b=None if host["up_b"] is None else host["up_b"].to(dev),
-                               down=host["down_t"].to(dev).t().contiguous())
+                    ffn = {f: None if t is None else t.to(dev).contiguous()
+                           for f, t in HostFFNStore.dense_fields(self.store.views(self.store.blocks[li])).items()}
                     layers.append(dataclasses.replace(lw, **moved, **ffn, down_t=None))
                     continue
                 kp = padded(plan.layer_k[li])
@@ -312,16 +311,15 @@ class BudgetFastLM(FastLM):
         host = self.store.views(self.store.blocks[li])
         c_up, c_up_b, c_down = self._core_buffers[li]
         idx = idx.to("cpu", torch.long).view(-1)
-        k, I, H = idx.numel(), self.w.n_neurons, self.w.hidden
+        k, I = idx.numel(), self.w.n_neurons
         kp = c_down.shape[1]
         gated = self.w.layers[li].ffn_kind != "mlp"
-        n_up = 2 * k if gated else k
         parts = [(host["up_w"], torch.cat([idx, idx + I]) if gated else idx), (host["down_t"], idx)]
         if c_up_b is not None:
             parts.append((host["up_b"], idx))
         landed = self._staging[0]
         n = self._host_rows.copy(parts, landed)
-        up, down = landed[:n_up * H].view(n_up, H), landed[n_up * H:(n_up + k) * H].view(k, H)
+        up, down, *bias = HostRowGather.views(parts, landed)
         if gated:
             c_up[:k].copy_(up[:k])
             c_up[kp:kp + k].copy_(up[k:])
@@ -333,7 +331,7 @@ class BudgetFastLM(FastLM):
         c_down[:, :k].copy_(down.t())
         c_down[:, k:].zero_()
         if c_up_b is not None:
-            c_up_b[:k].copy_(landed[(n_up + k) * H:n])
+            c_up_b[:k].copy_(bias[0])
             c_up_b[k:].zero_()
         self.bytes_moved += n * landed.element_size()
 
