@@ -501,10 +501,16 @@ def main_job_e2e(carry: Path, out_dir: Path, log=print, shape: str = "llama-3.1-
     return out
 
 
-def run_tests(out: Path, log) -> None:
-    tests = ["tests/runtime/test_cuda_fastpath.py"] + [str(p) for p in sorted(Path("tests/runtime").glob("test_memory*.py"))]
-    r = subprocess.run([sys.executable, "-m", "pytest", "-q", "-m", "gpu or not gpu", "-p", "no:cacheprovider", *tests],
-                       capture_output=True, text=True)
+def run_tests(out: Path, log, tests: list[str] | None = None, timeout_s: float = 480) -> None:
+    tests = tests or (["tests/runtime/test_cuda_fastpath.py", "tests/runtime/test_cuda_megakernel.py"]
+                      + [str(p) for p in sorted(Path("tests/runtime").glob("test_memory*.py"))])
+    try:
+        r = subprocess.run([sys.executable, "-m", "pytest", "-q", "-m", "gpu or not gpu", "-p", "no:cacheprovider",
+                            *tests], capture_output=True, text=True, timeout=timeout_s)
+    except subprocess.TimeoutExpired as err:  # a hung kernel must not take the rest of the call with it
+        (out / "pytest.log").write_text(str(err.stdout or "") + str(err.stderr or ""))
+        log(f"pytest: TIMED OUT after {timeout_s:.0f} s")
+        return
     (out / "pytest.log").write_text(r.stdout + r.stderr)
     log("pytest: " + (r.stdout.strip().splitlines() or ["(no output)"])[-1])
     for line in r.stdout.splitlines():
@@ -556,6 +562,9 @@ def main(argv=None) -> int:
     ap.add_argument("--repeats", type=int, default=3, help="timed repeats per configuration (median)")
     ap.add_argument("--rows-config", default="[2048,4,128,8,3]", help="the down GEMV's tiling as JSON ('' tunes it)")
     ap.add_argument("--memory-args", default="", help="arguments for benchmarks.memory_budget (memory step)")
+    ap.add_argument("--tests", default="", help="comma-separated test files for the tests step (default: the GPU ones)")
+    ap.add_argument("--tests-timeout", type=float, default=480, help="seconds before the tests step is stopped")
+    ap.add_argument("--variant-betas", default="dense,0.4", help="kept fractions of the variants step ('dense': none)")
     ap.add_argument("--variants", default='[{}, {"pdl": false}]',
                     help="JSON list of bench.step_variant choices timed side by side (variants step)")
     args = ap.parse_args(argv)
@@ -576,12 +585,13 @@ def main(argv=None) -> int:
         log("memory: rc " + str(r.returncode) + "\n" + (r.stdout + r.stderr)[-3000:])
 
     steps = {
-        "tests": lambda: run_tests(out, log),
+        "tests": lambda: run_tests(out, log, [t for t in args.tests.split(",") if t], args.tests_timeout),
         "greedy": greedy,
         "tune": lambda: (out / "tune.json").write_text(json.dumps(tune_tilings(log=log), indent=1, default=str)),
         "lesion": lambda: (out / "lesion.json").write_text(json.dumps(lesion_profile(log=log), indent=1, default=str)),
         "variants": lambda: (out / "variants.json").write_text(json.dumps(step_variants(
-            json.loads(args.variants), log=log, new_tokens=args.new_tokens, repeats=args.repeats), indent=1, default=str)),
+            json.loads(args.variants), log=log, new_tokens=args.new_tokens, repeats=args.repeats,
+            betas=[None if b == "dense" else float(b) for b in args.variant_betas.split(",")]), indent=1, default=str)),
         "e2e": lambda: main_job_e2e(Path(args.carry), out, log=log, new_tokens=args.new_tokens, repeats=args.repeats),
         "suite": lambda: run_suite_step(args, out, log),
         "memory": memory,
