@@ -165,8 +165,6 @@ STEP_TRITON_LAUNCHES_OUTSIDE_LAYERS = 3
 def launches_per_step(result: dict, n_layers: int) -> int:
     """Kernel launches of a full-depth decode step from a shallower build: the Triton launches per layer times
     the depth, the rest once, plus the embedding lookup (one PyTorch launch)."""
-    if [r["kernel"] for r in result["step"]] == ["_step_kernel"]:
-        return 1  # the megakernel: the whole step, embedding included
     fixed = STEP_TRITON_LAUNCHES_OUTSIDE_LAYERS
     per_layer, rest = divmod(len(result["step"]) - fixed, result["layers_built"])
     if rest:

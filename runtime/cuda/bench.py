@@ -223,8 +223,7 @@ def fast_bench(weights, ids: torch.Tensor, new_tokens: int, repeats: int, kept_f
            "peak_mem_gb": torch.cuda.max_memory_allocated() / 1e9, "bytes_per_token": fast.bytes_per_token(),
            "fast_buffers_gb": fast.buffer_bytes() / 1e9, "setup_s": setup_s, "step": dict(step or {}),
            "cuda_graph": fast.cuda_graph, "compiled_elementwise": fast.ops.compiled, "attention": fast.attention,
-           "gemv": fast.gemv, "pdl": fast.pdl, "fused_norm": fast.fused_norm, "megakernel": fast._mega is not None,
-           "megakernel_config": None if fast._mega is None else fast._mega.config, "gemv_config": fast.gemv_config,
+           "gemv": fast.gemv, "pdl": fast.pdl, "fused_norm": fast.fused_norm, "gemv_config": fast.gemv_config,
            "rows_config": fast.rows_config, "gather_free": fast.indexed, "down_t_gb": weights.down_t_bytes() / 1e9,
            "tokens": runs[0].tokens}
     row["select_gather_pct_prefill"] = 100 * (med["select_ms"] + med["gather_ms"]) / med["prefill_ms"]

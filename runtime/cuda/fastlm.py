@@ -49,7 +49,7 @@ SUPPORTED = ("llama", "mistral", "qwen2", "opt")
 PAD = 64  # compact FFN slots are padded to a multiple of this (see FastLM.__init__)
 # how a decode step can be built (FastLM._step_overrides); the product always builds the device's default
 STEP_CHOICES = ("cuda_graph", "compile_elementwise", "attention", "gemv", "pdl", "fused_norm", "gemv_config",
-                "gemv_config_up", "rows_config", "megakernel", "megakernel_config")
+                "gemv_config_up", "rows_config")
 DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
@@ -500,7 +500,6 @@ class FastLM:
         self._seed = torch.zeros(1, dtype=torch.long, device=dev)
         self._logit_rows = None  # (cache_len, V) per-step logits, allocated by the first call that keeps them
         self._host_out = None  # pinned copy of _out that chunks of new tokens are read back through
-        self._mega = self._pick_megakernel(step.get("megakernel"), step.get("megakernel_config"))
 
     def _step_overrides(self) -> dict:
         """How this instance's decode step departs from the device's default (``STEP_CHOICES``): never, for the
@@ -573,18 +572,6 @@ class FastLM:
         if fused_norm and not ok:
             raise FastPathError("fused_norm=True needs gemv='triton' and an RMSNorm model (llama/mistral/qwen2)")
         return ok if fused_norm is None else bool(fused_norm)
-
-    def _pick_megakernel(self, megakernel: bool | None, config=None):
-        """The whole decode step as one persistent launch (``megakernel.py``), or None: the multi-launch step.
-        Not measured yet: off unless asked for."""
-        if not megakernel:
-            return None
-        from .megakernel import MegaStep, supported
-
-        why = supported(self.w, self)
-        if why is not None:
-            raise FastPathError(f"megakernel=True: {why}")
-        return MegaStep(self, config)
 
     # ---- accounting
 
@@ -805,12 +792,6 @@ class FastLM:
         ``_pos`` and ``_step``; returns logits.
         """
         mode = mode or GREEDY
-        if self._mega is not None:  # one launch; it picks the token itself unless a cutoff or the logits are needed
-            finish = not (mode.keep_logits or mode.top_k is not None or mode.top_p)
-            logits = self._mega(mode.sample, finish)
-            if not finish:
-                self._next_token(logits, mode)
-            return logits
         w, ops = self.w, self.ops
         pos = self._pos
         x = self._embed(self._tok, pos)
