@@ -1,4 +1,4 @@
-"""Does an L2 prefetch of weight rows pay on this GPU? A probe of ``kernels._prefetch_rows`` outside the step.
+"""Does an L2 prefetch of weight rows pay on this GPU? The probe behind docs/benchmarks.md's "L2 prefetch" section.
 
     python -m benchmarks.l2_prefetch_probe [--mb 32] [--out probe.json]
 
@@ -22,8 +22,6 @@ import torch
 import triton
 import triton.language as tl
 
-from coreinfer.runtime.cuda.kernels import _prefetch_rows
-
 K = 4096
 
 
@@ -36,7 +34,23 @@ def _read_rows(w_ptr, out_ptr, K: tl.constexpr):
 
 @triton.jit
 def _prefetch(w_ptr, n_rows, K: tl.constexpr, PER: tl.constexpr, LINES: tl.constexpr):
-    _prefetch_rows(w_ptr, w_ptr, tl.program_id(0) * PER, PER, n_rows, 0, 0, K, K * 2, 128, False, False, LINES)
+    """Rows [pid * PER, pid * PER + PER) into L2, one row per thread: Hopper's bulk prefetch (one instruction per
+    row) or, with LINES, one ``prefetch.global.L2`` per 128-byte line. A hint: no data comes back. (The step's
+    form of this, which took the next GEMV's core rows, is in commit cda9073.)"""
+    t = tl.arange(0, 128)
+    rows = tl.program_id(0) * PER + t
+    ok = ((t < PER) & (rows < n_rows)).to(tl.int32)
+    ptrs = w_ptr + rows.to(tl.int64) * K
+    if LINES:
+        for j in tl.static_range(0, K * 2 // 128):
+            tl.inline_asm_elementwise(
+                "{ .reg .pred p; setp.ne.b32 p, $2, 0; @p prefetch.global.L2::evict_last [$1]; mov.u32 $0, 0; }",
+                "=r,l,r", [ptrs + j * 64, ok], dtype=tl.int32, is_pure=False, pack=1)
+    else:
+        nbytes = tl.full(ptrs.shape, K * 2, tl.int32)
+        tl.inline_asm_elementwise(
+            "{ .reg .pred p; setp.ne.b32 p, $2, 0; @p cp.async.bulk.prefetch.L2.global [$1], $3; mov.u32 $0, 0; }",
+            "=r,l,r,r", [ptrs, ok, nbytes], dtype=tl.int32, is_pure=False, pack=1)
 
 
 def _time(fn, flush, repeats=10, pause_cycles=0, before=None):

@@ -49,7 +49,7 @@ SUPPORTED = ("llama", "mistral", "qwen2", "opt")
 PAD = 64  # compact FFN slots are padded to a multiple of this (see FastLM.__init__)
 # how a decode step can be built (FastLM._step_overrides); the product always builds the device's default
 STEP_CHOICES = ("cuda_graph", "compile_elementwise", "attention", "gemv", "pdl", "fused_norm", "gemv_config",
-                "gemv_config_up", "rows_config", "l2_prefetch")
+                "gemv_config_up", "rows_config")
 DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
@@ -434,7 +434,6 @@ class FastLM:
         self.gemv = self._pick_gemv(step.get("gemv"), on_cuda)
         self.pdl = self._pick_pdl(step.get("pdl"))
         self.fused_norm = self._pick_fused_norm(step.get("fused_norm"))
-        self.l2_prefetch = self._pick_l2_prefetch(step.get("l2_prefetch"))
         self.gemv_config = step.get("gemv_config")  # the Triton GEMV's kernel config (None: kernels.GEMV_CONFIG)
         # ... of gate||up / fc1 (None: kernels.GEMV_CONFIG_UP)
         self.gemv_config_up = step.get("gemv_config_up") or self.gemv_config
@@ -574,27 +573,6 @@ class FastLM:
             raise FastPathError("fused_norm=True needs gemv='triton' and an RMSNorm model (llama/mistral/qwen2)")
         return ok if fused_norm is None else bool(fused_norm)
 
-    def _pick_l2_prefetch(self, l2: dict | None) -> dict:
-        """L2 prefetches of weight rows into the step's idle memory time (Hopper, with PDL; ``kernels.PrefetchRows``):
-        ``next_mb``: the latency-bound launches (attention, residual + RMSNorm) prefetch up to that many MB of
-        the next GEMV's first rows; ``ahead``: each GEMV program prefetches the rows of the program that many
-        slots later; ``rows_ahead``: each down-product program its next rows. Not measured yet: off by default."""
-        l2 = dict(l2 or {})
-        if set(l2) - {"next_mb", "ahead", "rows_ahead", "lines"}:
-            raise FastPathError(f"l2_prefetch takes next_mb, ahead, rows_ahead, lines; got {sorted(l2)}")
-        if l2 and not (self.pdl and self.gemv == "triton"):
-            raise FastPathError("l2_prefetch needs the Triton GEMVs with PDL (Hopper)")
-        return l2
-
-    def _prefetch(self, w: torch.Tensor, idx: torch.Tensor | None = None, gated: bool = False):
-        """What the launch before the GEMV of ``w`` prefetches for it (None: nothing)."""
-        mb = self.l2_prefetch.get("next_mb")
-        if not mb or w.device != self.w.device:  # (a budget plan's host-held rows: never)
-            return None
-        from .kernels import PrefetchRows
-
-        return PrefetchRows(w, idx, gated, int(mb * 2 ** 20), bool(self.l2_prefetch.get("lines")))
-
     # ---- accounting
 
     def bytes_per_token(self) -> int:
@@ -649,14 +627,13 @@ class FastLM:
         ops = ops or _EAGER
         return ops.rms_norm(x, wt, self.w.eps) if b is None else ops.layer_norm(x, wt, b, self.w.eps)
 
-    def _add_norm(self, x, y, wt, b, ops, y_bias=None, prefetch=None):
+    def _add_norm(self, x, y, wt, b, ops, y_bias=None):
         """(x + y, norm(x + y)). With ``fused_norm``: one Triton launch, where ``y`` may also be the split
-        down product's float32 partial rows (summed in order, + ``y_bias``), or None (norm of x alone), and
-        which also prefetches ``prefetch`` (``_prefetch``)."""
+        down product's float32 partial rows (summed in order, + ``y_bias``), or None (norm of x alone)."""
         if self.fused_norm:
             from .kernels import residual_rms_norm
 
-            return residual_rms_norm(x, y, wt, self.w.eps, self._scratch, y_bias, self.pdl, prefetch)
+            return residual_rms_norm(x, y, wt, self.w.eps, self._scratch, y_bias, self.pdl)
         if y is None:
             return x, self._norm(x, wt, b, ops)
         return ops.add_rms_norm(x, y, wt, self.w.eps) if b is None else ops.add_layer_norm(x, y, wt, b, self.w.eps)
@@ -828,16 +805,14 @@ class FastLM:
             mask = valid.view(1, 1, 1, -1)
         g = w.n_heads // w.n_kv_heads
         first = w.layers[0]
-        x, h = self._add_norm(x, None, first.norm1_w, first.norm1_b, ops, prefetch=self._prefetch(first.qkv_w))
+        x, h = self._add_norm(x, None, first.norm1_w, first.norm1_b, ops)
         for li, lw in enumerate(w.layers):
-            sparse = self.indexed and li in self.sparse_layers
-            idx = self._idx[self._row[li], :self.layer_k[li]] if sparse else None
             if self._attn is not None:  # fused RoPE + cache write + split-KV attention (kernels.py)
                 qkv = self._linear(lw.qkv_w, h, lw.qkv_b).view(-1)
                 o = torch.empty(w.n_heads * w.head_dim, device=qkv.device, dtype=qkv.dtype)
                 rope = w.rope_fn is not None
                 self._attn(qkv, self.cos if rope else None, self.sin if rope else None, self.k_cache[li],
-                           self.v_cache[li], pos, o, w.head_dim ** -0.5, self._prefetch(lw.o_w))
+                           self.v_cache[li], pos, o, w.head_dim ** -0.5)
             else:
                 q, k, v = self._qkv(lw, h, cos, sin, ops)
                 self.k_cache[li].index_copy_(2, pos, k)
@@ -846,22 +821,23 @@ class FastLM:
                 o = F.scaled_dot_product_attention(q.reshape(1, w.n_kv_heads, g, w.head_dim), self.k_cache[li],
                                                    self.v_cache[li], attn_mask=mask, scale=self._scale())
             o = self._linear(lw.o_w, o.reshape(1, 1, -1), lw.o_b)
-            compact = self.c_up[li] is not None
-            up_w = self.c_up[li] if compact else lw.up_w
-            x, h = self._add_norm(x, o, lw.norm2_w, lw.norm2_b, ops,
-                                  prefetch=self._prefetch(up_w, idx, gated=lw.ffn_kind != "mlp"))
+            sparse = self.indexed and li in self.sparse_layers
+            x, h = self._add_norm(x, o, lw.norm2_w, lw.norm2_b, ops)
             if sparse:  # core rows read in place (kernels.py)
                 from .kernels import gemv_rows
 
+                idx = self._idx[self._row[li], :self.layer_k[li]]
                 a = self._ffn_up(lw, lw.up_w, lw.up_b, h, idx)
                 y = torch.empty(w.hidden, device=h.device, dtype=h.dtype)
                 # fused_norm: the partial rows go unsummed to the residual add + norm below
                 y = gemv_rows(lw.down_t, a.view(-1), y, idx, lw.down_b, self._partial, self.rows_config,
-                              reduce=not self.fused_norm, pdl=self.pdl, ahead=self.l2_prefetch.get("rows_ahead", 0))
+                              reduce=not self.fused_norm, pdl=self.pdl)
                 y_bias = lw.down_b if y.dim() == 2 else None
                 if y.dim() == 1:
                     y = y.view(1, 1, -1)
             else:
+                compact = self.c_up[li] is not None
+                up_w = self.c_up[li] if compact else lw.up_w
                 up_b = (self.c_up_b[li] if compact else lw.up_b) if lw.up_b is not None else None
                 down = self.c_down[li] if compact else lw.down
                 a = self._ffn_up(lw, up_w, up_b, h)
@@ -869,9 +845,9 @@ class FastLM:
                 y_bias = None
             if li + 1 < len(w.layers):
                 nxt = w.layers[li + 1]
-                x, h = self._add_norm(x, y, nxt.norm1_w, nxt.norm1_b, ops, y_bias, self._prefetch(nxt.qkv_w))
+                x, h = self._add_norm(x, y, nxt.norm1_w, nxt.norm1_b, ops, y_bias)
             else:
-                x, h = self._add_norm(x, y, w.final_w, w.final_b, ops, y_bias, self._prefetch(w.lm_head))
+                x, h = self._add_norm(x, y, w.final_w, w.final_b, ops, y_bias)
         logits = self._linear(w.lm_head, h, None).view(-1)
         self._next_token(logits, mode)
         return logits
@@ -933,8 +909,7 @@ class FastLM:
             from .kernels import gemv
 
             out = torch.empty(weight.shape[0], device=x.device, dtype=x.dtype)
-            return gemv(weight, x.reshape(-1), out, bias, pdl=self.pdl, config=self.gemv_config,
-                        ahead=self.l2_prefetch.get("ahead", 0)).view(1, 1, -1)
+            return gemv(weight, x.reshape(-1), out, bias, pdl=self.pdl, config=self.gemv_config).view(1, 1, -1)
         return F.linear(x, weight, bias)
 
     def _kernel_act(self, lw: LayerWeights):
@@ -957,8 +932,7 @@ class FastLM:
                 n = (up_w.shape[0] // 2 if gated else up_w.shape[0]) if idx is None else idx.numel()
                 out = torch.empty(n, device=h.device, dtype=h.dtype)
                 return gemv(up_w, h.reshape(-1), out, up_b, gated=gated, act=code, act_up=lw.ffn_kind == "drelu",
-                            idx=idx, pdl=self.pdl, config=self.gemv_config_up or GEMV_CONFIG_UP,
-                            ahead=self.l2_prefetch.get("ahead", 0)).view(1, 1, -1)
+                            idx=idx, pdl=self.pdl, config=self.gemv_config_up or GEMV_CONFIG_UP).view(1, 1, -1)
             if idx is not None:
                 raise FastPathError(f"no fused kernel for activation {self.w.act!r}")  # excluded by self.indexed
         if lw.ffn_kind == "mlp":

@@ -16,7 +16,6 @@ the loads that do not depend on it (weights, earlier cache rows), and waits (``_
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
 
 import torch
 import triton
@@ -45,44 +44,6 @@ def _gdc_enter(GDC: tl.constexpr):
 
 
 @triton.jit
-def _l2_prefetch(ptrs, ok, NBYTES: tl.constexpr, LINES: tl.constexpr):
-    """A prefetch into L2 of NBYTES (a multiple of 16) at each of ``ptrs`` where ``ok``: a hint with no data
-    returned. Hopper's bulk prefetch (one instruction per pointer), or with LINES one ``prefetch.global.L2``
-    per 128-byte line. One element per thread (a tensor of 32 x num_warps), or every copy of an element
-    issues it."""
-    okv = ok.to(tl.int32)
-    if LINES:
-        step: tl.constexpr = 128 // (ptrs.dtype.element_ty.primitive_bitwidth // 8)
-        for j in tl.static_range(0, NBYTES // 128):
-            tl.inline_asm_elementwise(
-                "{ .reg .pred p; setp.ne.b32 p, $2, 0; @p prefetch.global.L2::evict_last [$1]; mov.u32 $0, 0; }",
-                "=r,l,r", [ptrs + j * step, okv], dtype=tl.int32, is_pure=False, pack=1)
-    else:
-        nbytes = tl.full(ptrs.shape, NBYTES, tl.int32)
-        tl.inline_asm_elementwise(
-            "{ .reg .pred p; setp.ne.b32 p, $2, 0; @p cp.async.bulk.prefetch.L2.global [$1], $3; mov.u32 $0, 0; }",
-            "=r,l,r,r", [ptrs, okv, nbytes], dtype=tl.int32, is_pure=False, pack=1)
-
-
-@triton.jit
-def _prefetch_rows(w_ptr, idx_ptr, first, count, n_slots, up_off, col0, K: tl.constexpr, NBYTES: tl.constexpr,
-                   NT: tl.constexpr, HAS_IDX: tl.constexpr, GATED: tl.constexpr, LINES: tl.constexpr = False):
-    """L2 prefetch of NBYTES from column col0 of the rows of a row-major (., K) matrix that slots [first,
-    first + count) (< n_slots, count <= NT) read: row idx[slot] (HAS_IDX) or slot, with GATED also that row +
-    up_off (a ``gemv``'s gate and up rows)."""
-    t = tl.arange(0, NT)
-    slots = first + t
-    ok = (t < count) & (slots < n_slots)
-    if HAS_IDX:
-        rows = tl.load(idx_ptr + slots, mask=ok, other=0).to(tl.int64)
-    else:
-        rows = slots.to(tl.int64)
-    _l2_prefetch(w_ptr + rows * K + col0, ok, NBYTES, LINES)
-    if GATED:
-        _l2_prefetch(w_ptr + (rows + up_off) * K + col0, ok, NBYTES, LINES)
-
-
-@triton.jit
 def _attn_combine(h, pos, m_ptr, l_ptr, acc_ptr, out_ptr, n_blocks,
                   HD: tl.constexpr, BLOCK_S: tl.constexpr, NB: tl.constexpr):
     """Merge head h's partials of the blocks up to ``pos`` into its output (.cg: written by other programs)."""
@@ -102,16 +63,11 @@ def _attn_combine(h, pos, m_ptr, l_ptr, acc_ptr, out_ptr, n_blocks,
 
 @triton.jit
 def _attn_kernel(qkv_ptr, cos_ptr, sin_ptr, kc_ptr, vc_ptr, pos_ptr, m_ptr, l_ptr, acc_ptr, count_ptr, out_ptr,
-                 scale, window, cache_len, n_blocks, pf_ptr, pf_idx_ptr, pf_slots, pf_up_off,
+                 scale, window, cache_len, n_blocks,
                  N_KV: tl.constexpr, GROUP: tl.constexpr, HD: tl.constexpr, ROPE: tl.constexpr,
-                 BLOCK_S: tl.constexpr, NB: tl.constexpr, GDC: tl.constexpr, PF_PER: tl.constexpr,
-                 PF_K: tl.constexpr, PF_NT: tl.constexpr, PF_IDX: tl.constexpr, PF_GATED: tl.constexpr,
-                 PF_LINES: tl.constexpr):
+                 BLOCK_S: tl.constexpr, NB: tl.constexpr, GDC: tl.constexpr):
     h = tl.program_id(0)
     b = tl.program_id(1)
-    if PF_PER > 0:  # the next GEMV's first rows into L2 while this latency-bound kernel runs (``PrefetchRows``)
-        _prefetch_rows(pf_ptr, pf_idx_ptr, (h * n_blocks + b) * PF_PER, PF_PER, pf_slots, pf_up_off, 0, PF_K,
-                       PF_K * (pf_ptr.dtype.element_ty.primitive_bitwidth // 8), PF_NT, PF_IDX, PF_GATED, PF_LINES)
     # pos and the cache rows < pos were written by earlier steps (and the prefill), never by the kernel this one
     # may overlap (PDL): they are read before waiting for it
     pos = tl.load(pos_ptr).to(tl.int32)
@@ -196,53 +152,17 @@ class DecodeAttention:
         self.acc = torch.empty(n_heads * self.n_blocks * head_dim, device=device, dtype=torch.float32)
         self.count = torch.zeros(n_heads, device=device, dtype=torch.int32)  # per head, zero between launches
 
-    def __call__(self, qkv, cos, sin, k_cache, v_cache, pos, out, scale: float,
-                 prefetch: "PrefetchRows | None" = None):
-        """qkv (nh*hd + 2*nkv*hd,) contiguous; caches (1, nkv, S, hd) contiguous; pos (1,) int64; out (nh*hd,).
-        ``prefetch``: rows of the next GEMV that the programs prefetch into L2 first."""
+    def __call__(self, qkv, cos, sin, k_cache, v_cache, pos, out, scale: float):
+        """qkv (nh*hd + 2*nkv*hd,) contiguous; caches (1, nkv, S, hd) contiguous; pos (1,) int64; out (nh*hd,)."""
         rope = cos is not None
         warps = 4 if self.block * self.head_dim <= 8192 else 8
-        nprog, nt = self.n_heads * self.n_blocks, 32 * warps
-        per = 0 if prefetch is None else min(nt, triton.cdiv(prefetch.n_slots(), nprog))
-        pf = _prefetch_args(prefetch, per, nt, qkv)
         _attn_kernel[(self.n_heads, self.n_blocks)](
             qkv, cos if rope else qkv, sin if rope else qkv, k_cache, v_cache, pos, self.m, self.l, self.acc,
             self.count, out, scale, self.window, k_cache.shape[2], self.n_blocks,
             N_KV=self.n_kv_heads, GROUP=self.n_heads // self.n_kv_heads, HD=self.head_dim, ROPE=rope,
-            BLOCK_S=self.block, NB=max(2, triton.next_power_of_2(self.n_blocks)), GDC=self.pdl, **pf,
-            num_warps=warps, **_launch(self.pdl))
+            BLOCK_S=self.block, NB=max(2, triton.next_power_of_2(self.n_blocks)), GDC=self.pdl, num_warps=warps,
+            **_launch(self.pdl))
         return out
-
-
-@dataclass(frozen=True)
-class PrefetchRows:
-    """The weight rows the step's next ``gemv`` reads first, which the latency-bound kernel launched before it
-    prefetches into L2 while it runs (Hopper): ``w`` (R, K) row-major, its output slots' rows ``idx`` (or the
-    slots themselves), ``gated`` (gate||up: also row + R/2), at most ``budget`` bytes, in the GEMV's order."""
-    w: torch.Tensor
-    idx: torch.Tensor | None = None
-    gated: bool = False
-    budget: int = 16 << 20
-    lines: bool = False  # one prefetch.global.L2 per 128-byte line instead of the bulk prefetch
-
-    def row_bytes(self) -> int:
-        return self.w.shape[1] * self.w.element_size()
-
-    def n_slots(self) -> int:
-        n = self.idx.numel() if self.idx is not None else self.w.shape[0] // (2 if self.gated else 1)
-        if self.row_bytes() % 16:  # the bulk prefetch moves multiples of 16 bytes
-            return 0
-        return min(n, self.budget // (self.row_bytes() * (2 if self.gated else 1)))
-
-
-def _prefetch_args(pf: PrefetchRows | None, per: int, nt: int, dummy: torch.Tensor) -> dict:
-    """A kernel's prefetch arguments: ``per`` slots per program of ``nt`` threads (0: no prefetch)."""
-    if pf is None or per == 0 or pf.n_slots() == 0:
-        return {"pf_ptr": dummy, "pf_idx_ptr": dummy, "pf_slots": 0, "pf_up_off": 0, "PF_PER": 0, "PF_K": 16,
-                "PF_NT": nt, "PF_IDX": False, "PF_GATED": False, "PF_LINES": False}
-    return {"pf_ptr": pf.w, "pf_idx_ptr": pf.idx if pf.idx is not None else pf.w, "pf_slots": pf.n_slots(),
-            "pf_up_off": pf.w.shape[0] // 2 if pf.gated else 0, "PF_PER": per, "PF_K": pf.w.shape[1], "PF_NT": nt,
-            "PF_IDX": pf.idx is not None, "PF_GATED": pf.gated, "PF_LINES": pf.lines}
 
 
 ACT_NONE, ACT_SILU, ACT_RELU = 0, 1, 2
@@ -262,15 +182,11 @@ def _act(y, ACT: tl.constexpr):
 def _gemv_kernel(w_ptr, x_ptr, b_ptr, y_ptr, idx_ptr, N, up_off,
                  K: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, HAS_BIAS: tl.constexpr,
                  GATED: tl.constexpr, ACT: tl.constexpr, ACT_UP: tl.constexpr, HAS_IDX: tl.constexpr,
-                 GDC: tl.constexpr, AHEAD: tl.constexpr, NT: tl.constexpr):
+                 GDC: tl.constexpr):
     """y (N,) = act(W[r] @ x + b[r]) for output slot i reading row r = i, or r = idx[i] with HAS_IDX (the core
     rows of the full matrix, read in place: no gathered copy); with GATED: act(W[r] @ x) * (W[r + up_off] @ x)
-    (act on both with ACT_UP: dReLU). W row-major with K columns; float32 accumulation; BLOCK_N slots per program.
-    AHEAD > 0: each program first prefetches into L2 the rows of the program AHEAD slots later (NT threads)."""
+    (act on both with ACT_UP: dReLU). W row-major with K columns; float32 accumulation; BLOCK_N slots per program."""
     pid = tl.program_id(0)
-    if AHEAD > 0:
-        _prefetch_rows(w_ptr, idx_ptr, pid * BLOCK_N + AHEAD, BLOCK_N, N, up_off, 0, K,
-                       K * (w_ptr.dtype.element_ty.primitive_bitwidth // 8), NT, HAS_IDX, GATED)
     slots = pid * BLOCK_N + tl.arange(0, BLOCK_N)
     row_ok = slots < N
     if HAS_IDX:
@@ -322,18 +238,15 @@ GEMV_CONFIG_UP = (1, 4096, 4, 2)  # gate||up (two rows per output) and fc1
 
 def gemv(w: torch.Tensor, x: torch.Tensor, out: torch.Tensor, bias: torch.Tensor | None = None, *,
          gated: bool = False, act: int = ACT_NONE, act_up: bool = False, idx: torch.Tensor | None = None,
-         pdl: bool = False, config=None, ahead: int = 0) -> torch.Tensor:
+         pdl: bool = False, config=None) -> torch.Tensor:
     """Batch-1 matrix-vector product for the decode step (measured faster than cuBLAS on these shapes, see
     docs/benchmarks.md). ``w`` (R, K) contiguous, ``x`` (K,), ``out`` (N,). Output i reads row i, or row
     ``idx[i]`` when ``idx`` (N,) is given (and ``bias[idx[i]]``). With ``gated`` the rows are gate||up:
     R = 2 * (rows of one part) and out = act(gate x) * up x, the up row ``R/2`` after its gate row.
-    ``pdl``: launched as a programmatic dependent launch (``pdl_supported``). ``ahead`` > 0 (Hopper): each
-    program prefetches into L2 the rows of the slots ``ahead`` later before it waits for the previous kernel."""
+    ``pdl``: launched as a programmatic dependent launch (``pdl_supported``)."""
     bn, bk, warps, stages = config or GEMV_CONFIG
     n = out.numel()
     k = w.shape[1]
-    if (k * w.element_size()) % 16 or bn > 32 * warps:
-        ahead = 0
     if idx is not None and idx.numel() != n:
         raise ValueError(f"idx has {idx.numel()} entries for {n} outputs")
     block_k = bk if k >= bk else max(16, triton.next_power_of_2(k))
@@ -341,8 +254,7 @@ def gemv(w: torch.Tensor, x: torch.Tensor, out: torch.Tensor, bias: torch.Tensor
                                         n, w.shape[0] // 2 if gated else 0,
                                         K=k, BLOCK_N=bn, BLOCK_K=block_k, HAS_BIAS=bias is not None, GATED=gated,
                                         ACT=act, ACT_UP=act_up, HAS_IDX=idx is not None, GDC=pdl,
-                                        AHEAD=ahead, NT=32 * warps, num_warps=warps, num_stages=stages,
-                                        **_launch(pdl))
+                                        num_warps=warps, num_stages=stages, **_launch(pdl))
     return out
 
 
@@ -350,22 +262,17 @@ def gemv(w: torch.Tensor, x: torch.Tensor, out: torch.Tensor, bias: torch.Tensor
 def _gemv_rows_kernel(w_ptr, idx_ptr, x_ptr, b_ptr, y_ptr, part_ptr,
                       N: tl.constexpr, R: tl.constexpr, PER: tl.constexpr, BLOCK_N: tl.constexpr,
                       BLOCK_R: tl.constexpr, SPLIT: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_IDX: tl.constexpr,
-                      GDC: tl.constexpr, AHEAD: tl.constexpr, NT: tl.constexpr):
+                      GDC: tl.constexpr):
     """y (N,) = sum_j x[j] * W[r_j, :] (+ b) over the R slots j, r_j = idx[j] (or j): a vector times the
     (indexed) rows of a row-major (., N) matrix, e.g. the compact activation times the core rows of the
     transposed down projection. Program (n, s) owns BLOCK_N columns and the s-th of SPLIT runs of PER slots;
     with SPLIT > 1 it writes a float32 partial row, summed in order by ``_split_sum_kernel`` (or by
-    ``_residual_rms_kernel``, fused with the residual add and the next RMSNorm). AHEAD > 0: the program first
-    prefetches into L2 its columns of the AHEAD (<= PER - BLOCK_R) rows after its first BLOCK_R (NT threads;
-    BLOCK_N divides N)."""
+    ``_residual_rms_kernel``, fused with the residual add and the next RMSNorm)."""
     pid_n = tl.program_id(0)
     pid_s = tl.program_id(1)
     cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     col_ok = cols < N
     start = pid_s * PER
-    if AHEAD > 0:
-        _prefetch_rows(w_ptr, idx_ptr, start + BLOCK_R, AHEAD, R, 0, pid_n * BLOCK_N, N,
-                       BLOCK_N * (w_ptr.dtype.element_ty.primitive_bitwidth // 8), NT, HAS_IDX, False)
     # the first rows' loads go out before waiting for the previous kernel (the indices are written per prompt,
     # before the step runs)
     slots = start + tl.arange(0, BLOCK_R)
@@ -424,20 +331,16 @@ GEMV_ROWS_CANDIDATES = ((2048, 4, 64, 8, 3), (1024, 4, 128, 4, 3), (2048, 4, 32,
 
 def gemv_rows(w: torch.Tensor, x: torch.Tensor, out: torch.Tensor, idx: torch.Tensor | None = None,
               bias: torch.Tensor | None = None, partial: torch.Tensor | None = None, config=None, *,
-              reduce: bool = True, pdl: bool = False, ahead: int = 0) -> torch.Tensor:
+              reduce: bool = True, pdl: bool = False) -> torch.Tensor:
     """out (N,) = x (R,) @ W[idx] (R, N) (+ bias): ``w`` (M, N) row-major (e.g. the down projection stored
     transposed, (I, H)), rows ``idx`` (R,) (all of its first R rows without). ``partial`` (SPLIT, N) float32
     scratch is needed when the config splits the rows (fixed address for graph capture). With
     ``reduce=False`` a split product returns the partial rows (SPLIT, N) unsummed and without the bias (for
-    ``residual_rms_norm``); an unsplit one returns ``out`` as usual. ``ahead`` > 0 (Hopper): each program
-    prefetches into L2 the ``ahead`` rows after its first ones before it waits for the previous kernel."""
+    ``residual_rms_norm``); an unsplit one returns ``out`` as usual."""
     bn, br, split, warps, stages = config or GEMV_ROWS_CONFIG
     n = out.numel()
     r = x.numel()
     bn = min(bn, max(16, triton.next_power_of_2(n)))
-    if n % bn or (bn * w.element_size()) % 16:
-        ahead = 0
-    ahead = max(0, min(ahead, 32 * warps))
     if w.shape[1] != n or (idx is not None and idx.numel() != r):
         raise ValueError(f"gemv_rows: w {tuple(w.shape)}, x ({r},), idx {None if idx is None else idx.numel()}, out ({n},)")
     split = max(1, min(split, triton.cdiv(r, br)))
@@ -448,7 +351,7 @@ def gemv_rows(w: torch.Tensor, x: torch.Tensor, out: torch.Tensor, idx: torch.Te
     _gemv_rows_kernel[(triton.cdiv(n, bn), split)](
         w, idx if idx is not None else x, x, bias if bias is not None else w, out, partial if split > 1 else out,
         N=n, R=r, PER=per, BLOCK_N=bn, BLOCK_R=br, SPLIT=split, HAS_BIAS=bias is not None, HAS_IDX=idx is not None,
-        GDC=pdl, AHEAD=min(ahead, per - br), NT=32 * warps, num_warps=warps, num_stages=stages, **_launch(pdl))
+        GDC=pdl, num_warps=warps, num_stages=stages, **_launch(pdl))
     if split > 1:
         if not reduce:
             return partial.view(-1)[:split * n].view(split, n)
@@ -474,22 +377,13 @@ def gemv_rows_split(n: int, r: int, config=None) -> int:
 def _residual_rms_kernel(x_ptr, y_ptr, b_ptr, w_ptr, x_out_ptr, h_out_ptr, ss_ptr, count_ptr, eps,
                          H: tl.constexpr, H_P2: tl.constexpr, BLOCK: tl.constexpr, NPROG: tl.constexpr,
                          NP2: tl.constexpr, SPLIT: tl.constexpr, Y_MODE: tl.constexpr, HAS_BIAS: tl.constexpr,
-                         GDC: tl.constexpr, pf_ptr, pf_idx_ptr, pf_slots, pf_up_off, PF_PER: tl.constexpr,
-                         PF_K: tl.constexpr, PF_NT: tl.constexpr, PF_IDX: tl.constexpr, PF_GATED: tl.constexpr,
-                         PF_LINES: tl.constexpr):
+                         GDC: tl.constexpr):
     """s = x + y in the model dtype (as PyTorch adds), written to x_out; h_out = w * (s * rsqrt(mean(s^2) + eps))
     exactly as ``fastlm.rms_norm`` rounds it. y: none (Y_MODE 0), a model-dtype vector (1), or SPLIT float32
     partial rows of ``gemv_rows`` summed in order (+ bias) and rounded to the model dtype (2), which is what
     the unfused step stores. Each program owns BLOCK columns and leaves its sum of squares; the last program
-    to finish (an atomic counter, reset for the next launch) adds them in program order and normalises.
-    Programs NPROG and after only prefetch PF_PER slots each of the next GEMV's rows into L2 (``PrefetchRows``)."""
+    to finish (an atomic counter, reset for the next launch) adds them in program order and normalises."""
     pid = tl.program_id(0)
-    if PF_PER > 0:
-        if pid >= NPROG:
-            _prefetch_rows(pf_ptr, pf_idx_ptr, (pid - NPROG) * PF_PER, PF_PER, pf_slots, pf_up_off, 0, PF_K,
-                           PF_K * (pf_ptr.dtype.element_ty.primitive_bitwidth // 8), PF_NT, PF_IDX, PF_GATED,
-                           PF_LINES)
-            return
     _gdc_enter(GDC)
     cols = pid * BLOCK + tl.arange(0, BLOCK)
     ok = cols < H
@@ -538,17 +432,14 @@ class StepScratch:
         self.counts = torch.zeros(2, dtype=torch.int32, device=device)
 
 
-RESIDUAL_PREFETCH_PER = 32  # next-GEMV slots each prefetch program of residual_rms_norm prefetches (512 KB gated)
 RESIDUAL_BLOCK, RESIDUAL_BLOCK_SPLIT = 1024, 128  # columns per program: a vector y / partial rows (more parallel)
 ARGMAX_BLOCK = 4096
 
 
 def residual_rms_norm(x: torch.Tensor, y: torch.Tensor | None, weight: torch.Tensor, eps: float, scratch: StepScratch,
-                      bias: torch.Tensor | None = None, pdl: bool = False,
-                      prefetch: PrefetchRows | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                      bias: torch.Tensor | None = None, pdl: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """(x + y, RMSNorm(x + y) * weight) in one launch: ``y`` None, an (H,) vector of x's dtype, or (SPLIT, H)
-    float32 partial rows from ``gemv_rows(reduce=False)`` (summed in order, + ``bias``). ``prefetch``: rows of
-    the next GEMV that extra programs of the launch prefetch into L2 (``RESIDUAL_PREFETCH_PER`` slots each)."""
+    float32 partial rows from ``gemv_rows(reduce=False)`` (summed in order, + ``bias``)."""
     h = x.numel()
     x_out = torch.empty_like(x)
     h_out = torch.empty_like(x)
@@ -567,15 +458,11 @@ def residual_rms_norm(x: torch.Tensor, y: torch.Tensor | None, weight: torch.Ten
     nprog = triton.cdiv(h, block)
     if nprog > scratch.n_ss:
         raise ValueError(f"residual_rms_norm: {nprog} programs, scratch for {scratch.n_ss}")
-    per = RESIDUAL_PREFETCH_PER if prefetch is not None and prefetch.n_slots() else 0
-    pf = _prefetch_args(prefetch, per, 128, x)
-    n_pf = triton.cdiv(prefetch.n_slots(), per) if per else 0
-    _residual_rms_kernel[(nprog + n_pf,)](x, y if y is not None else x, bias if bias is not None else weight, weight,
-                                          x_out, h_out, scratch.ss, scratch.counts, float(eps), H=h,
-                                          H_P2=triton.next_power_of_2(h), BLOCK=block, NPROG=nprog,
-                                          NP2=triton.next_power_of_2(max(2, nprog)), SPLIT=split, Y_MODE=mode,
-                                          HAS_BIAS=bias is not None, GDC=pdl, **pf, num_warps=4,
-                                          **_launch(pdl))
+    _residual_rms_kernel[(nprog,)](x, y if y is not None else x, bias if bias is not None else weight, weight, x_out,
+                                   h_out, scratch.ss, scratch.counts, float(eps), H=h,
+                                   H_P2=triton.next_power_of_2(h), BLOCK=block, NPROG=nprog,
+                                   NP2=triton.next_power_of_2(max(2, nprog)), SPLIT=split, Y_MODE=mode,
+                                   HAS_BIAS=bias is not None, GDC=pdl, num_warps=4, **_launch(pdl))
     return x_out, h_out
 
 

@@ -421,35 +421,6 @@ def test_cuda_fused_pdl_step_equals_plain_step():
     assert fused.generate(prompt, 12).tokens == plain.generate(prompt, 12).tokens
 
 
-@pytest.mark.gpu
-@needs_cuda
-@pytest.mark.parametrize("beta", [None, 0.4])
-def test_cuda_l2_prefetch_changes_no_result(beta):
-    """The L2 prefetches (every kind, budgets that cover some rows and all) are hints: the step with them gives
-    bit-identical logits and tokens to the step without, and the prefetch launches leave the reductions'
-    counters as they found them (a second call matches too)."""
-    from coreinfer.runtime.cuda import kernels
-
-    if not kernels.pdl_supported():
-        pytest.skip("the L2 prefetch needs Hopper (sm_90)")
-    torch.manual_seed(7)
-    cfg = transformers.LlamaConfig(hidden_size=1024, intermediate_size=2048, num_hidden_layers=2, num_attention_heads=8,
-                                   num_key_value_heads=2, vocab_size=5000, max_position_embeddings=256)
-    model = transformers.AutoModelForCausalLM.from_config(cfg).cuda().eval()
-    weights = FastWeights.from_hf(model)
-    prompt, cont = _ids(40, 73, 5000), _ids(12, 74, 5000)
-    base = FastLM(weights, max_seq_len=64, kept_fraction=beta)
-    ref, core = base.forced_logits(prompt, cont)
-    tokens = base.generate(prompt, 12).tokens
-    for l2 in ({"next_mb": 0.5, "ahead": 64, "rows_ahead": 4}, {"next_mb": 64, "ahead": 2048, "rows_ahead": 256}):
-        fast = step_variant(weights, {"l2_prefetch": l2}, max_seq_len=64, kept_fraction=beta)
-        for _ in range(2):
-            got, got_core = fast.forced_logits(prompt, cont)
-            assert torch.equal(got, ref), l2
-            assert all(torch.equal(got_core[i], core[i]) for i in core)
-            assert fast.generate(prompt, 12).tokens == tokens
-
-
 # ---------------------------------------------------------------------------------------------- SparseLM hook
 
 
