@@ -344,7 +344,8 @@ def step_variants(variants: list[dict], log=print, spec: str = "llama-3.1-8b", b
                                             kept_fraction=beta).forced_logits(ids, cont, core_sets=core or None)
                 row = {"step": variant, "beta": beta, "decode_tok_s": row["decode_tok_s"],
                        "pct_roofline": 100 * row["decode_tok_s"] / bench.roofline_tok_s(row["bytes_per_token"], bw),
-                       "ttft_ms": row["ttft_ms"],
+                       "ttft_ms": row["ttft_ms"], "prefill_ms": row["prefill_ms"], "select_ms": row["select_ms"],
+                       "gather_ms": row["gather_ms"], "peak_mem_gb": row["peak_mem_gb"],
                        "rel_err_vs_plain": ((got - ref).norm(dim=-1) / ref.norm(dim=-1)).max().item(),
                        "top1_vs_plain": (got.argmax(-1) == ref.argmax(-1)).float().mean().item()}
                 del fast

@@ -217,8 +217,8 @@ for L, I, T in [(3, 40, 6), (2, 300, 100), (1, 9, 1), (5, 70, 256)]:
 print("select_kernels passed")
 
 # the gather-free decode end to end (tiny models, float32, CPU): gemv="triton" reads the core rows in place
-# (the Llama step with its fused residual + RMSNorm launches, or unfused), gemv="torch" decodes from gathered
-# compact buffers; same core sets -> same logits
+# (the Llama step with its fused residual + RMSNorm launches, or unfused), gemv="torch" (and the Triton
+# GEMVs with gather_free=False) decode from gathered compact buffers; same core sets -> same logits
 import transformers  # noqa: E402
 
 from coreinfer.runtime.cuda.bench import step_variant  # noqa: E402
@@ -243,6 +243,13 @@ for family in ("llama", "opt"):
         assert all(torch.equal(core[i], core_ref[i]) for i in core)
         err = (got - ref).abs().max().item()
         assert err < 1e-4, (family, fused, err)
+    # the benchmark variant gather_free=False: the gathered compact buffers through the Triton GEMVs
+    compact = step_variant(w, {"gemv": "triton", "gather_free": False}, max_seq_len=32, kept_fraction=0.3,
+                           sparse_layers=range(1, 3))
+    assert not compact.indexed and compact.c_up[1] is not None and compact.c_up[0] is None
+    got, core = compact.forced_logits(prompt, cont)
+    assert all(torch.equal(core[i], core_ref[i]) for i in core)
+    assert (got - ref).abs().max().item() < 1e-4, (family, "compact")
     # per-layer core-set sizes (a calibrated budget): rows of different lengths in the one index buffer
     lk = {0: 20, 2: 57}
     got, core = step_variant(w, {"gemv": "triton"}, max_seq_len=32, layer_k=lk).forced_logits(prompt, cont)

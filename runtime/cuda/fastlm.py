@@ -49,7 +49,7 @@ SUPPORTED = ("llama", "mistral", "qwen2", "opt")
 PAD = 64  # compact FFN slots are padded to a multiple of this (see FastLM.__init__)
 # how a decode step can be built (FastLM._step_overrides); the product always builds the device's default
 STEP_CHOICES = ("cuda_graph", "compile_elementwise", "attention", "gemv", "pdl", "fused_norm", "gemv_config",
-                "gemv_config_up", "rows_config")
+                "gemv_config_up", "rows_config", "gather_free")
 DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
@@ -464,8 +464,12 @@ class FastLM:
         # * gathered (cuBLAS GEMVs, and CPU): compact FFN buffers at fixed addresses, refilled per prompt by
         #   index_select(out=...). The k neuron slots are padded to a multiple of PAD with zero rows (zero in,
         #   zero out: the function is unchanged), so cuBLAS picks its aligned fast GEMV kernels.
-        self.indexed = self.k is not None and self.gemv == "triton" and all(
+        # (``gather_free=False``, a benchmark variant: the compact buffers with the Triton GEMVs)
+        can_index = self.k is not None and self.gemv == "triton" and all(
             self._kernel_act(w.layers[li]) is not None for li in self.sparse_layers)
+        if step.get("gather_free") and not can_index:
+            raise FastPathError("gather_free=True needs a sparse step with gemv='triton' and a SiLU/ReLU FFN")
+        self.indexed = can_index and step.get("gather_free") is not False
         self.k_pad = {li: -(-k // PAD) * PAD for li, k in layer_k.items()}
         self.c_up, self.c_up_b, self.c_down = [None] * n_layers, [None] * n_layers, [None] * n_layers
         self._idx = self._partial = None

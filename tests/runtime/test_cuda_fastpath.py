@@ -321,6 +321,27 @@ def test_cuda_gather_free_decode_equals_gathered(family):
 
 @pytest.mark.gpu
 @needs_cuda
+@pytest.mark.parametrize("layer_k", [None, {0: 33, 2: 101}])
+def test_cuda_compact_triton_step_equals_gathered_cublas(layer_k):
+    """The benchmark variant ``gather_free=False`` (compact buffers, Triton GEMVs: the down product a plain GEMV
+    over the gathered (H, k) columns) against the cuBLAS step on the same buffers, float32, same core sets."""
+    model = _tiny("llama", seed=44, device="cuda")
+    weights = FastWeights.from_hf(model)
+    prompt, cont = _ids(20, 46), _ids(8, 47)
+    kw = {"layer_k": layer_k} if layer_k else {"kept_fraction": 0.4}
+    compact = step_variant(weights, {"gather_free": False}, max_seq_len=64, **kw)
+    assert compact.gemv == "triton" and not compact.indexed and compact._partial is None
+    got, core = compact.forced_logits(prompt, cont)
+    ref, core_ref = step_variant(weights, {"gemv": "torch", "attention": "sdpa", "pdl": False, "cuda_graph": False},
+                                 max_seq_len=64, **kw).forced_logits(prompt, cont)
+    assert all(torch.equal(core[i], core_ref[i]) for i in core)
+    assert (got - ref).abs().max().item() < 1e-3
+    with pytest.raises(FastPathError, match="gather_free=True needs a sparse step"):
+        step_variant(weights, {"gather_free": True}, max_seq_len=64)
+
+
+@pytest.mark.gpu
+@needs_cuda
 def test_no_gpu_dtype_and_cache_errors_on_cuda():
     model = _tiny("llama", seed=1, dtype=torch.bfloat16, device="cuda")
     fast = FastLM(FastWeights.from_hf(model), max_seq_len=16, kept_fraction=0.4)
