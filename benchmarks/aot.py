@@ -158,7 +158,9 @@ def step_kernels(spec: str = "llama-3.1-8b", kept_fraction: float | None = 0.4, 
     return out
 
 
-# Triton launches of a step outside its layers: the first RMSNorm, the lm_head GEMV, argmax + counters
+# Triton launches of a step outside its layers: one RMSNorm (the final one of the default step, whose other norms
+# are folded into the GEMVs; the first one of the step with norm launches, fold_norm=False), the lm_head GEMV,
+# argmax + counters
 STEP_TRITON_LAUNCHES_OUTSIDE_LAYERS = 3
 
 

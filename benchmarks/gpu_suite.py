@@ -320,7 +320,8 @@ def step_variants(variants: list[dict], log=print, spec: str = "llama-3.1-8b", b
                   new_tokens: int = 128, repeats: int = 3) -> dict:
     """Decode-step variants (``bench.step_variant`` choices) side by side on one set of weights, dense and
     sparse: median decode tok/s, and teacher-forced logits against the plain step (Triton GEMVs, but the
-    residual adds and norms unfused, no PDL) given the same core sets (max relative error, top-1 agreement)."""
+    residual adds and norms unfused, no PDL) given the same core sets (max relative error, top-1 agreement), and
+    against the truth: the plain step in float32 on the same (upcast) weights and core sets."""
     from coreinfer.runtime.cuda import bench
     from coreinfer.runtime.cuda.fastlm import FastWeights
 
@@ -329,28 +330,46 @@ def step_variants(variants: list[dict], log=print, spec: str = "llama-3.1-8b", b
     ids = bench.bench_prompt(tok, vocab).cuda()
     cont = torch.randint(0, vocab, (16,), generator=torch.Generator().manual_seed(99))
     weights = FastWeights.from_hf(model)
-    del model
-    bw = bench.copy_bandwidth()
-    rows = []
+    refs = {}
     for beta in betas:
         plain = bench.step_variant(weights, {"fused_norm": False, "pdl": False}, max_seq_len=ids.numel() + 32,
                                    kept_fraction=beta)
-        ref, core = plain.forced_logits(ids, cont)
+        refs[beta] = plain.forced_logits(ids, cont)
         del plain
+    weights32 = FastWeights.from_hf(model.float())  # the truth: float32 arithmetic, the same weight values
+    truth = {beta: bench.step_variant(weights32, {"fused_norm": False, "pdl": False}, max_seq_len=ids.numel() + 32,
+                                      kept_fraction=beta).forced_logits(ids, cont, core_sets=refs[beta][1] or None)[0]
+             for beta in betas}
+    del model, weights32
+    _free_cuda()
+    bw = bench.copy_bandwidth()
+    rows = []
+
+    def rel(a, b):
+        return ((a - b).norm(dim=-1) / b.norm(dim=-1)).max().item()
+
+    for beta in betas:
+        ref, core = refs[beta]
+        log(f"[variants] beta {beta}: the plain bf16 step against the float32 truth: rel err {rel(ref, truth[beta]):.4f}")
         for variant in variants:
+            given = bool(variant.get("given"))  # not a step choice: the calls are given their core sets
+            variant = {k: v for k, v in variant.items() if k != "given"}
             try:
-                row, fast = bench.fast_bench(weights, ids, new_tokens, repeats, beta, step=variant)
+                row, fast = bench.fast_bench(weights, ids, new_tokens, repeats, beta, step=variant, given=given)
                 got, _ = bench.step_variant(weights, variant, max_seq_len=ids.numel() + 32,
                                             kept_fraction=beta).forced_logits(ids, cont, core_sets=core or None)
-                row = {"step": variant, "beta": beta, "decode_tok_s": row["decode_tok_s"],
+                row = {"step": variant, "beta": beta, "given": given, "wall_ms": row["wall_ms"],
+                       "gather_side_ms": row["gather_side_ms"], "decode_tok_s": row["decode_tok_s"],
                        "pct_roofline": 100 * row["decode_tok_s"] / bench.roofline_tok_s(row["bytes_per_token"], bw),
                        "ttft_ms": row["ttft_ms"], "prefill_ms": row["prefill_ms"], "select_ms": row["select_ms"],
                        "gather_ms": row["gather_ms"], "peak_mem_gb": row["peak_mem_gb"],
-                       "rel_err_vs_plain": ((got - ref).norm(dim=-1) / ref.norm(dim=-1)).max().item(),
-                       "top1_vs_plain": (got.argmax(-1) == ref.argmax(-1)).float().mean().item()}
+                       "rel_err_vs_plain": rel(got, ref),
+                       "top1_vs_plain": (got.argmax(-1) == ref.argmax(-1)).float().mean().item(),
+                       "rel_err_vs_f32": rel(got, truth[beta]), "plain_rel_err_vs_f32": rel(ref, truth[beta]),
+                       "top1_vs_f32": (got.argmax(-1) == truth[beta].argmax(-1)).float().mean().item()}
                 del fast
             except Exception as err:  # recorded, never hidden
-                row = {"step": variant, "beta": beta, "error": repr(err)}
+                row = {"step": variant, "beta": beta, "given": given, "error": repr(err)}
             rows.append(row)
             log(f"[variants] {row}")
             _free_cuda()
@@ -567,7 +586,8 @@ def main(argv=None) -> int:
     ap.add_argument("--tests-timeout", type=float, default=480, help="seconds before the tests step is stopped")
     ap.add_argument("--variant-betas", default="dense,0.4", help="kept fractions of the variants step ('dense': none)")
     ap.add_argument("--variants", default='[{}, {"pdl": false}]',
-                    help="JSON list of bench.step_variant choices timed side by side (variants step)")
+                    help="JSON list of bench.step_variant choices timed side by side (variants step); "
+                         "\"given\": true in one makes its calls take their core sets before the prefill")
     args = ap.parse_args(argv)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

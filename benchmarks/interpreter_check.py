@@ -238,7 +238,7 @@ for family in ("llama", "opt"):
     for fused in ((True, False) if family == "llama" else (False,)):
         idx_lm = step_variant(w, {"gemv": "triton", "fused_norm": fused}, max_seq_len=32, kept_fraction=0.3,
                               sparse_layers=range(1, 3))
-        assert idx_lm.indexed and idx_lm.c_up[1] is None and idx_lm.fused_norm == fused
+        assert idx_lm.indexed and idx_lm.c_up[1] is None and idx_lm.fused_norm == fused and idx_lm.fold_norm == fused
         got, core = idx_lm.forced_logits(prompt, cont)
         assert all(torch.equal(core[i], core_ref[i]) for i in core)
         err = (got - ref).abs().max().item()
@@ -250,6 +250,16 @@ for family in ("llama", "opt"):
     got, core = compact.forced_logits(prompt, cont)
     assert all(torch.equal(core[i], core_ref[i]) for i in core)
     assert (got - ref).abs().max().item() < 1e-4, (family, "compact")
+    if family == "llama":  # the step with its norm launches (fold_norm=False) and the default (folded), dense
+        for step, kw in (({"fold_norm": False}, {}), ({"fold_norm": False, "gather_free": False}, {}),
+                         ({"fold_norm": False}, {"kept_fraction": None}), ({}, {"kept_fraction": None})):
+            kw = {"kept_fraction": 0.3, "sparse_layers": range(1, 3), **kw}
+            lm = step_variant(w, {"gemv": "triton", **step}, max_seq_len=32, **kw)
+            got, core = lm.forced_logits(prompt, cont)
+            want, core_want = FastLM(w, max_seq_len=32, **kw).forced_logits(prompt, cont)
+            assert lm.fold_norm == (step.get("fold_norm") is not False)
+            assert all(torch.equal(core[i], core_want[i]) for i in core)
+            assert (got - want).abs().max().item() < 1e-4, (family, step, kw)
     # per-layer core-set sizes (a calibrated budget): rows of different lengths in the one index buffer
     lk = {0: 20, 2: 57}
     got, core = step_variant(w, {"gemv": "triton"}, max_seq_len=32, layer_k=lk).forced_logits(prompt, cont)

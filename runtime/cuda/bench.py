@@ -78,7 +78,7 @@ def shape_bytes_per_token(name: str, elem_bytes: int, kept_fraction: float | Non
     I, nkv = c["intermediate_size"], c["num_key_value_heads"]
     hd = H // nh
     k = I if kept_fraction is None else kept_count(kept_fraction, I)
-    attn = H * (nh + 2 * nkv) * hd + H * nh * hd + 2 * H
+    attn = H * (nh + 2 * nkv) * hd + H * nh * hd  # the two RMSNorm weights are folded into qkv / gate||up
     return elem_bytes * (L * (attn + 3 * H * k) + H + V * H + H)
 
 
@@ -203,17 +203,33 @@ def step_variant(weights, step: dict | None = None, **kwargs):
 
 
 def fast_bench(weights, ids: torch.Tensor, new_tokens: int, repeats: int, kept_fraction, sparse_layers=None,
-               label=None, step: dict | None = None) -> dict:
-    """One row: our fast path (the product's step, or the ``step_variant`` ``step``) timed on ``ids``."""
+               label=None, step: dict | None = None, given: bool = False) -> dict:
+    """One row: our fast path (the product's step, or the ``step_variant`` ``step``) timed on ``ids``.
+
+    ``given``: the timed calls are given their core sets before the prefill, as similarity-guided calls are
+    (the warm-up call's own selection); the row then also has ``wall_ms``, the median wall time of untimed
+    calls (no synchronisation between the phases), which is what overlapping work shows in."""
     torch.cuda.reset_peak_memory_stats()
     t0 = time.perf_counter()
     fast = step_variant(weights, step, max_seq_len=ids.numel() + new_tokens, kept_fraction=kept_fraction,
                         sparse_layers=sparse_layers)
     fast.warmup()
     setup_s = time.perf_counter() - t0
-    fast.generate(ids, new_tokens, timing=True)  # warm-up
-    runs = [fast.generate(ids, new_tokens, timing=True) for _ in range(repeats)]
+    first = fast.generate(ids, new_tokens, timing=True)  # warm-up
+    sets = first.core_sets if (given and kept_fraction is not None) else None
+    if sets is not None:
+        fast.generate(ids, new_tokens, timing=True, core_sets=sets)  # warm-up of the given-sets call
+    runs = [fast.generate(ids, new_tokens, timing=True, core_sets=sets) for _ in range(repeats)]
     med = {k: statistics.median(r.timings[k] for r in runs) for k in ("prefill_ms", "select_ms", "gather_ms", "ttft_ms", "decode_ms")}
+    wall = None
+    if sets is not None:
+        walls = []
+        for _ in range(repeats):
+            torch.cuda.synchronize()
+            t = time.perf_counter()
+            fast.generate(ids, new_tokens, core_sets=sets)
+            walls.append((time.perf_counter() - t) * 1e3)
+        wall = statistics.median(walls)
     steps = runs[0].timings["decode_steps"]
     row = {"path": label or ("fast-dense" if kept_fraction is None else "fast-sparse"),
            "kept_fraction": fast.kept_fraction_overall(), "beta": kept_fraction,
@@ -225,13 +241,16 @@ def fast_bench(weights, ids: torch.Tensor, new_tokens: int, repeats: int, kept_f
            "cuda_graph": fast.cuda_graph, "compiled_elementwise": fast.ops.compiled, "attention": fast.attention,
            "gemv": fast.gemv, "pdl": fast.pdl, "fused_norm": fast.fused_norm, "gemv_config": fast.gemv_config,
            "rows_config": fast.rows_config, "gather_free": fast.indexed, "down_t_gb": weights.down_t_bytes() / 1e9,
-           "tokens": runs[0].tokens}
+           "tokens": runs[0].tokens, "given": sets is not None, "wall_ms": wall,
+           "gather_side_ms": statistics.median(r.timings.get("gather_side_ms", 0.0) for r in runs)}
     row["select_gather_pct_prefill"] = 100 * (med["select_ms"] + med["gather_ms"]) / med["prefill_ms"]
     return row, fast
 
 
 # the ablation rows of ``bench_model``: (label, kept fraction, step_variant), what each piece of the step is worth
 ABLATION = (
+    ("fast-dense-norm-launches", None, {"fold_norm": False}),
+    ("fast-sparse-norm-launches", 0.4, {"fold_norm": False}),
     ("fast-dense-no-pdl-unfused-norm", None, {"pdl": False, "fused_norm": False}),
     ("fast-sparse-no-pdl", 0.4, {"pdl": False}),
     ("fast-sparse-no-pdl-unfused-norm", 0.4, {"pdl": False, "fused_norm": False}),
@@ -411,16 +430,18 @@ def bench_model(spec: str, dtype: torch.dtype, betas, new_tokens: int, repeats: 
     _free()
     res["bandwidth_gb_s"] = bandwidth / 1e9
     base = dict(step or {})
-    configs = [(None, None, base)] + [(None, b, base) for b in betas]
+    configs = [(None, None, base, False)] + [(None, b, base, False) for b in betas]
+    # the same kept fractions with the core sets given before the prefill, as similarity-guided calls have them
+    configs += [("fast-sparse-given", b, base, True) for b in betas]
     if ablation:
-        configs += [(label, b, {**base, **st}) for label, b, st in ABLATION]
-    for label, beta, st in configs:
+        configs += [(label, b, {**base, **st}, False) for label, b, st in ABLATION]
+    for label, beta, st, given in configs:
         graph = st.get("cuda_graph", True)
         if st.get("gemv") == "torch":
             st = {k: v for k, v in st.items() if k not in ("rows_config", "gemv_config", "gemv_config_up")}
         try:
             row, fast = fast_bench(weights, ids, new_tokens if graph else min(new_tokens, 32), repeats, beta,
-                                   sparse_layers, label=label, step=st)
+                                   sparse_layers, label=label, step=st, given=given)
         except Exception as err:
             res["rows"].append({"path": label or ("fast-dense" if beta is None else "fast-sparse"), "beta": beta,
                                 "error": repr(err)})

@@ -10,13 +10,16 @@ adapter. ``FastLM`` adds, for one kept fraction ``beta``:
   ``selection.stability_select_layers`` (the one selection implementation). With the Triton GEMVs (CUDA
   default) the decode is gather-free: the kernels read the core rows of gate||up and of a row-major (I, H)
   copy of the down projection in place, by index, from one fixed-address index buffer, so the per-prompt
-  "gather" is writing k indices per layer. With cuBLAS GEMVs (and on CPU) the core rows are gathered into
-  preallocated compact buffers (zero-padded to a multiple of ``PAD``). Either way nothing the captured
-  CUDA graph reads moves, so one graph of the decode step stays valid for every prompt;
+  "gather" is writing k indices per layer. A call given its core sets before the prefill (similarity-
+  guided) decodes from compact buffers instead, gathered on a second stream under the prefill
+  (``compact_given``). With cuBLAS GEMVs (and on CPU) the core rows are always gathered into preallocated
+  compact buffers (zero-padded to a multiple of ``PAD``). Either way nothing the captured CUDA graph reads
+  moves, so one graph of the decode step (per mode) stays valid for every prompt;
 * the decode step (embed -> layers -> lm_head -> argmax -> feed back) captured once in a CUDA graph:
   the whole decode loop is ``graph.replay()`` with no host work or synchronisation in between. On CUDA
   its pieces are Triton kernels (``kernels.py``: split-KV attention with RoPE and the cache write, the
-  matrix-vector products with the FFN activation fused) and ``torch.compile``d element-wise fusions.
+  matrix-vector products with the FFN activation fused, the RMSNorms folded into them and the residual
+  adds in their epilogues) and ``torch.compile``d element-wise fusions.
 
 Prefill runs eagerly (dense FFN: the prompt's activations choose the core set); the first new token
 comes from the prefill's logits, every later one from the compact FFN, as in CoreInfer.
@@ -49,7 +52,7 @@ SUPPORTED = ("llama", "mistral", "qwen2", "opt")
 PAD = 64  # compact FFN slots are padded to a multiple of this (see FastLM.__init__)
 # how a decode step can be built (FastLM._step_overrides); the product always builds the device's default
 STEP_CHOICES = ("cuda_graph", "compile_elementwise", "attention", "gemv", "pdl", "fused_norm", "gemv_config",
-                "gemv_config_up", "rows_config", "gather_free")
+                "gemv_config_up", "rows_config", "gather_free", "fold_norm", "compact_given")
 DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
@@ -87,14 +90,15 @@ def check_device_dtype(device: torch.device | str, dtype: torch.dtype) -> torch.
 # element-wise pieces of the step (pure functions; compiled into fused kernels for the CUDA decode step)
 
 
-def rms_norm(x: torch.Tensor, w: torch.Tensor, eps: float) -> torch.Tensor:
-    """Llama RMSNorm exactly as Hugging Face computes it (float32 statistics, weight in model dtype)."""
+def rms_norm(x: torch.Tensor, w: torch.Tensor | None, eps: float) -> torch.Tensor:
+    """Llama RMSNorm exactly as Hugging Face computes it (float32 statistics, weight in model dtype); ``w``
+    None: the weight is folded into the next product's weights."""
     h = x.float()
     h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)
-    return w * h.to(x.dtype)
+    return h.to(x.dtype) if w is None else w * h.to(x.dtype)
 
 
-def add_rms_norm(x: torch.Tensor, y: torch.Tensor, w: torch.Tensor, eps: float):
+def add_rms_norm(x: torch.Tensor, y: torch.Tensor, w: torch.Tensor | None, eps: float):
     s = x + y
     return s, rms_norm(s, w, eps)
 
@@ -157,13 +161,13 @@ class _Ops:
 
 @dataclass
 class LayerWeights:
-    norm1_w: torch.Tensor
+    norm1_w: torch.Tensor | None  # None: folded into qkv_w (RMSNorm models, see FastWeights)
     norm1_b: torch.Tensor | None
     qkv_w: torch.Tensor  # (nh*hd + 2*nkv*hd, H)
     qkv_b: torch.Tensor | None
     o_w: torch.Tensor  # (H, nh*hd)
     o_b: torch.Tensor | None
-    norm2_w: torch.Tensor
+    norm2_w: torch.Tensor | None  # None: folded into up_w
     norm2_b: torch.Tensor | None
     ffn_kind: str  # gated | drelu | mlp
     up_w: torch.Tensor  # gated/drelu: (2I, H) gate||up ; mlp: fc1 (I, H)
@@ -177,13 +181,28 @@ class LayerWeights:
                             self.norm2_b, self.up_w, self.up_b, self.down, self.down_b) if t is not None]
 
 
+def _fold(weight: torch.Tensor, norm_w: torch.Tensor) -> torch.Tensor:
+    """A new (N, H) tensor: ``weight`` with the RMSNorm weight (H,) multiplied into its columns, W @ (g * x) =
+    (W * g) @ x, computed in float32 a block of rows at a time and rounded once."""
+    out = torch.empty(weight.shape, device=weight.device, dtype=weight.dtype)
+    g = norm_w.detach().float()
+    for r in range(0, weight.shape[0], 4096):
+        out[r:r + 4096] = (weight[r:r + 4096].detach().float() * g).to(weight.dtype)
+    return out
+
+
 def _nbytes(ts) -> int:
     return sum(t.numel() * t.element_size() for t in ts if t is not None)
 
 
 @dataclass
 class FastWeights:
-    """One model's weights in decode layouts. Built once; shared by any number of ``FastLM`` instances."""
+    """One model's weights in decode layouts. Built once; shared by any number of ``FastLM`` instances.
+
+    RMSNorm models (family "llama"): each layer's two norm weights are folded into the columns of the fused
+    q||k||v and gate||up copies (W @ (g * n(x)) = (W * g) @ n(x), rounded once to the model dtype), so the
+    decode step's GEMVs normalise their own input and no launch of its own is left for the norms
+    (``LayerWeights.norm1_w`` / ``norm2_w`` are then None); the final norm keeps its weight (lm_head is shared)."""
 
     family: str  # "llama" (llama/mistral/qwen2) | "opt"
     model_type: str
@@ -259,13 +278,16 @@ class FastWeights:
                 at = layer.self_attn
                 if hasattr(at, "q_norm"):
                     raise FastPathError(f"{model_type} attention with q/k norms is not supported by the fast path")
-                qkv_w = torch.cat([at.q_proj.weight, at.k_proj.weight, at.v_proj.weight], 0).contiguous()
+                qkv_w = _fold(torch.cat([at.q_proj.weight, at.k_proj.weight, at.v_proj.weight], 0),
+                              layer.input_layernorm.weight)
                 biases = [at.q_proj.bias, at.k_proj.bias, at.v_proj.bias]
                 qkv_b = torch.cat(biases, 0).contiguous() if biases[0] is not None else None
+                ffn_w = _ffn_layout(ffn)
+                ffn_w["up_w"] = _fold(ffn_w["up_w"], layer.post_attention_layernorm.weight)
                 layers.append(LayerWeights(
-                    norm1_w=layer.input_layernorm.weight.detach(), norm1_b=None, qkv_w=qkv_w, qkv_b=qkv_b,
+                    norm1_w=None, norm1_b=None, qkv_w=qkv_w, qkv_b=qkv_b,
                     o_w=at.o_proj.weight.detach(), o_b=None if at.o_proj.bias is None else at.o_proj.bias.detach(),
-                    norm2_w=layer.post_attention_layernorm.weight.detach(), norm2_b=None, **_ffn_layout(ffn)))
+                    norm2_w=None, norm2_b=None, **ffn_w))
         rotary = inner.rotary_emb
         emb = inner.embed_tokens.weight.detach()
 
@@ -434,6 +456,7 @@ class FastLM:
         self.gemv = self._pick_gemv(step.get("gemv"), on_cuda)
         self.pdl = self._pick_pdl(step.get("pdl"))
         self.fused_norm = self._pick_fused_norm(step.get("fused_norm"))
+        self.fold_norm = self._pick_fold_norm(step.get("fold_norm"))
         self.gemv_config = step.get("gemv_config")  # the Triton GEMV's kernel config (None: kernels.GEMV_CONFIG)
         # ... of gate||up / fc1 (None: kernels.GEMV_CONFIG_UP)
         self.gemv_config_up = step.get("gemv_config_up") or self.gemv_config
@@ -470,6 +493,15 @@ class FastLM:
         if step.get("gather_free") and not can_index:
             raise FastPathError("gather_free=True needs a sparse step with gemv='triton' and a SiLU/ReLU FFN")
         self.indexed = can_index and step.get("gather_free") is not False
+        # compact_given: with the gather-free step, a call given its core sets before the prefill (similarity-
+        # guided) decodes from compact buffers instead, gathered on a second stream while the host-bound prefill
+        # launches its kernels (allocated on the first such call); measured 4-10% less wall time per call
+        # (docs/benchmarks.md). ``compact_given=False``: such calls read the core rows in place too.
+        given = step.get("compact_given")
+        if given and not (self.indexed and on_cuda):
+            raise FastPathError("compact_given=True needs the gather-free sparse step on a CUDA device")
+        self.compact_given = (self.indexed and on_cuda) if given is None else bool(given)
+        self._side = None  # the stream of that gather
         self.k_pad = {li: -(-k // PAD) * PAD for li, k in layer_k.items()}
         self.c_up, self.c_up_b, self.c_down = [None] * n_layers, [None] * n_layers, [None] * n_layers
         self._idx = self._partial = None
@@ -483,13 +515,8 @@ class FastLM:
             self._idx = torch.zeros(len(self.sparse_layers), -(-self.k // 16) * 16, dtype=torch.int32, device=dev)
             split = max(gemv_rows_split(w.hidden, k, rows_config) for k in layer_k.values())
             self._partial = torch.empty(split, w.hidden, device=dev, dtype=torch.float32) if split > 1 else None
-        for li in (self.sparse_layers if not self.indexed else ()):
-            lw = w.layers[li]
-            kp = self.k_pad[li]
-            rows = 2 * kp if lw.ffn_kind != "mlp" else kp
-            self.c_up[li] = torch.zeros(rows, w.hidden, device=dev, dtype=dt)
-            self.c_up_b[li] = None if lw.up_b is None else torch.zeros(kp, device=dev, dtype=dt)
-            self.c_down[li] = torch.zeros(w.hidden, kp, device=dev, dtype=dt)  # (H, kp) like the model's
+        if not self.indexed:
+            self._alloc_compact()
         # static step state
         self._tok = torch.zeros(1, dtype=torch.long, device=dev)
         self._pos = torch.zeros(1, dtype=torch.long, device=dev)
@@ -504,6 +531,17 @@ class FastLM:
         self._seed = torch.zeros(1, dtype=torch.long, device=dev)
         self._logit_rows = None  # (cache_len, V) per-step logits, allocated by the first call that keeps them
         self._host_out = None  # pinned copy of _out that chunks of new tokens are read back through
+
+    def _alloc_compact(self) -> None:
+        """The compact FFN buffers of the sparse layers (zero-padded to ``k_pad`` slots)."""
+        w, dev, dt = self.w, self.w.device, self.w.dtype
+        for li in self.sparse_layers:
+            lw = w.layers[li]
+            kp = self.k_pad[li]
+            rows = 2 * kp if lw.ffn_kind != "mlp" else kp
+            self.c_up[li] = torch.zeros(rows, w.hidden, device=dev, dtype=dt)
+            self.c_up_b[li] = None if lw.up_b is None else torch.zeros(kp, device=dev, dtype=dt)
+            self.c_down[li] = torch.zeros(w.hidden, kp, device=dev, dtype=dt)  # (H, kp) like the model's
 
     def _step_overrides(self) -> dict:
         """How this instance's decode step departs from the device's default (``STEP_CHOICES``): never, for the
@@ -568,6 +606,19 @@ class FastLM:
         if not ok:
             raise FastPathError("pdl=True needs a CUDA device of compute capability >= 9.0 (Hopper); use pdl=False")
         return True
+
+    def _pick_fold_norm(self, fold_norm: bool | None) -> bool:
+        """No residual + RMSNorm launches between the layers: the o / down products add the residual in their
+        epilogue, the qkv / gate||up products read the raw residual (their weights hold the norm's, folded by
+        ``FastWeights``) and scale by its rsqrt(mean square), which each program computes from the input it
+        loads. Default: on where the fused norms are (measured +2-5% dense, +4-7% sparse: docs/benchmarks.md);
+        ``fold_norm=False`` is the step with the norm launches (a benchmark variant)."""
+        ok = self.fused_norm and all(lw.norm1_w is None and lw.norm2_w is None and self._kernel_act(lw) is not None
+                                     for lw in self.w.layers)
+        if fold_norm and not ok:
+            raise FastPathError("fold_norm=True needs the fused residual + RMSNorm step (gemv='triton', an RMSNorm "
+                                "model) and a SiLU/ReLU FFN")
+        return ok if fold_norm is None else bool(fold_norm)
 
     def _pick_fused_norm(self, fused_norm: bool | None) -> bool:
         """Residual add + RMSNorm (+ the split down product's sum) and argmax + step counters as one Triton
@@ -642,10 +693,12 @@ class FastLM:
             return x, self._norm(x, wt, b, ops)
         return ops.add_rms_norm(x, y, wt, self.w.eps) if b is None else ops.add_layer_norm(x, y, wt, b, self.w.eps)
 
-    def _qkv(self, lw: LayerWeights, h: torch.Tensor, cos, sin, ops):
+    def _qkv(self, lw: LayerWeights, h: torch.Tensor, cos, sin, ops, qkv: torch.Tensor | None = None):
+        """(q, k, v) heads of ``h`` (1, T, H), RoPE applied; ``qkv`` (1, T, .): the projection already made."""
         w = self.w
         T = h.shape[1]
-        qkv = F.linear(h, lw.qkv_w, lw.qkv_b)
+        if qkv is None:
+            qkv = F.linear(h, lw.qkv_w, lw.qkv_b)
         nq, nk = w.n_heads * w.head_dim, w.n_kv_heads * w.head_dim
         q = qkv[..., :nq].view(1, T, w.n_heads, w.head_dim).transpose(1, 2)
         k = qkv[..., nq:nq + nk].view(1, T, w.n_kv_heads, w.head_dim).transpose(1, 2)
@@ -764,16 +817,38 @@ class FastLM:
         return [select_from_statistics(counts[j:j + 1], sums[j:j + 1], self.layer_k[li], n_tokens)[0]
                 for j, li in enumerate(self.sparse_layers)]
 
-    def _gather(self, sets: list[torch.Tensor]) -> None:
+    def _gather(self, sets: list[torch.Tensor], compact: bool = False) -> None:
         """Make the decode use core sets ``sets`` (one per sparse layer): write the index buffer (gather-free
-        path) or gather the compact buffers."""
+        path) and/or gather the compact buffers (``compact``, or no gather-free path); with both, the gather
+        runs on a second stream, which the decode waits for (``_join_gather``)."""
         if self.indexed:
             if self.uniform_k is not None:
                 self._idx[:, :self.uniform_k].copy_(torch.stack(sets))
             else:
                 for j, idx in enumerate(sets):
                     self._idx[j, :idx.numel()].copy_(idx)
+            if not compact:
+                return
+            side = self._side_stream()
+            side.wait_stream(torch.cuda.current_stream())  # the sets, and earlier decodes of these buffers
+            with torch.cuda.stream(side):
+                self._gather_compact(sets)
+            for idx in sets:
+                idx.record_stream(side)
             return
+        self._gather_compact(sets)
+
+    def _side_stream(self) -> "torch.cuda.Stream":
+        if self._side is None:
+            self._side = torch.cuda.Stream(self.w.device)
+        return self._side
+
+    def _join_gather(self) -> None:
+        """The current stream waits (on the device) for the side-stream gather of ``_gather(compact=True)``."""
+        if self._side is not None:
+            torch.cuda.current_stream().wait_stream(self._side)
+
+    def _gather_compact(self, sets: list[torch.Tensor]) -> None:
         I = self.w.n_neurons
         for j, li in enumerate(self.sparse_layers):
             lw = self.w.layers[li]
@@ -796,36 +871,19 @@ class FastLM:
         ``_pos`` and ``_step``; returns logits.
         """
         mode = mode or GREEDY
+        if self.fold_norm:
+            return self._decode_step_folded(mode)
         w, ops = self.w, self.ops
         pos = self._pos
         x = self._embed(self._tok, pos)
-        cos = sin = mask = None
-        if self.attention == "sdpa":
-            if w.rope_fn is not None:
-                cos, sin = self.cos.index_select(0, pos), self.sin.index_select(0, pos)
-            valid = self._slots <= pos
-            if w.sliding_window is not None:
-                valid = valid & (self._slots > pos - w.sliding_window)
-            mask = valid.view(1, 1, 1, -1)
-        g = w.n_heads // w.n_kv_heads
+        rope = self._step_rope()
         first = w.layers[0]
         x, h = self._add_norm(x, None, first.norm1_w, first.norm1_b, ops)
         for li, lw in enumerate(w.layers):
-            if self._attn is not None:  # fused RoPE + cache write + split-KV attention (kernels.py)
-                qkv = self._linear(lw.qkv_w, h, lw.qkv_b).view(-1)
-                o = torch.empty(w.n_heads * w.head_dim, device=qkv.device, dtype=qkv.dtype)
-                rope = w.rope_fn is not None
-                self._attn(qkv, self.cos if rope else None, self.sin if rope else None, self.k_cache[li],
-                           self.v_cache[li], pos, o, w.head_dim ** -0.5)
-            else:
-                q, k, v = self._qkv(lw, h, cos, sin, ops)
-                self.k_cache[li].index_copy_(2, pos, k)
-                self.v_cache[li].index_copy_(2, pos, v)
-                # GQA for one query token: the g query heads of a kv head become g query rows
-                o = F.scaled_dot_product_attention(q.reshape(1, w.n_kv_heads, g, w.head_dim), self.k_cache[li],
-                                                   self.v_cache[li], attn_mask=mask, scale=self._scale())
+            qkv = self._linear(lw.qkv_w, h, lw.qkv_b) if self._attn is not None else None
+            o = self._attend(li, lw, h, qkv, rope)
             o = self._linear(lw.o_w, o.reshape(1, 1, -1), lw.o_b)
-            sparse = self.indexed and li in self.sparse_layers
+            sparse = self.indexed and not mode.compact and li in self.sparse_layers
             x, h = self._add_norm(x, o, lw.norm2_w, lw.norm2_b, ops)
             if sparse:  # core rows read in place (kernels.py)
                 from .kernels import gemv_rows
@@ -840,7 +898,7 @@ class FastLM:
                 if y.dim() == 1:
                     y = y.view(1, 1, -1)
             else:
-                compact = self.c_up[li] is not None
+                compact = li in self.layer_k and (mode.compact or not self.indexed)
                 up_w = self.c_up[li] if compact else lw.up_w
                 up_b = (self.c_up_b[li] if compact else lw.up_b) if lw.up_b is not None else None
                 down = self.c_down[li] if compact else lw.down
@@ -853,6 +911,80 @@ class FastLM:
             else:
                 x, h = self._add_norm(x, y, w.final_w, w.final_b, ops, y_bias)
         logits = self._linear(w.lm_head, h, None).view(-1)
+        self._next_token(logits, mode)
+        return logits
+
+    def _step_rope(self):
+        """(cos, sin, mask) of the new position for the PyTorch attention (None for the Triton kernel, which
+        reads them itself)."""
+        w, pos = self.w, self._pos
+        if self.attention != "sdpa":
+            return None
+        cos = sin = None
+        if w.rope_fn is not None:
+            cos, sin = self.cos.index_select(0, pos), self.sin.index_select(0, pos)
+        valid = self._slots <= pos
+        if w.sliding_window is not None:
+            valid = valid & (self._slots > pos - w.sliding_window)
+        return cos, sin, valid.view(1, 1, 1, -1)
+
+    def _attend(self, li: int, lw: LayerWeights, h: torch.Tensor, qkv: torch.Tensor | None, rope) -> torch.Tensor:
+        """Attention of the new token at layer ``li`` (its k/v written into the cache): the fused Triton
+        launch from the projection ``qkv``, or PyTorch from ``h`` (or ``qkv`` where given) and ``rope``."""
+        w = self.w
+        if self._attn is not None:  # fused RoPE + cache write + split-KV attention (kernels.py)
+            qkv = qkv.view(-1)
+            o = torch.empty(w.n_heads * w.head_dim, device=qkv.device, dtype=qkv.dtype)
+            has_rope = w.rope_fn is not None
+            self._attn(qkv, self.cos if has_rope else None, self.sin if has_rope else None, self.k_cache[li],
+                       self.v_cache[li], self._pos, o, w.head_dim ** -0.5)
+            return o
+        cos, sin, mask = rope
+        q, k, v = self._qkv(lw, h.view(1, 1, -1), cos, sin, self.ops, None if qkv is None else qkv.view(1, 1, -1))
+        self.k_cache[li].index_copy_(2, self._pos, k)
+        self.v_cache[li].index_copy_(2, self._pos, v)
+        # GQA for one query token: the g query heads of a kv head become g query rows
+        g = w.n_heads // w.n_kv_heads
+        return F.scaled_dot_product_attention(q.reshape(1, w.n_kv_heads, g, w.head_dim), self.k_cache[li],
+                                              self.v_cache[li], attn_mask=mask, scale=self._scale())
+
+    def _decode_step_folded(self, mode: "_Mode") -> torch.Tensor:
+        """``_decode_step`` with the norms folded into the GEMVs (``fold_norm``): five launches per layer (qkv,
+        attention, o + residual, gate||up, down + residual; the gather-free down product's partial rows are
+        summed with the residual in a sixth), then the final norm, lm_head and the next token."""
+        from .kernels import GEMV_CONFIG_UP, gemv, gemv_rows, residual_rms_norm
+
+        w, pos, eps, dev, dt = self.w, self._pos, self.w.eps, self.w.device, self.w.dtype
+        rope = self._step_rope()
+        x = self._embed(self._tok, pos).view(-1)
+        for li, lw in enumerate(w.layers):
+            qkv = gemv(lw.qkv_w, x, torch.empty(lw.qkv_w.shape[0], device=dev, dtype=dt), lw.qkv_b, pdl=self.pdl,
+                       config=self.gemv_config, norm_eps=eps)
+            o = self._attend(li, lw, x, qkv, rope).reshape(-1)
+            x = gemv(lw.o_w, o, torch.empty(w.hidden, device=dev, dtype=dt), lw.o_b, pdl=self.pdl,
+                     config=self.gemv_config, residual=x)
+            gated, code = lw.ffn_kind != "mlp", self._kernel_act(lw)
+            indexed = self.indexed and not mode.compact and li in self.sparse_layers
+            compact = li in self.layer_k and (mode.compact or not self.indexed)
+            idx = self._idx[self._row[li], :self.layer_k[li]] if indexed else None
+            up_w = self.c_up[li] if compact else lw.up_w
+            up_b = (self.c_up_b[li] if compact else lw.up_b) if lw.up_b is not None else None
+            n = idx.numel() if indexed else (up_w.shape[0] // 2 if gated else up_w.shape[0])
+            a = gemv(up_w, x, torch.empty(n, device=dev, dtype=dt), up_b, gated=gated, act=code,
+                     act_up=lw.ffn_kind == "drelu", idx=idx, pdl=self.pdl,
+                     config=self.gemv_config_up or GEMV_CONFIG_UP, norm_eps=eps)
+            y = torch.empty(w.hidden, device=dev, dtype=dt)
+            if indexed:
+                y = gemv_rows(lw.down_t, a, y, idx, lw.down_b, self._partial, self.rows_config, reduce=False,
+                              pdl=self.pdl)
+                x, _ = residual_rms_norm(x, y, None, eps, self._scratch, lw.down_b if y.dim() == 2 else None,
+                                         self.pdl, norm=False)
+            else:
+                x = gemv(self.c_down[li] if compact else lw.down, a, y, lw.down_b, pdl=self.pdl,
+                         config=self.gemv_config, residual=x)
+        _, h = residual_rms_norm(x, None, w.final_w, eps, self._scratch, pdl=self.pdl)
+        logits = gemv(w.lm_head, h, torch.empty(w.lm_head.shape[0], device=dev, dtype=dt), pdl=self.pdl,
+                      config=self.gemv_config)
         self._next_token(logits, mode)
         return logits
 
@@ -979,8 +1111,9 @@ class FastLM:
 
     # ---- public calls (each holds the instance lock throughout)
 
-    def _set_sampling(self, sampling: "Sampling | None", keep_logits: bool, n_rows: int) -> "_Mode":
-        mode = _Mode.of(sampling, keep_logits)
+    def _set_sampling(self, sampling: "Sampling | None", keep_logits: bool, n_rows: int,
+                      compact: bool = False) -> "_Mode":
+        mode = _Mode.of(sampling, keep_logits, compact)
         if sampling is not None:
             self._temp.fill_(sampling.temperature)
             self._top_p.fill_(sampling.top_p if sampling.top_p is not None else 1.0)
@@ -996,14 +1129,23 @@ class FastLM:
                sparse_prefill: bool = False):
         mode = mode or GREEDY
         dev_sync = torch.cuda.synchronize if (sync and self.w.device.type == "cuda") else (lambda: None)
+        if mode.compact and self.c_up[self.sparse_layers[0]] is None:
+            self._alloc_compact()
         self._ensure_graph(mode)
         if sparse_prefill and (core_sets is None or self.k is None):
             raise FastPathError("sparse_prefill needs core sets known before the prefill (similarity-guided prompts)")
         dev_sync()
         t0 = time.perf_counter()
         given = self._stack_core_sets(core_sets) if (self.k is not None and core_sets is not None) else None
-        if sparse_prefill:
-            self._gather(given)
+        early = given is not None and (sparse_prefill or mode.compact)  # gathered before (and under) the prefill
+        if early:
+            side = None
+            if mode.compact and sync:
+                side = (torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True))
+                side[0].record(self._side_stream())
+            self._gather(given, compact=mode.compact)
+            if side is not None:
+                side[1].record(self._side_stream())
         logits, acts = self._prefill_forward(ids, select=core_sets is None, sparse=sparse_prefill)
         dev_sync()
         t1 = time.perf_counter()
@@ -1014,12 +1156,14 @@ class FastLM:
             chosen = {li: sets[j] for j, li in enumerate(self.sparse_layers)}
             dev_sync()
             t2 = time.perf_counter()
-            if not sparse_prefill:
+            if not early:
                 self._gather(sets)
             dev_sync()
             t3 = time.perf_counter()
         else:
             t2 = t3 = t1
+        if mode.compact:
+            self._join_gather()
         del acts
         T = ids.numel()
         self._pos.fill_(T - 1)  # the first new token comes from the prefill's logits, picked as every later one
@@ -1027,6 +1171,8 @@ class FastLM:
         self._next_token(logits, mode)
         if sync:
             timings.update(prefill_ms=(t1 - t0) * 1e3, select_ms=(t2 - t1) * 1e3, gather_ms=(t3 - t2) * 1e3)
+            if early and mode.compact:  # its device time, under the prefill (which waited for it, if it was longer)
+                timings["gather_side_ms"] = side[0].elapsed_time(side[1])
         return logits, chosen, t0
 
     def generate(self, input_ids, max_new_tokens: int, eos_token_id: int | list[int] | None = None,
@@ -1046,7 +1192,8 @@ class FastLM:
             ids = self._check_request(input_ids, max_new_tokens)
             timings: dict = {}
             on_cuda = self.w.device.type == "cuda"
-            mode = self._set_sampling(sampling, keep_logits, max_new_tokens)
+            mode = self._set_sampling(sampling, keep_logits, max_new_tokens,
+                                      compact=self.compact_given and core_sets is not None and self.k is not None)
             _, chosen, t0 = self._start(ids, timings, timing, core_sets, mode, sparse_prefill)
             eos = set([eos_token_id] if isinstance(eos_token_id, int) else (eos_token_id or []))
             watched = on_tokens is not None
@@ -1120,11 +1267,12 @@ class FastLM:
         cont = [int(t) for t in torch.as_tensor(continuation).view(-1).tolist()]
         with self._lock, torch.inference_mode():
             ids = self._check_request(input_ids, len(cont) + 1)
-            logits, chosen, _ = self._start(ids, {}, False, core_sets)
+            mode = _Mode(compact=self.compact_given and core_sets is not None and self.k is not None)
+            logits, chosen, _ = self._start(ids, {}, False, core_sets, mode)
             rows = [logits.float().clone()]
             for t in cont:
                 self._tok.fill_(t)
-                rows.append(self._run_step(GREEDY).float().clone())
+                rows.append(self._run_step(mode).float().clone())
             return torch.stack(rows), chosen
 
 
@@ -1160,12 +1308,13 @@ class _Mode:
     top_k: int | None = None
     top_p: bool = False
     keep_logits: bool = False
+    compact: bool = False  # the sparse layers read the compact buffers (``compact_given``), not the core rows in place
 
     @classmethod
-    def of(cls, sampling: "Sampling | None", keep_logits: bool) -> "_Mode":
+    def of(cls, sampling: "Sampling | None", keep_logits: bool, compact: bool = False) -> "_Mode":
         if sampling is None:
-            return cls(keep_logits=keep_logits)
-        return cls(True, sampling.top_k, sampling.top_p is not None and sampling.top_p < 1, keep_logits)
+            return cls(keep_logits=keep_logits, compact=compact)
+        return cls(True, sampling.top_k, sampling.top_p is not None and sampling.top_p < 1, keep_logits, compact)
 
 
 GREEDY = _Mode()

@@ -179,13 +179,17 @@ def _act(y, ACT: tl.constexpr):
 
 
 @triton.jit
-def _gemv_kernel(w_ptr, x_ptr, b_ptr, y_ptr, idx_ptr, N, up_off,
+def _gemv_kernel(w_ptr, x_ptr, b_ptr, y_ptr, idx_ptr, res_ptr, N, up_off, eps,
                  K: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, HAS_BIAS: tl.constexpr,
                  GATED: tl.constexpr, ACT: tl.constexpr, ACT_UP: tl.constexpr, HAS_IDX: tl.constexpr,
-                 GDC: tl.constexpr):
+                 NORM_IN: tl.constexpr, RES: tl.constexpr, GDC: tl.constexpr):
     """y (N,) = act(W[r] @ x + b[r]) for output slot i reading row r = i, or r = idx[i] with HAS_IDX (the core
     rows of the full matrix, read in place: no gathered copy); with GATED: act(W[r] @ x) * (W[r + up_off] @ x)
-    (act on both with ACT_UP: dReLU). W row-major with K columns; float32 accumulation; BLOCK_N slots per program."""
+    (act on both with ACT_UP: dReLU). W row-major with K columns; float32 accumulation; BLOCK_N slots per program.
+
+    NORM_IN: x is the raw residual and W has the RMSNorm's weight folded into its columns, so the products are
+    scaled by rsqrt(mean(x^2) + eps) before the bias and the activation (the norm without a launch of its own).
+    RES: y = res + W @ x, the product rounded to y's dtype before the add (as the unfused step adds)."""
     pid = tl.program_id(0)
     slots = pid * BLOCK_N + tl.arange(0, BLOCK_N)
     row_ok = slots < N
@@ -205,10 +209,13 @@ def _gemv_kernel(w_ptr, x_ptr, b_ptr, y_ptr, idx_ptr, N, up_off,
     xv = tl.load(x_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)
     acc = w.to(tl.float32) * xv[None, :]
     acc_u = wu.to(tl.float32) * xv[None, :]
+    sq = xv * xv
     for k0 in range(BLOCK_K, K, BLOCK_K):
         cols = k0 + tl.arange(0, BLOCK_K)
         col_ok = cols < K
         xv = tl.load(x_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)
+        if NORM_IN:
+            sq += xv * xv
         ok = row_ok[:, None] & col_ok[None, :]
         w = tl.load(w_ptr + rows[:, None] * K + cols[None, :], mask=ok, other=0.0)
         acc += w.to(tl.float32) * xv[None, :]
@@ -216,14 +223,22 @@ def _gemv_kernel(w_ptr, x_ptr, b_ptr, y_ptr, idx_ptr, N, up_off,
             wu = tl.load(w_ptr + (rows[:, None] + up_off) * K + cols[None, :], mask=ok, other=0.0)
             acc_u += wu.to(tl.float32) * xv[None, :]
     y = tl.sum(acc, axis=1)
+    if NORM_IN:
+        rstd = tl.rsqrt(tl.sum(sq, axis=0) / K + eps)
+        y = y * rstd
     if HAS_BIAS:
         y += tl.load(b_ptr + rows, mask=row_ok, other=0.0).to(tl.float32)
     y = _act(y, ACT)
     if GATED:
         u = tl.sum(acc_u, axis=1)
+        if NORM_IN:
+            u = u * rstd
         if ACT_UP:
             u = _act(u, ACT)
         y = y * u
+    if RES:
+        r = tl.load(res_ptr + slots, mask=row_ok, other=0.0).to(tl.float32)
+        y = r + y.to(y_ptr.dtype.element_ty).to(tl.float32)
     tl.store(y_ptr + slots, y.to(y_ptr.dtype.element_ty), mask=row_ok)
 
 
@@ -238,22 +253,29 @@ GEMV_CONFIG_UP = (1, 4096, 4, 2)  # gate||up (two rows per output) and fc1
 
 def gemv(w: torch.Tensor, x: torch.Tensor, out: torch.Tensor, bias: torch.Tensor | None = None, *,
          gated: bool = False, act: int = ACT_NONE, act_up: bool = False, idx: torch.Tensor | None = None,
-         pdl: bool = False, config=None) -> torch.Tensor:
+         pdl: bool = False, config=None, norm_eps: float | None = None,
+         residual: torch.Tensor | None = None) -> torch.Tensor:
     """Batch-1 matrix-vector product for the decode step (measured faster than cuBLAS on these shapes, see
     docs/benchmarks.md). ``w`` (R, K) contiguous, ``x`` (K,), ``out`` (N,). Output i reads row i, or row
     ``idx[i]`` when ``idx`` (N,) is given (and ``bias[idx[i]]``). With ``gated`` the rows are gate||up:
     R = 2 * (rows of one part) and out = act(gate x) * up x, the up row ``R/2`` after its gate row.
-    ``pdl``: launched as a programmatic dependent launch (``pdl_supported``)."""
+    ``norm_eps``: x is un-normalised and ``w`` holds the RMSNorm weight folded into its columns
+    (``fold_norm``): the products are scaled by rsqrt(mean(x^2) + norm_eps). ``residual`` (N,): out =
+    residual + the product. ``pdl``: launched as a programmatic dependent launch (``pdl_supported``)."""
     bn, bk, warps, stages = config or GEMV_CONFIG
     n = out.numel()
     k = w.shape[1]
     if idx is not None and idx.numel() != n:
         raise ValueError(f"idx has {idx.numel()} entries for {n} outputs")
+    if residual is not None and residual.numel() != n:
+        raise ValueError(f"residual has {residual.numel()} entries for {n} outputs")
     block_k = bk if k >= bk else max(16, triton.next_power_of_2(k))
     _gemv_kernel[(triton.cdiv(n, bn),)](w, x, bias if bias is not None else w, out, idx if idx is not None else out,
-                                        n, w.shape[0] // 2 if gated else 0,
+                                        residual if residual is not None else out, n, w.shape[0] // 2 if gated else 0,
+                                        float(norm_eps or 0.0),
                                         K=k, BLOCK_N=bn, BLOCK_K=block_k, HAS_BIAS=bias is not None, GATED=gated,
-                                        ACT=act, ACT_UP=act_up, HAS_IDX=idx is not None, GDC=pdl,
+                                        ACT=act, ACT_UP=act_up, HAS_IDX=idx is not None, NORM_IN=norm_eps is not None,
+                                        RES=residual is not None, GDC=pdl,
                                         num_warps=warps, num_stages=stages, **_launch(pdl))
     return out
 
@@ -377,12 +399,14 @@ def gemv_rows_split(n: int, r: int, config=None) -> int:
 def _residual_rms_kernel(x_ptr, y_ptr, b_ptr, w_ptr, x_out_ptr, h_out_ptr, ss_ptr, count_ptr, eps,
                          H: tl.constexpr, H_P2: tl.constexpr, BLOCK: tl.constexpr, NPROG: tl.constexpr,
                          NP2: tl.constexpr, SPLIT: tl.constexpr, Y_MODE: tl.constexpr, HAS_BIAS: tl.constexpr,
-                         GDC: tl.constexpr):
+                         NORM: tl.constexpr, HAS_W: tl.constexpr, GDC: tl.constexpr):
     """s = x + y in the model dtype (as PyTorch adds), written to x_out; h_out = w * (s * rsqrt(mean(s^2) + eps))
     exactly as ``fastlm.rms_norm`` rounds it. y: none (Y_MODE 0), a model-dtype vector (1), or SPLIT float32
     partial rows of ``gemv_rows`` summed in order (+ bias) and rounded to the model dtype (2), which is what
     the unfused step stores. Each program owns BLOCK columns and leaves its sum of squares; the last program
-    to finish (an atomic counter, reset for the next launch) adds them in program order and normalises."""
+    to finish (an atomic counter, reset for the next launch) adds them in program order and normalises (w = 1
+    without HAS_W: the weight folded into the next product's). Without NORM only the sum s is written (the next
+    GEMV normalises its input itself: ``fold_norm``)."""
     pid = tl.program_id(0)
     _gdc_enter(GDC)
     cols = pid * BLOCK + tl.arange(0, BLOCK)
@@ -402,6 +426,14 @@ def _residual_rms_kernel(x_ptr, y_ptr, b_ptr, w_ptr, x_out_ptr, h_out_ptr, ss_pt
             y = y.to(x_out_ptr.dtype.element_ty).to(tl.float32)
         s = (x.to(tl.float32) + y).to(x_out_ptr.dtype.element_ty)
     tl.store(x_out_ptr + cols, s, mask=ok)
+    if NORM:
+        _rms_last_program(x_out_ptr, h_out_ptr, w_ptr, ss_ptr, count_ptr, s, pid, eps, H, H_P2, NPROG, NP2, HAS_W)
+
+
+@triton.jit
+def _rms_last_program(x_out_ptr, h_out_ptr, w_ptr, ss_ptr, count_ptr, s, pid, eps,
+                      H: tl.constexpr, H_P2: tl.constexpr, NPROG: tl.constexpr, NP2: tl.constexpr,
+                      HAS_W: tl.constexpr):
     sf = s.to(tl.float32)
     tl.store(ss_ptr + pid, tl.sum(sf * sf, axis=0))
     tl.debug_barrier()  # every thread's stores before the (one-thread) release below
@@ -413,9 +445,10 @@ def _residual_rms_kernel(x_ptr, y_ptr, b_ptr, w_ptr, x_out_ptr, h_out_ptr, ss_pt
         c = tl.arange(0, H_P2)
         okc = c < H
         v = tl.load(x_out_ptr + c, mask=okc, other=0.0, cache_modifier=".cg").to(tl.float32)
-        hn = (v * rstd).to(h_out_ptr.dtype.element_ty).to(tl.float32)
-        wv = tl.load(w_ptr + c, mask=okc, other=0.0).to(tl.float32)
-        tl.store(h_out_ptr + c, (wv * hn).to(h_out_ptr.dtype.element_ty), mask=okc)
+        hn = (v * rstd).to(h_out_ptr.dtype.element_ty)
+        if HAS_W:
+            hn = (tl.load(w_ptr + c, mask=okc, other=0.0).to(tl.float32) * hn.to(tl.float32)).to(h_out_ptr.dtype.element_ty)
+        tl.store(h_out_ptr + c, hn, mask=okc)
         tl.atomic_xchg(count_ptr, 0)
 
 
@@ -436,10 +469,12 @@ RESIDUAL_BLOCK, RESIDUAL_BLOCK_SPLIT = 1024, 128  # columns per program: a vecto
 ARGMAX_BLOCK = 4096
 
 
-def residual_rms_norm(x: torch.Tensor, y: torch.Tensor | None, weight: torch.Tensor, eps: float, scratch: StepScratch,
-                      bias: torch.Tensor | None = None, pdl: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+def residual_rms_norm(x: torch.Tensor, y: torch.Tensor | None, weight: torch.Tensor | None, eps: float,
+                      scratch: StepScratch, bias: torch.Tensor | None = None, pdl: bool = False,
+                      norm: bool = True) -> tuple[torch.Tensor, torch.Tensor | None]:
     """(x + y, RMSNorm(x + y) * weight) in one launch: ``y`` None, an (H,) vector of x's dtype, or (SPLIT, H)
-    float32 partial rows from ``gemv_rows(reduce=False)`` (summed in order, + ``bias``)."""
+    float32 partial rows from ``gemv_rows(reduce=False)`` (summed in order, + ``bias``); ``weight`` None: no
+    weight (folded into the next product's). ``norm=False``: (x + y, None), the sum alone."""
     h = x.numel()
     x_out = torch.empty_like(x)
     h_out = torch.empty_like(x)
@@ -458,12 +493,15 @@ def residual_rms_norm(x: torch.Tensor, y: torch.Tensor | None, weight: torch.Ten
     nprog = triton.cdiv(h, block)
     if nprog > scratch.n_ss:
         raise ValueError(f"residual_rms_norm: {nprog} programs, scratch for {scratch.n_ss}")
-    _residual_rms_kernel[(nprog,)](x, y if y is not None else x, bias if bias is not None else weight, weight, x_out,
-                                   h_out, scratch.ss, scratch.counts, float(eps), H=h,
-                                   H_P2=triton.next_power_of_2(h), BLOCK=block, NPROG=nprog,
-                                   NP2=triton.next_power_of_2(max(2, nprog)), SPLIT=split, Y_MODE=mode,
-                                   HAS_BIAS=bias is not None, GDC=pdl, num_warps=4, **_launch(pdl))
-    return x_out, h_out
+    if not norm and mode == 0:
+        raise ValueError("residual_rms_norm: nothing to add and no norm")
+    _residual_rms_kernel[(nprog,)](x, y if y is not None else x, bias if bias is not None else x,
+                                   weight if weight is not None else x, x_out, h_out if norm else x_out, scratch.ss,
+                                   scratch.counts, float(eps), H=h, H_P2=triton.next_power_of_2(h), BLOCK=block,
+                                   NPROG=nprog, NP2=triton.next_power_of_2(max(2, nprog)), SPLIT=split, Y_MODE=mode,
+                                   HAS_BIAS=bias is not None, NORM=norm, HAS_W=weight is not None, GDC=pdl,
+                                   num_warps=4, **_launch(pdl))
+    return x_out, (h_out if norm else None)
 
 
 @triton.jit

@@ -16,30 +16,35 @@ def weights():
     return aot.shape_weights("llama-3.1-8b", 2, aot.torch.bfloat16)
 
 
-def _layer_rows(result):
-    """The step's launches of layer 0 and of layer 1 (the first RMSNorm comes before them, lm_head and argmax
-    after)."""
-    rows = result["step"][1:-2]
+def _layer_rows(result, lead: int, tail: int):
+    """The step's launches of layer 0 and of layer 1 (``lead`` launches come before them: the first RMSNorm of
+    the step with norm launches; ``tail`` after: the final norm where it has its own launch, lm_head, argmax)."""
+    rows = result["step"][lead:-tail]
     half = len(rows) // 2
     return rows[:half], rows[half:]
 
 
-# per layer: qkv GEMV, attention, o GEMV, residual+norm, then the FFN: gate||up GEMV + down product (two
-# launches), then residual+norm
+# per layer, the default (norms folded into the GEMVs): qkv GEMV (normalising its input), attention, o GEMV
+# (+ residual), gate||up GEMV (normalising), the split down product and the sum of its partial rows + residual;
+# then the final norm, lm_head and argmax. With fold_norm=False: a residual + norm launch after o and after the
+# down product, and the first norm before layer 0.
 @pytest.mark.slow
-@pytest.mark.parametrize("options, per_layer, ffn_kernels", [
-    ({}, 7, ["_gemv_kernel", "_gemv_rows_kernel"]),
+@pytest.mark.parametrize("options, lead, tail, names", [
+    ({}, 0, 3, ["_gemv_kernel", "_attn_kernel", "_gemv_kernel", "_gemv_kernel", "_gemv_rows_kernel",
+                "_residual_rms_kernel"]),
+    ({"fold_norm": False}, 1, 2, ["_gemv_kernel", "_attn_kernel", "_gemv_kernel", "_residual_rms_kernel",
+                                  "_gemv_kernel", "_gemv_rows_kernel", "_residual_rms_kernel"]),
 ])
-def test_step_kernels_build_for_hopper_without_spills(weights, options, per_layer, ffn_kernels):
+def test_step_kernels_build_for_hopper_without_spills(weights, options, lead, tail, names):
     result = aot.step_kernels("llama-3.1-8b", 0.4, options, weights=weights)
-    layer0, layer1 = _layer_rows(result)
-    assert len(layer0) == len(layer1) == per_layer
-    # embedding + first norm + the layers + lm_head + argmax
-    assert aot.launches_per_step(result, 32) == 1 + 1 + 32 * per_layer + 2
-    names = [r["kernel"] for r in layer0]
-    assert names[:3] == ["_gemv_kernel", "_attn_kernel", "_gemv_kernel"] and names[-1] == "_residual_rms_kernel"
-    assert [n for n in names[3:-1] if n != "_residual_rms_kernel"] == ffn_kernels
-    assert [r["cubin_sha1"] for r in layer0] == [r["cubin_sha1"] for r in layer1]  # one binary for every layer
+    layer0, layer1 = _layer_rows(result, lead, tail)
+    assert [r["kernel"] for r in layer0] == [r["kernel"] for r in layer1] == names
+    # the embedding (a PyTorch op) + the Triton launches
+    assert aot.launches_per_step(result, 32) == 1 + lead + 32 * len(names) + tail
+    # one binary for every layer (with norm launches, the last layer's closing norm is the final norm, which
+    # keeps its weight: the others' are folded into the next layer's products)
+    same = len(names) if lead == 0 else len(names) - 1
+    assert [r["cubin_sha1"] for r in layer0[:same]] == [r["cubin_sha1"] for r in layer1[:same]]
     for r in result["step"] + result["selection"]:
         assert r["local"] == 0, r  # no register spills
         assert r["blocks_per_sm"] >= 1, r

@@ -188,6 +188,10 @@ def test_triton_attention_refused_on_cpu():
         step_variant(w, {"attention": "triton"})
     with pytest.raises(FastPathError, match="gemv='triton' needs a CUDA device"):
         step_variant(w, {"gemv": "triton"})
+    with pytest.raises(FastPathError, match="fold_norm=True needs the fused residual"):
+        step_variant(w, {"fold_norm": True}, kept_fraction=0.4)
+    with pytest.raises(FastPathError, match="compact_given=True needs the gather-free sparse step on a CUDA"):
+        step_variant(w, {"compact_given": True}, kept_fraction=0.4)
     with pytest.raises(FastPathError, match=r"unknown decode-step choices \['fused_ffn'\]"):
         step_variant(w, {"fused_ffn": True})
     with pytest.raises(TypeError):  # the product class builds the device's default step: no such options
@@ -208,7 +212,7 @@ def test_bytes_per_token_by_hand():
     model = _tiny("llama")
     w = FastWeights.from_hf(model)
     H, I, L, V, nh, nkv, hd, b = 64, 160, 3, 97, 4, 2, 16, 4
-    attn = L * (H * (nh + 2 * nkv) * hd + H * nh * hd + 2 * H) * b
+    attn = L * (H * (nh + 2 * nkv) * hd + H * nh * hd) * b  # the two norm weights: folded into qkv / gate||up
     ffn = L * 3 * H * I * b
     other = (H + V * H + H) * b  # final norm, lm_head, one embedding row
     assert w.bytes_per_token() == attn + ffn + other
@@ -223,7 +227,7 @@ def test_bytes_per_token_by_hand():
     # the published shapes' weight bytes per token (bf16), by hand: Llama-3.1-8B reads all 8.03 B parameters
     # except the 128256 x 4096 embedding table (one row of it): 7.505 B parameters = 15.01 GB
     H, I, L, V = 4096, 14336, 32, 128256
-    by_hand = 2 * (L * (H * 6144 + H * H + 2 * H + 3 * H * I) + H + V * H + H)
+    by_hand = 2 * (L * (H * 6144 + H * H + 3 * H * I) + H + V * H + H)  # (norm weights folded into the products)
     assert cuda_bench.shape_bytes_per_token("llama-3.1-8b", 2) == by_hand == pytest.approx(15.01e9, rel=1e-3)
     k = kept_count(0.4, I)
     assert cuda_bench.shape_bytes_per_token("llama-3.1-8b", 2, 0.4) == by_hand - 2 * L * 3 * H * (I - k)
@@ -338,6 +342,75 @@ def test_cuda_compact_triton_step_equals_gathered_cublas(layer_k):
     assert (got - ref).abs().max().item() < 1e-3
     with pytest.raises(FastPathError, match="gather_free=True needs a sparse step"):
         step_variant(weights, {"gather_free": True}, max_seq_len=64)
+
+
+@pytest.mark.gpu
+@needs_cuda
+@pytest.mark.parametrize("family", ["llama", "qwen2"])
+@pytest.mark.parametrize("step", [{}, {"gather_free": False}, {"fold_norm": False}])
+@pytest.mark.parametrize("kept", [None, 0.4, {0: 33, 2: 101}])
+def test_cuda_folded_norm_step_equals_plain_step(family, step, kept):
+    """The default step (``fold_norm``: no residual + RMSNorm launches; the norm weights folded into the qkv /
+    gate||up weights, rstd computed by each GEMV program from its raw input, the residual added in the o / down
+    epilogue), with compact buffers, and the step with its norm launches, against the cuBLAS step, float32, in the
+    captured graph; the same core sets. (The cuBLAS step itself is checked against Hugging Face elsewhere.)"""
+    if kept is None and "gather_free" in step:
+        pytest.skip("gather_free concerns sparse steps only")
+    model = _tiny(family, seed=48, device="cuda")
+    weights = FastWeights.from_hf(model)
+    assert all(lw.norm1_w is None and lw.norm2_w is None for lw in weights.layers)
+    prompt, cont = _ids(20, 49), _ids(8, 50)
+    kw = {"layer_k": kept} if isinstance(kept, dict) else {"kept_fraction": kept}
+    folded = step_variant(weights, step, max_seq_len=64, **kw)
+    assert folded.fold_norm == (step.get("fold_norm") is not False) and folded.cuda_graph
+    got, core = folded.forced_logits(prompt, cont)
+    ref, core_ref = step_variant(weights, {"gemv": "torch", "attention": "sdpa", "pdl": False, "cuda_graph": False},
+                                 max_seq_len=64, **kw).forced_logits(prompt, cont)
+    assert all(torch.equal(core[i], core_ref[i]) for i in core)
+    assert (got - ref).abs().max().item() < 1e-3
+    gen = folded.generate(prompt, 12)  # the graph replayed: the same tokens as the reference's greedy decode
+    want = step_variant(weights, {"gemv": "torch", "attention": "sdpa", "pdl": False, "cuda_graph": False},
+                        max_seq_len=64, **kw).generate(prompt, 12, core_sets=gen.core_sets or None)
+    assert gen.tokens == want.tokens
+    with pytest.raises(FastPathError, match="fold_norm=True needs"):
+        step_variant(FastWeights.from_hf(_tiny("opt", seed=1, device="cuda")), {"fold_norm": True}, max_seq_len=64)
+
+
+@pytest.mark.gpu
+@needs_cuda
+@pytest.mark.parametrize("kept", [0.4, {0: 33, 2: 101}])
+@pytest.mark.parametrize("fold", [False, True])
+def test_cuda_compact_given_decodes_like_gather_free(kept, fold):
+    """``compact_given`` (the default on CUDA): a call given its core sets decodes from compact buffers gathered
+    on a second stream under the prefill; a call that selects its own reads the core rows in place. Both against
+    the gather-free step given the same sets, float32, one instance switching between them."""
+    from coreinfer.runtime.cuda.fastlm import Sampling
+
+    model = _tiny("qwen2", seed=52, device="cuda")
+    weights = FastWeights.from_hf(model)
+    kw = {"layer_k": kept} if isinstance(kept, dict) else {"kept_fraction": kept}
+    hybrid = step_variant(weights, {"fold_norm": fold}, max_seq_len=64, **kw)
+    plain = step_variant(weights, {"compact_given": False, "fold_norm": fold}, max_seq_len=64, **kw)
+    assert hybrid.compact_given and hybrid.indexed and all(b is None for b in hybrid.c_up)
+    p1, p2, cont = _ids(20, 53), _ids(17, 54), _ids(8, 55)
+    sets = plain.generate(p2, 1).core_sets  # another prompt's selection: the "calibrated" sets of these calls
+    got, core = hybrid.forced_logits(p1, cont, core_sets=sets)
+    assert all(hybrid.c_up[li] is not None for li in hybrid.sparse_layers)
+    ref, _ = plain.forced_logits(p1, cont, core_sets=sets)
+    assert all(torch.equal(core[li], sets[li]) for li in sets)
+    assert (got - ref).abs().max().item() < 1e-3
+    s = Sampling(temperature=0.8, top_k=20, seed=3)
+    for kwargs in ({}, {"sampling": s}, {"sparse_prefill": True, "sampling": s}):
+        a = hybrid.generate(p1, 12, core_sets=sets, timing=True, keep_logits=True, **kwargs)
+        b = plain.generate(p1, 12, core_sets=sets, keep_logits=True, **kwargs)
+        assert a.tokens == b.tokens, kwargs
+        assert max((x - y).abs().max().item() for x, y in zip(a.logits, b.logits)) < 1e-3
+        assert a.timings["gather_side_ms"] > 0
+        # its own selection: the core rows in place again (the same tokens as the plain step's)
+        own = {k: v for k, v in kwargs.items() if k != "sparse_prefill"}
+        assert hybrid.generate(p2, 12, **own).tokens == plain.generate(p2, 12, **own).tokens
+    other = plain.generate(p1, 1).core_sets  # new sets: the compact buffers are gathered again
+    assert hybrid.generate(p2, 12, core_sets=other).tokens == plain.generate(p2, 12, core_sets=other).tokens
 
 
 @pytest.mark.gpu
