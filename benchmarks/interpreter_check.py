@@ -89,6 +89,7 @@ print("gemv_rows passed")
 
 # residual add + RMSNorm in one launch (y: none, a vector, or split partial rows + bias; several programs, the
 # last one normalising) and argmax + step counters, each launched twice (the atomic counters reset themselves)
+from benchmarks import partial_sum_ab  # noqa: E402
 from coreinfer.runtime.cuda.fastlm import rms_norm  # noqa: E402
 
 for hid, dtype in [(64, torch.float32), (576, torch.float32), (300, torch.bfloat16), (2048, torch.bfloat16)]:
@@ -106,7 +107,24 @@ for hid, dtype in [(64, torch.float32), (576, torch.float32), (300, torch.bfloat
             else:  # the interpreter rounds float32 -> bf16 by truncation (the GPU rounds to nearest): a few ulps
                 assert ((xo.float() - s_ref.float()).norm() / s_ref.float().norm()).item() < 1e-2, (hid, dtype)
                 assert ((ho.float() - ref).norm() / ref.norm()).item() < 1e-2, (hid, dtype)
+        xo, ho = kernels.residual_rms_norm(x, y, None, 1e-5, scratch)  # no weight (folded into the next product)
+        ref = rms_norm(x + y, None, 1e-5).float()
+        assert ((ho.float() - ref).norm() / ref.norm()).item() < (1e-5 if dtype == torch.float32 else 1e-2)
+        for rows in (part, torch.randn(130, hid)):  # the sum alone (fold_norm): every partial row in one tile
+            xo, none = kernels.residual_rms_norm(x, rows, None, 1e-5, scratch, b, norm=False)
+            s_ref = x + (rows.sum(0) + b.float()).to(dtype)
+            assert none is None
+            assert ((xo.float() - s_ref.float()).norm() / s_ref.float().norm()).item() < (1e-6 if dtype == torch.float32 else 1e-2)
+            xl, _ = partial_sum_ab.loop_sum(x, rows, None, 1e-5, scratch, b, norm=False)  # the A/B's other form
+            assert ((xl.float() - s_ref.float()).norm() / s_ref.float().norm()).item() < (1e-6 if dtype == torch.float32 else 1e-2)
     assert int(scratch.counts.abs().sum()) == 0
+# the GEMV normalising its own input (norm_eps: the norm weight folded into W) and adding a residual
+for n, k in [(40, 300), (7, 64)]:
+    w, x, r = torch.randn(n, k), torch.randn(k) * 3, torch.randn(n)
+    out = torch.full((n,), float("nan"))
+    kernels.gemv(w, x, out, norm_eps=1e-6, residual=r, config=(2, 128, 4, 2))
+    want = r + w @ (x * torch.rsqrt(x.pow(2).mean() + 1e-6))
+    assert ((out - want).norm() / want.norm()).item() < 1e-5, (n, k)
 for v in (7, 5000, 128256):
     scratch = kernels.StepScratch(64, v, "cpu")
     tok, pos, step, out = torch.zeros(1, dtype=torch.long), torch.tensor([9]), torch.tensor([2]), torch.zeros(8, dtype=torch.long)

@@ -452,6 +452,29 @@ def _rms_last_program(x_out_ptr, h_out_ptr, w_ptr, ss_ptr, count_ptr, s, pid, ep
         tl.atomic_xchg(count_ptr, 0)
 
 
+@triton.jit
+def _partial_sum_residual_kernel(x_ptr, part_ptr, b_ptr, x_out_ptr, H, SPLIT: tl.constexpr, SPLIT_P2: tl.constexpr,
+                                 BLOCK: tl.constexpr, HAS_BIAS: tl.constexpr, GDC: tl.constexpr):
+    """x_out = x + (the SPLIT float32 partial rows of ``gemv_rows`` summed, + bias, rounded to x's dtype), as the
+    unfused step adds: every partial row of a program's BLOCK columns loaded at once (one tile, summed by a fixed
+    tree: deterministic), for the step whose next GEMV normalises its own input (``fold_norm``)."""
+    pid = tl.program_id(0)
+    _gdc_enter(GDC)
+    cols = pid * BLOCK + tl.arange(0, BLOCK)
+    ok = cols < H
+    r = tl.arange(0, SPLIT_P2)
+    parts = tl.load(part_ptr + r[:, None] * H + cols[None, :], mask=(r[:, None] < SPLIT) & ok[None, :], other=0.0)
+    y = tl.sum(parts, axis=0)
+    if HAS_BIAS:
+        y += tl.load(b_ptr + cols, mask=ok, other=0.0).to(tl.float32)
+    y = y.to(x_out_ptr.dtype.element_ty).to(tl.float32)
+    x = tl.load(x_ptr + cols, mask=ok, other=0.0).to(tl.float32)
+    tl.store(x_out_ptr + cols, (x + y).to(x_out_ptr.dtype.element_ty), mask=ok)
+
+
+PARTIAL_SUM_BLOCK = 32  # columns per program of ``_partial_sum_residual_kernel`` (128-byte rows): 128 programs at H = 4096
+
+
 class StepScratch:
     """Fixed-address scratch of the last-program reductions of one ``FastLM`` (graph-capturable): per-program
     partial results and the atomic counters (left at zero by every launch)."""
@@ -473,8 +496,9 @@ def residual_rms_norm(x: torch.Tensor, y: torch.Tensor | None, weight: torch.Ten
                       scratch: StepScratch, bias: torch.Tensor | None = None, pdl: bool = False,
                       norm: bool = True) -> tuple[torch.Tensor, torch.Tensor | None]:
     """(x + y, RMSNorm(x + y) * weight) in one launch: ``y`` None, an (H,) vector of x's dtype, or (SPLIT, H)
-    float32 partial rows from ``gemv_rows(reduce=False)`` (summed in order, + ``bias``); ``weight`` None: no
-    weight (folded into the next product's). ``norm=False``: (x + y, None), the sum alone."""
+    float32 partial rows from ``gemv_rows(reduce=False)`` (summed in a fixed order, + ``bias``); ``weight`` None:
+    no weight (folded into the next product's). ``norm=False``: (x + y, None), the sum alone (partial rows: one
+    tile per program, ``_partial_sum_residual_kernel``: +1.3% for the step, run h200-20)."""
     h = x.numel()
     x_out = torch.empty_like(x)
     h_out = torch.empty_like(x)
@@ -495,6 +519,11 @@ def residual_rms_norm(x: torch.Tensor, y: torch.Tensor | None, weight: torch.Ten
         raise ValueError(f"residual_rms_norm: {nprog} programs, scratch for {scratch.n_ss}")
     if not norm and mode == 0:
         raise ValueError("residual_rms_norm: nothing to add and no norm")
+    if not norm and mode == 2:
+        _partial_sum_residual_kernel[(triton.cdiv(h, PARTIAL_SUM_BLOCK),)](
+            x, y, bias if bias is not None else x, x_out, h, SPLIT=split, SPLIT_P2=triton.next_power_of_2(split),
+            BLOCK=PARTIAL_SUM_BLOCK, HAS_BIAS=bias is not None, GDC=pdl, num_warps=4, **_launch(pdl))
+        return x_out, None
     _residual_rms_kernel[(nprog,)](x, y if y is not None else x, bias if bias is not None else x,
                                    weight if weight is not None else x, x_out, h_out if norm else x_out, scratch.ss,
                                    scratch.counts, float(eps), H=h, H_P2=triton.next_power_of_2(h), BLOCK=block,

@@ -427,6 +427,40 @@ def test_no_gpu_dtype_and_cache_errors_on_cuda():
 @pytest.mark.gpu
 @needs_cuda
 @pytest.mark.parametrize("pdl", [False, True])
+def test_cuda_partial_row_sum_and_weightless_norm_match_torch(pdl):
+    """The folded step's launches around the gather-free down product: x + (128 float32 partial rows summed,
+    + bias, rounded) as one tile per program, back to back (with PDL: overlapping), and the RMSNorm without a
+    weight (folded into the next product's), against PyTorch."""
+    from coreinfer.runtime.cuda import kernels
+    from coreinfer.runtime.cuda.fastlm import rms_norm
+
+    if pdl and not kernels.pdl_supported():
+        pytest.skip("programmatic dependent launch needs compute capability >= 9.0")
+    H, dt = 4096, torch.bfloat16
+    g = torch.Generator(device="cuda").manual_seed(1)
+    scratch = kernels.StepScratch(H, 64, "cuda")
+    x = x0 = torch.randn(H, device="cuda", generator=g).to(dt)
+    parts = torch.randn(4, 128, H, device="cuda", generator=g)
+    bias = torch.randn(H, device="cuda", generator=g).to(dt)
+    xs = []
+    for p in parts:
+        x, none = kernels.residual_rms_norm(x, p, None, 1e-5, scratch, bias, pdl=pdl, norm=False)
+        assert none is None
+        xs.append(x)
+    ref = x0
+    for p, got in zip(parts, xs):
+        ref = ref + (p.sum(0) + bias.float()).to(dt)
+        assert ((got.float() - ref.float()).abs() <= ref.float().abs() * 2 ** -7 + 1e-6).all()
+        ref = got  # the next sum starts from what the kernel stored
+    _, h = kernels.residual_rms_norm(x, None, None, 1e-5, scratch, pdl=pdl)
+    want = rms_norm(x, None, 1e-5).float()
+    assert ((h.float() - want).abs() <= want.abs() * 2 ** -7 + 1e-6).all()
+    assert int(scratch.counts.abs().sum()) == 0
+
+
+@pytest.mark.gpu
+@needs_cuda
+@pytest.mark.parametrize("pdl", [False, True])
 def test_cuda_last_program_reductions_match_torch(pdl):
     """Residual add + RMSNorm over split partial rows and argmax + counters: many programs per launch, the last
     one finishing the reduction (atomics), back to back (with PDL: overlapping launches), eager and in a graph."""
