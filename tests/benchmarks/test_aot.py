@@ -31,7 +31,7 @@ def _layer_rows(result, lead: int, tail: int):
 @pytest.mark.slow
 @pytest.mark.parametrize("options, lead, tail, names", [
     ({}, 0, 3, ["_gemv_kernel", "_attn_kernel", "_gemv_kernel", "_gemv_kernel", "_gemv_rows_kernel",
-                "_residual_rms_kernel"]),
+                "_partial_sum_residual_kernel"]),
     ({"fold_norm": False}, 1, 2, ["_gemv_kernel", "_attn_kernel", "_gemv_kernel", "_residual_rms_kernel",
                                   "_gemv_kernel", "_gemv_rows_kernel", "_residual_rms_kernel"]),
 ])
