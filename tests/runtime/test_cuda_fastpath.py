@@ -291,12 +291,14 @@ def test_cuda_graph_equals_eager_fast_step(attention):
 @pytest.mark.gpu
 @needs_cuda
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
-def test_cuda_selection_kernels_equal_cpu_definition(dtype):
-    """The Triton statistics (sync-free) give the CPU's core sets exactly: counts, float64 sums, sets."""
+@pytest.mark.parametrize("shape", [(4, 96, 1000), (2, 24, 14336)])
+def test_cuda_selection_kernels_equal_cpu_definition(dtype, shape):
+    """The Triton statistics (sync-free) give the CPU's core sets exactly: counts, float64 sums, sets (a small
+    FFN, and Llama-3.1-8B's 14336 neurons: one 16384-wide block per token, the threshold's histogram over it)."""
     from coreinfer.runtime.selection import layer_statistics, stability_select_layers
 
     g = torch.Generator().manual_seed(5)
-    acts = torch.randn(4, 96, 1000, generator=g).to(dtype)
+    acts = torch.randn(*shape, generator=g).to(dtype)
     acts[1] = (acts[1] * 2).round() / 2  # ties
     for score in ("positive", "magnitude"):
         c_gpu, s_gpu = layer_statistics(acts.cuda(), 0.4, score)
