@@ -498,7 +498,7 @@ def residual_rms_norm(x: torch.Tensor, y: torch.Tensor | None, weight: torch.Ten
     """(x + y, RMSNorm(x + y) * weight) in one launch: ``y`` None, an (H,) vector of x's dtype, or (SPLIT, H)
     float32 partial rows from ``gemv_rows(reduce=False)`` (summed in a fixed order, + ``bias``); ``weight`` None:
     no weight (folded into the next product's). ``norm=False``: (x + y, None), the sum alone (partial rows: one
-    tile per program, ``_partial_sum_residual_kernel``: +1.3% for the step, run h200-20)."""
+    tile per program, ``_partial_sum_residual_kernel``)."""
     h = x.numel()
     x_out = torch.empty_like(x)
     h_out = torch.empty_like(x)

@@ -294,7 +294,7 @@ def test_cuda_graph_equals_eager_fast_step(attention):
 @pytest.mark.parametrize("shape", [(4, 96, 1000), (2, 24, 14336)])
 def test_cuda_selection_kernels_equal_cpu_definition(dtype, shape):
     """The Triton statistics (sync-free) give the CPU's core sets exactly: counts, float64 sums, sets (a small
-    FFN, and Llama-3.1-8B's 14336 neurons: one 16384-wide block per token, the threshold's histogram over it)."""
+    FFN, and Llama-3.1-8B's 14336 neurons: one 16384-wide block per token, the threshold's bisection over it)."""
     from coreinfer.runtime.selection import layer_statistics, stability_select_layers
 
     g = torch.Generator().manual_seed(5)
