@@ -9,6 +9,10 @@ From the repo root on the GPU machine (scripts/gpu_run.sh sets it up). Steps:
   path, dense and sparse: same tokens, same core sets (DIR/greedy.json);
 * tune: the GEMV tilings timed in the whole decode step (DIR/tune.json);
 * lesion: the step timed without its attention / residual+norm launches (DIR/lesion.json);
+* rounding: on the real SmolLM2, the bf16 fast path with the eager and with the captured prefill, each
+  against the float32 path (DIR/rounding.json);
+* prefill: the prefill replayed from its CUDA graph against the eager prefill, by prompt length, dense and
+  kept 0.4 (its own selection, and given its core sets before a sparse prefill) (DIR/prefill.json);
 * variants: decode-step variants (``--variants``, JSON) timed side by side, with their logits against the plain
   step (DIR/variants.json);
 * e2e: the product's main call (``SparseLM.generate`` with an artifact, auto, chat, sampling, streaming) and
@@ -23,6 +27,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import statistics
 import os
 import subprocess
 import sys
@@ -118,6 +123,47 @@ def greedy_check(gguf: str, new_tokens: int = 48, log=print, device: str = "cuda
             out["eager_sparselm_decode_tok_s_bf16"] = t.stats.decode_tokens_per_s
         del lm, weights
     return out
+
+
+def prefill_rounding(gguf: str, new_tokens: int = 32, log=print) -> dict:
+    """Is the captured prefill's bf16 rounding worse than the eager one's, or only different? The real SmolLM2,
+    the PROMPTS (chat), teacher-forced along the float32 model's greedy tokens: the bf16 fast path with the eager
+    prefill and with the captured (padded) one, each against the float32 eager fast path as the truth (core-set
+    Jaccard per layer, relative logit error, top-1 agreement), dense and kept 0.4 in all layers."""
+    from coreinfer.runtime.cuda import bench
+    from coreinfer.runtime.cuda.fastlm import FastLM, FastWeights
+    from coreinfer.runtime.loading import load_model
+    from coreinfer.runtime.selection import DEFAULT_SCORE, jaccard
+    from coreinfer.runtime.sparse_lm import SparseLM
+
+    lms = {dt: SparseLM(load_model(gguf, device="cuda", dtype=dt)) for dt in ("float32", "bfloat16")}
+    w = {dt: FastWeights.from_hf(lm.model, adapter=lm.adapter) for dt, lm in lms.items()}
+    tok = lms["float32"]
+    rows = []
+    for beta in (None, 0.4):
+        kw = dict(max_seq_len=256, kept_fraction=beta, score=DEFAULT_SCORE)
+        paths = {"f32 eager": bench.step_variant(w["float32"], {"prefill_graph": False}, **kw),
+                 "f32 captured": FastLM(w["float32"], **kw),
+                 "bf16 eager": bench.step_variant(w["bfloat16"], {"prefill_graph": False}, **kw),
+                 "bf16 captured": FastLM(w["bfloat16"], **kw)}
+        for p in PROMPTS:
+            ids = tok.encode(p, chat=True)[0]
+            cont = paths["f32 eager"].generate(ids, new_tokens).tokens[:-1]
+            got = {name: fast.forced_logits(ids, cont) for name, fast in paths.items()}
+            truth, truth_sets = got["f32 eager"]
+            row = {"prompt": p, "beta": beta, "prompt_tokens": int(ids.numel())}
+            for name, (logits, sets) in got.items():
+                row[name] = {"rel_err": ((logits - truth).norm(dim=-1) / truth.norm(dim=-1)).max().item(),
+                             "top1_vs_truth": (logits.argmax(-1) == truth.argmax(-1)).float().mean().item(),
+                             "jaccard_vs_truth": (sum(jaccard(sets[i].cpu(), truth_sets[i].cpu()) for i in sets)
+                                                  / len(sets)) if sets else None}
+            e, c = got["bf16 eager"][1], got["bf16 captured"][1]
+            row["bf16_eager_vs_captured_jaccard"] = sum(jaccard(e[i].cpu(), c[i].cpu()) for i in e) / len(e) if e else None
+            rows.append(row)
+            log(f"[rounding] {row}")
+        del paths
+    return {"model": "SmolLM2-135M-Instruct (real weights, GGUF Q4_1 de-quantised)", "new_tokens": new_tokens,
+            "rows": rows}
 
 
 def _graph_time_us(fn, n: int, reps: int = 10) -> float:
@@ -277,7 +323,6 @@ def lesion_profile(log=print, spec: str = "llama-3.1-8b", new_tokens: int = 128,
     (PDL overlaps kernels, so profiler times do not add up): the step without its attention launches, without
     its residual + RMSNorm launches, and without both, dense and at kept 0.4 (the outputs are garbage; only
     the time counts). Median decode tok/s and ms per step; the differences are what each piece costs."""
-    import statistics
 
     from coreinfer.runtime.cuda import bench
     from coreinfer.runtime.cuda.fastlm import FastLM, FastWeights
@@ -378,6 +423,60 @@ def step_variants(variants: list[dict], log=print, spec: str = "llama-3.1-8b", b
     return {"model": spec, "copy_bandwidth_gb_s": bw / 1e9, "new_tokens": new_tokens, "repeats": repeats, "rows": rows}
 
 
+def prefill_lengths(log=print, spec: str = "llama-3.1-8b", lengths=(32, 128, 256, 512, 1024), repeats: int = 5) -> dict:
+    """Time to first token by prompt length, the captured prefill (``prefill_graph``, the default) against the
+    eager one, side by side on one set of weights: median of ``repeats`` one-token calls after two warm-ups (the
+    first captures the length's bucket). Beyond ``PREFILL_GRAPH_MAX`` the default is eager; the rows with
+    ``graph_max`` 2048 capture those lengths too (the constant raised for them alone)."""
+    from coreinfer.runtime.cuda import bench
+    from coreinfer.runtime.cuda import fastlm as fastlm_module
+    from coreinfer.runtime.cuda.fastlm import FastWeights
+
+    model, _ = bench.build_shape_model(spec, torch.bfloat16)
+    vocab = model.get_input_embeddings().weight.shape[0]
+    weights = FastWeights.from_hf(model)
+    del model
+    _free_cuda()
+    g = torch.Generator().manual_seed(7)
+    prompts = {T: torch.randint(0, vocab, (T,), generator=g).cuda() for T in lengths}
+    rows = []
+    default_max = fastlm_module.PREFILL_GRAPH_MAX
+    for label, beta, step, graph_max in (("dense", None, {}, default_max), ("dense", None, {"prefill_graph": False}, 0),
+                                         ("sparse", 0.4, {}, default_max),
+                                         ("sparse", 0.4, {"prefill_graph": False}, 0),
+                                         ("dense", None, {}, 2048), ("sparse", 0.4, {}, 2048)):
+        fastlm_module.PREFILL_GRAPH_MAX = graph_max or default_max
+        try:
+            rows += _prefill_rows(bench, weights, prompts, label, beta, step, graph_max, repeats, log)
+        finally:
+            fastlm_module.PREFILL_GRAPH_MAX = default_max
+        _free_cuda()
+    del weights
+    _free_cuda()
+    return {"model": spec, "repeats": repeats, "rows": rows}
+
+
+def _prefill_rows(bench, weights, prompts, label, beta, step, graph_max, repeats, log) -> list[dict]:
+    rows = []
+    fast = bench.step_variant(weights, step, max_seq_len=max(prompts) + 8, kept_fraction=beta)
+    fast.warmup()
+    for T, ids in prompts.items():
+        for given in ((False, True) if beta else (False,)):
+            sets = fast.generate(ids, 1).core_sets if given else None
+            kw = dict(core_sets=sets, sparse_prefill=True) if given else {}
+            for _ in range(2):
+                fast.generate(ids, 1, **kw)
+            runs = [fast.generate(ids, 1, timing=True, **kw).timings for _ in range(repeats)]
+            row = {"path": label, "beta": beta, "prompt_tokens": T, "given_sparse_prefill": given, "step": step,
+                   "graph_max": graph_max, "prefill_graph": runs[0]["prefill_graph"],
+                   **{k: statistics.median(r[k] for r in runs) for k in ("prefill_ms", "select_ms", "gather_ms",
+                                                                       "ttft_ms")}}
+            rows.append(row)
+            log(f"[prefill] {row}")
+    del fast
+    return rows
+
+
 E2E_PROMPTS = ["Explain in two sentences why the sky is blue.", "Capital of Peru?",
                "Write a haiku about the sea."]
 
@@ -392,7 +491,6 @@ def main_job_e2e(carry: Path, out_dir: Path, log=print, shape: str = "llama-3.1-
     streamer; sampling with ``on_text`` and a stop string that never matches; stability-guided and dense for
     a 256-token prompt; the eager path for reference; and, side by side on the same weights, the benchmark's
     own sparse and dense rows (``bench.fast_bench``), which the ratios are taken against."""
-    import statistics
     import subprocess
     import tempfile
 
@@ -608,11 +706,15 @@ def main(argv=None) -> int:
     steps = {
         "tests": lambda: run_tests(out, log, [t for t in args.tests.split(",") if t], args.tests_timeout),
         "greedy": greedy,
+        "rounding": lambda: (out / "rounding.json").write_text(json.dumps(prefill_rounding(args.smollm2, log=log),
+                                                                          indent=1, default=str)),
         "tune": lambda: (out / "tune.json").write_text(json.dumps(tune_tilings(log=log), indent=1, default=str)),
         "lesion": lambda: (out / "lesion.json").write_text(json.dumps(lesion_profile(log=log), indent=1, default=str)),
         "variants": lambda: (out / "variants.json").write_text(json.dumps(step_variants(
             json.loads(args.variants), log=log, new_tokens=args.new_tokens, repeats=args.repeats,
             betas=[None if b == "dense" else float(b) for b in args.variant_betas.split(",")]), indent=1, default=str)),
+        "prefill": lambda: (out / "prefill.json").write_text(json.dumps(prefill_lengths(log=log), indent=1,
+                                                                          default=str)),
         "e2e": lambda: main_job_e2e(Path(args.carry), out, log=log, new_tokens=args.new_tokens, repeats=args.repeats),
         "suite": lambda: run_suite_step(args, out, log),
         "memory": memory,

@@ -211,6 +211,13 @@ for dtype in (torch.float32, torch.bfloat16, torch.float16):
                         select_kernels.layer_statistics(a[j0:j1], 0.4, score, out=(cb[j0:j1], sb[j0:j1]))
                     c_ref = selection._token_core_mask3(s, 0.4).sum(1)
                     assert torch.equal(cb.long(), c_ref) and torch.equal(sb, sums), (dtype, score, cdt)
+            # the first T token rows of a longer buffer (the captured prefill's), read in place
+            buf = torch.full((L, T + 3, I), 7.0, dtype=dtype)
+            buf[:, :T] = a
+            view = buf[:, :T]
+            c3, s3 = select_kernels.layer_statistics(view, 0.4, score)
+            assert torch.equal(c3, selection._token_core_mask3(s, 0.4).sum(1)) and torch.equal(s3, sums), (dtype, score)
+            assert torch.equal(select_kernels.select(view, 0.4, score, k), want), (dtype, score)
 g = torch.Generator().manual_seed(2)
 for L, I, T in [(3, 40, 6), (2, 300, 100), (1, 9, 1), (5, 70, 256)]:
     counts = torch.randint(0, T + 1, (L, I), generator=g)

@@ -242,6 +242,7 @@ def fast_bench(weights, ids: torch.Tensor, new_tokens: int, repeats: int, kept_f
            "gemv": fast.gemv, "pdl": fast.pdl, "fused_norm": fast.fused_norm, "gemv_config": fast.gemv_config,
            "rows_config": fast.rows_config, "gather_free": fast.indexed, "down_t_gb": weights.down_t_bytes() / 1e9,
            "tokens": runs[0].tokens, "given": sets is not None, "wall_ms": wall,
+           "prefill_graph": runs[0].timings["prefill_graph"],
            "gather_side_ms": statistics.median(r.timings.get("gather_side_ms", 0.0) for r in runs)}
     row["select_gather_pct_prefill"] = 100 * (med["select_ms"] + med["gather_ms"]) / med["prefill_ms"]
     return row, fast
@@ -249,6 +250,8 @@ def fast_bench(weights, ids: torch.Tensor, new_tokens: int, repeats: int, kept_f
 
 # the ablation rows of ``bench_model``: (label, kept fraction, step_variant), what each piece of the step is worth
 ABLATION = (
+    ("fast-dense-eager-prefill", None, {"prefill_graph": False}),
+    ("fast-sparse-eager-prefill", 0.4, {"prefill_graph": False}),
     ("fast-dense-norm-launches", None, {"fold_norm": False}),
     ("fast-sparse-norm-launches", 0.4, {"fold_norm": False}),
     ("fast-dense-no-pdl-unfused-norm", None, {"pdl": False, "fused_norm": False}),

@@ -21,8 +21,11 @@ adapter. ``FastLM`` adds, for one kept fraction ``beta``:
   matrix-vector products with the FFN activation fused, the RMSNorms folded into them and the residual
   adds in their epilogues) and ``torch.compile``d element-wise fusions.
 
-Prefill runs eagerly (dense FFN: the prompt's activations choose the core set); the first new token
-comes from the prefill's logits, every later one from the compact FFN, as in CoreInfer.
+The prefill runs the dense FFN (the prompt's activations choose the core set) or, given the core sets
+first, the core FFN; the first new token comes from the prefill's logits, every later one from the compact
+FFN, as in CoreInfer. On CUDA it too is replayed from a CUDA graph, one per 64-token length bucket up to 512
+tokens (the prompt padded; ``_prefill``), captured on a bucket's first use: the eager prefill is ~30 PyTorch
+ops per layer launched from Python, host-bound at these lengths. Longer prompts prefill eagerly.
 
 One ``FastLM`` instance decodes ONE prompt at a time: its KV cache and compact buffers are instance
 state that a call fills and reads; each public call holds the instance's lock for its whole duration.
@@ -52,7 +55,11 @@ SUPPORTED = ("llama", "mistral", "qwen2", "opt")
 PAD = 64  # compact FFN slots are padded to a multiple of this (see FastLM.__init__)
 # how a decode step can be built (FastLM._step_overrides); the product always builds the device's default
 STEP_CHOICES = ("cuda_graph", "compile_elementwise", "attention", "gemv", "pdl", "fused_norm", "gemv_config",
-                "gemv_config_up", "rows_config", "gather_free", "fold_norm", "compact_given")
+                "gemv_config_up", "rows_config", "gather_free", "fold_norm", "compact_given", "prefill_graph")
+# the captured prefill: prompts are padded to a multiple of PREFILL_BUCKET tokens (one graph per length bucket);
+# longer than PREFILL_GRAPH_MAX they prefill eagerly, where the kernels outlast their launches from Python
+PREFILL_BUCKET = 64
+PREFILL_GRAPH_MAX = 512
 DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
@@ -384,7 +391,8 @@ def _ffn_layout(ffn: FFNWeights) -> dict:
 
 @dataclass
 class FastGeneration:
-    """What one call produced: new token ids, the per-layer core sets it chose, and its timings (ms)."""
+    """What one call produced: new token ids, the per-layer core sets it chose, and its timings (ms; and
+    ``prefill_graph``: whether the prefill was replayed from its CUDA graph)."""
 
     tokens: list[int]
     core_sets: dict[int, torch.Tensor]  # sparse layer -> sorted neuron indices (empty when dense)
@@ -399,6 +407,9 @@ class FastLM:
     are the layers that decode with ``kept_count(kept_fraction, I)`` core neurons; the others stay dense.
     ``layer_k`` {layer: k} instead gives each sparse layer its own core-set size (a calibrated budget).
     """
+
+    # False where the weights stream in during the prefill (offload.BudgetFastLM): it prefills eagerly
+    _prefill_capturable = True
 
     def __init__(self, weights: FastWeights, *, max_seq_len: int = 1024, kept_fraction: float | None = None,
                  alpha: float = 0.4, score: str = DEFAULT_SCORE, sparse_layers: range | None = None,
@@ -418,6 +429,9 @@ class FastLM:
             compile_elementwise = on_cuda
         if cuda_graph and not on_cuda:
             raise FastPathError("cuda_graph=True needs the weights on a CUDA device")
+        prefill_graph = step.get("prefill_graph")
+        if prefill_graph and not (cuda_graph and self._prefill_capturable):
+            raise FastPathError("prefill_graph=True needs cuda_graph (the weights on a CUDA device) and a resident model")
         if not isinstance(max_seq_len, int) or max_seq_len < 2:
             raise FastPathError(f"max_seq_len must be an int >= 2, got {max_seq_len!r}")
         if w.pos_embed is not None and max_seq_len > w.max_positions:
@@ -452,6 +466,7 @@ class FastLM:
         self.k = max(layer_k.values()) if layer_k else None  # the widest core set (buffer width); None: dense
         self.uniform_k = self.k if len(set(layer_k.values())) == 1 else None
         self.cuda_graph = cuda_graph
+        self.prefill_graph = (cuda_graph and self._prefill_capturable) if prefill_graph is None else bool(prefill_graph)
         self.attention = self._pick_attention(step.get("attention"), on_cuda)
         self.gemv = self._pick_gemv(step.get("gemv"), on_cuda)
         self.pdl = self._pick_pdl(step.get("pdl"))
@@ -494,9 +509,10 @@ class FastLM:
             raise FastPathError("gather_free=True needs a sparse step with gemv='triton' and a SiLU/ReLU FFN")
         self.indexed = can_index and step.get("gather_free") is not False
         # compact_given: with the gather-free step, a call given its core sets before the prefill (similarity-
-        # guided) decodes from compact buffers instead, gathered on a second stream while the host-bound prefill
-        # launches its kernels (allocated on the first such call); measured 4-10% less wall time per call
-        # (docs/benchmarks.md). ``compact_given=False``: such calls read the core rows in place too.
+        # guided) decodes from compact buffers instead, gathered on a second stream during the prefill (allocated
+        # on the first such call): 3.5-7.5% faster decode for 2-8 ms more time to first token, since the captured
+        # prefill shares the memory bandwidth with it (docs/benchmarks.md). ``compact_given=False``: such calls
+        # read the core rows in place too.
         given = step.get("compact_given")
         if given and not (self.indexed and on_cuda):
             raise FastPathError("compact_given=True needs the gather-free sparse step on a CUDA device")
@@ -531,6 +547,11 @@ class FastLM:
         self._seed = torch.zeros(1, dtype=torch.long, device=dev)
         self._logit_rows = None  # (cache_len, V) per-step logits, allocated by the first call that keeps them
         self._host_out = None  # pinned copy of _out that chunks of new tokens are read back through
+        # the captured prefill: (bucket length, select, sparse) -> (graph, its logits, its activations or None),
+        # replayed from fixed-address inputs (the padded ids, the last real position) into one activation buffer
+        self._prefill_graphs: dict = {}
+        self._prefill_pool = None
+        self._prefill_ids = self._prefill_last = self._acts = None
 
     def _alloc_compact(self) -> None:
         """The compact FFN buffers of the sparse layers (zero-padded to ``k_pad`` slots)."""
@@ -749,17 +770,22 @@ class FastLM:
         x = x + F.linear(o.transpose(1, 2).reshape(1, T, -1), lw.o_w, lw.o_b)
         return x, self._norm(x, lw.norm2_w, lw.norm2_b)
 
-    def _prefill_forward(self, ids: torch.Tensor, select: bool, sparse: bool = False):
+    def _prefill_forward(self, ids: torch.Tensor, select: bool, sparse: bool = False,
+                         last: torch.Tensor | None = None, acts: torch.Tensor | None = None):
         """Forward of the prompt at positions 0..T-1: fills the KV cache; returns (last logits, acts).
 
         ``select``: the sparse layers' activations are kept, stacked (n_sparse, T, I), for the one batched
-        selection after it (else acts is None). ``sparse``: the sparse layers' FFN already runs on the core
-        neurons of ``_gather``ed sets (similarity-guided prompts with ``sparse_prefill``)."""
+        selection after it (else acts is None), into ``acts`` where given. ``sparse``: the sparse layers' FFN
+        already runs on the core neurons of ``_gather``ed sets (similarity-guided prompts with
+        ``sparse_prefill``). ``last`` (1,) on the device: the position whose logits are returned (default
+        T - 1; the captured prefill's padded prompt ends earlier)."""
         w = self.w
         T = ids.numel()
         x, rope, mask = self._prefill_setup(ids)
-        acts = torch.empty(len(self.sparse_layers), T, w.n_neurons, device=w.device, dtype=w.dtype) \
-            if (self.k is not None and select) else None
+        if self.k is None or not select:
+            acts = None
+        elif acts is None:
+            acts = torch.empty(len(self.sparse_layers), T, w.n_neurons, device=w.device, dtype=w.dtype)
         for li, lw in enumerate(self.w.layers):
             x, h = self._prefill_attention(li, lw, x, rope, mask)
             in_sparse = li in self.sparse_layers
@@ -769,8 +795,59 @@ class FastLM:
                 y = self._ffn_dense(lw, h, acts[self._row[li]].view(1, T, -1)
                                     if (in_sparse and acts is not None) else None)
             x = x + y
-        h = self._norm(x[:, -1:], w.final_w, w.final_b)
+        h = self._norm(x[:, -1:] if last is None else x.index_select(1, last), w.final_w, w.final_b)
         return F.linear(h, w.lm_head)[0, -1], acts
+
+    def _prefill(self, ids: torch.Tensor, select: bool, sparse: bool):
+        """(last logits, acts, captured): the prefill, replayed from the CUDA graph of the prompt's length bucket
+        where ``prefill_graph`` allows (captured on its first use), else ``_prefill_forward`` eagerly.
+
+        The prompt is padded with token 0 to a multiple of ``PREFILL_BUCKET`` (or to ``max_seq_len``). Causal
+        attention keeps the padding out of every real position; its keys and values land in cache rows >= T, which the decode overwrites
+        before it reads them; only the T real rows of the activations go to the selection."""
+        T = ids.numel()
+        n = min(-(-T // PREFILL_BUCKET) * PREFILL_BUCKET, self.max_seq_len)  # T <= max_seq_len (_check_request)
+        if not self.prefill_graph or n > PREFILL_GRAPH_MAX:
+            return (*self._prefill_forward(ids, select, sparse), False)
+        select = select and self.k is not None
+        if self._prefill_ids is None:
+            dev = self.w.device
+            self._prefill_ids = torch.zeros(min(PREFILL_GRAPH_MAX, self.max_seq_len), dtype=torch.long, device=dev)
+            self._prefill_last = torch.zeros(1, dtype=torch.long, device=dev)
+        self._prefill_ids[:T].copy_(ids)
+        self._prefill_ids[T:n].zero_()
+        self._prefill_last.fill_(T - 1)
+        key = (n, select, sparse)
+        if key not in self._prefill_graphs:
+            self._capture_prefill(key)
+        graph, logits, acts = self._prefill_graphs[key]
+        graph.replay()
+        return logits, (acts[:, :T] if acts is not None else None), True
+
+    def _capture_prefill(self, key: tuple) -> None:
+        n, select, sparse = key
+        if select and (self._acts is None or self._acts.shape[1] < n):
+            for old in [k for k in self._prefill_graphs if k[1]]:
+                del self._prefill_graphs[old]  # captured against the smaller buffer
+            self._acts = None
+            self._acts = torch.empty(len(self.sparse_layers), n, self.w.n_neurons, device=self.w.device,
+                                     dtype=self.w.dtype)
+        acts = self._acts[:, :n] if select else None  # each layer's n rows contiguous, the layers apart
+
+        def forward():
+            return self._prefill_forward(self._prefill_ids[:n], select, sparse, last=self._prefill_last, acts=acts)[0]
+
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):
+            forward()  # warm-up outside the capture: cuBLAS / attention workspaces; replayed over below
+        torch.cuda.current_stream().wait_stream(stream)
+        if self._prefill_pool is None:
+            self._prefill_pool = torch.cuda.graph_pool_handle()
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=self._prefill_pool):
+            logits = forward()
+        self._prefill_graphs[key] = (graph, logits, acts)
 
     def _ffn_core_prefill(self, li: int, lw: LayerWeights, h: torch.Tensor) -> torch.Tensor:
         """The prompt's FFN on the core neurons only: the compact buffers, or (gather-free path) the core rows
@@ -1146,7 +1223,8 @@ class FastLM:
             self._gather(given, compact=mode.compact)
             if side is not None:
                 side[1].record(self._side_stream())
-        logits, acts = self._prefill_forward(ids, select=core_sets is None, sparse=sparse_prefill)
+        logits, acts, captured = self._prefill(ids, select=core_sets is None, sparse=sparse_prefill)
+        timings["prefill_graph"] = captured
         dev_sync()
         t1 = time.perf_counter()
         chosen: dict[int, torch.Tensor] = {}

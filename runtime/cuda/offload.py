@@ -161,6 +161,8 @@ class BudgetFastLM(FastLM):
     ``generate``/``forced_logits`` (FastLM's) run stability-guided prompts.
     """
 
+    _prefill_capturable = False  # its prefill waits on the copies of streamed layers
+
     def __init__(self, weights: FastWeights, plan: MemoryPlan, device="cuda", *, store: HostFFNStore | None = None,
                  rope_fn=None, alpha: float = 0.4, score: str = DEFAULT_SCORE):
         dev = torch.device(device)

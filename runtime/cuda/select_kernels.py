@@ -52,10 +52,16 @@ def _key(v, SCORE: tl.constexpr):
 
 
 @triton.jit
-def _active_kernel(a_ptr, n_ptr, I, BLOCK: tl.constexpr, SCORE: tl.constexpr):
+def _row_start(a_ptr, row, T, I, stride_l):
+    """Row ``row`` (= layer * T + token) of activations whose layers lie ``stride_l`` elements apart."""
+    return a_ptr + (row // T) * stride_l + (row % T) * I
+
+
+@triton.jit
+def _active_kernel(a_ptr, n_ptr, T, I, stride_l, BLOCK: tl.constexpr, SCORE: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)
     cols = tl.arange(0, BLOCK)
-    v = tl.load(a_ptr + row * I + cols, mask=cols < I, other=0.0)
+    v = tl.load(_row_start(a_ptr, row, T, I, stride_l) + cols, mask=cols < I, other=0.0)
     tl.store(n_ptr + row, tl.sum((_key(v, SCORE) > 0).to(tl.int32), axis=0))
 
 
@@ -82,12 +88,12 @@ def _token_k_kernel(n_ptr, k_ptr, alpha_bits, T, I, TB: tl.constexpr, INTERPRET:
 
 
 @triton.jit
-def _threshold_kernel(a_ptr, n_ptr, k_ptr, thr_ptr, last_ptr, T, I,
+def _threshold_kernel(a_ptr, n_ptr, k_ptr, thr_ptr, last_ptr, T, I, stride_l,
                       BLOCK: tl.constexpr, SCORE: tl.constexpr, SHIFT: tl.constexpr, NBITS: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)
     layer = row // T
     cols = tl.arange(0, BLOCK)
-    v = tl.load(a_ptr + row * I + cols, mask=cols < I, other=0.0)
+    v = tl.load(_row_start(a_ptr, row, T, I, stride_l) + cols, mask=cols < I, other=0.0)
     key = _key(v, SCORE) >> SHIFT  # exact: the low SHIFT bits of a widened bf16/fp16 value are zero
     k = tl.load(k_ptr + layer).to(tl.int32)
     n_active = tl.load(n_ptr + row)
@@ -124,14 +130,14 @@ def _column_step(a_row, thr_ptr, last_ptr, cols, ok, cnt, acc, SCORE: tl.constex
 
 
 @triton.jit
-def _column_kernel(a_ptr, thr_ptr, last_ptr, cnt_ptr, sum_ptr, T, I,
+def _column_kernel(a_ptr, thr_ptr, last_ptr, cnt_ptr, sum_ptr, T, I, stride_l,
                    BLOCK_C: tl.constexpr, SCORE: tl.constexpr, SHIFT: tl.constexpr, INTERPRET: tl.constexpr):
     layer = tl.program_id(0).to(tl.int64)
     cols = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
     ok = cols < I
     cnt = tl.zeros([BLOCK_C], dtype=tl.int32)
     acc = tl.zeros([BLOCK_C], dtype=tl.float64)
-    base = a_ptr + layer * T * I + cols
+    base = a_ptr + layer * stride_l + cols
     row0 = layer * T
     if INTERPRET:  # Triton's interpreter cannot bound a for loop by a run-time int (numpy 2); same steps
         t = 0
@@ -155,28 +161,30 @@ def layer_statistics(acts: torch.Tensor, alpha: float, score: str, block_c: int 
                      col_warps: int = 4, as_int64: bool = True,
                      out: tuple[torch.Tensor, torch.Tensor] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """(counts (L, I) int64, sums (L, I) float64) of ``acts`` (L, T, I); see the module doc. ``out``: contiguous
-    (counts int32, sums float64) written in place (int64 counts are computed in int32 and copied)."""
-    a = acts.contiguous()
-    L, T, I = a.shape
+    (counts int32, sums float64) written in place (int64 counts are computed in int32 and copied). Each
+    layer's (T, I) block must be contiguous, the layers may lie apart (the first T rows of a longer buffer)."""
+    L, T, I = acts.shape
+    a = acts if (acts.stride(2) == 1 and acts.stride(1) == I) else acts.contiguous()
+    stride_l = a.stride(0)
     code = SCORE_MAGNITUDE if score == "magnitude" else SCORE_POSITIVE
     shift = _SHIFT[a.dtype]
     block = triton.next_power_of_2(I)
     warps = _row_warps(block)
     dev = a.device
     n_active = torch.empty(L * T, dtype=torch.int32, device=dev)
-    _active_kernel[(L * T,)](a, n_active, I, BLOCK=block, SCORE=code, num_warps=warps)
+    _active_kernel[(L * T,)](a, n_active, T, I, stride_l, BLOCK=block, SCORE=code, num_warps=warps)
     k_tok = torch.empty(L, dtype=torch.int64, device=dev)
     alpha_bits = struct.unpack("<q", struct.pack("<d", float(alpha)))[0]  # no host-to-device copy: no sync
     _token_k_kernel[(L,)](n_active, k_tok, alpha_bits, T, I, TB=min(1024, triton.next_power_of_2(T)),
                           INTERPRET=_interpreting(), num_warps=4)
     thr = torch.empty(L * T, dtype=torch.int32, device=dev)
     last = torch.empty(L * T, dtype=torch.int32, device=dev)
-    _threshold_kernel[(L * T,)](a, n_active, k_tok, thr, last, T, I, BLOCK=block, SCORE=code, SHIFT=shift,
+    _threshold_kernel[(L * T,)](a, n_active, k_tok, thr, last, T, I, stride_l, BLOCK=block, SCORE=code, SHIFT=shift,
                                 NBITS=31 - shift, num_warps=warps)
     given = out is not None and out[0].dtype == torch.int32
     counts = out[0] if given else torch.empty(L, I, dtype=torch.int32, device=dev)
     sums = out[1] if out is not None else torch.empty(L, I, dtype=torch.float64, device=dev)
-    _column_kernel[(L, triton.cdiv(I, block_c))](a, thr, last, counts, sums, T, I, BLOCK_C=block_c, SCORE=code,
+    _column_kernel[(L, triton.cdiv(I, block_c))](a, thr, last, counts, sums, T, I, stride_l, BLOCK_C=block_c, SCORE=code,
                                                  SHIFT=shift, INTERPRET=_interpreting(), num_warps=col_warps)
     if out is not None:
         if not given:

@@ -128,6 +128,30 @@ def test_second_prompt_reuses_buffers_and_matches():
     assert torch.equal(got, fresh)
 
 
+@pytest.mark.parametrize("family", FAMILIES)
+def test_padded_prefill_equals_the_prompt_alone(family):
+    """What the captured prefill runs (CUDA): the prompt padded to its length bucket, logits of its last real
+    position, activations into the first rows of a longer buffer. Here eagerly, against the prompt alone: same
+    logits, cache rows and activations (causal attention keeps the padding out; Mistral's window of 9 too)."""
+    from coreinfer.runtime.cuda.fastlm import PREFILL_BUCKET
+
+    weights = FastWeights.from_hf(_tiny(family, seed=61))
+    fast = FastLM(weights, max_seq_len=2 * PREFILL_BUCKET, kept_fraction=0.4)
+    assert not fast.prefill_graph  # CPU: no graph; the padded forward alone
+    T, n = 21, PREFILL_BUCKET
+    prompt = _ids(T, 62)
+    with torch.no_grad():
+        want, want_acts = fast._prefill_forward(prompt, select=True)
+        want_k = [c[:, :, :T].clone() for c in fast.k_cache]
+        padded = torch.cat([prompt, torch.zeros(n - T, dtype=torch.long)])
+        buf = torch.full((len(fast.sparse_layers), n + 5, weights.n_neurons), float("nan"))
+        got, acts = fast._prefill_forward(padded, select=True, last=torch.tensor([T - 1]), acts=buf[:, :n])
+    assert (got - want).abs().max().item() < TOL
+    assert acts.data_ptr() == buf.data_ptr() and (acts[:, :T] - want_acts).abs().max().item() < TOL
+    assert all((c[:, :, :T] - k).abs().max().item() < TOL for c, k in zip(fast.k_cache, want_k))
+    assert torch.isnan(buf[:, n:]).all()  # nothing written past the bucket
+
+
 @pytest.mark.parametrize("family", ["llama", "opt"])
 def test_greedy_generate_matches_hf_generate(family):
     model = _tiny(family, seed=12)
@@ -281,8 +305,8 @@ def test_cuda_graph_equals_eager_fast_step(attention):
     model = _tiny("llama", seed=31, dtype=torch.bfloat16, device="cuda")
     weights = FastWeights.from_hf(model)
     prompt, cont = _ids(20, 32), _ids(10, 33)
-    graph, core = step_variant(weights, {"compile_elementwise": False, "attention": attention}, max_seq_len=40,
-                               kept_fraction=0.5).forced_logits(prompt, cont)
+    graph, core = step_variant(weights, {"compile_elementwise": False, "attention": attention, "prefill_graph": False},
+                               max_seq_len=40, kept_fraction=0.5).forced_logits(prompt, cont)
     eager, _ = step_variant(weights, {"cuda_graph": False, "compile_elementwise": False, "attention": attention},
                             max_seq_len=40, kept_fraction=0.5).forced_logits(prompt, cont, core_sets=core)
     assert torch.equal(graph, eager)
@@ -413,6 +437,41 @@ def test_cuda_compact_given_decodes_like_gather_free(kept, fold):
         assert hybrid.generate(p2, 12, **own).tokens == plain.generate(p2, 12, **own).tokens
     other = plain.generate(p1, 1).core_sets  # new sets: the compact buffers are gathered again
     assert hybrid.generate(p2, 12, core_sets=other).tokens == plain.generate(p2, 12, core_sets=other).tokens
+
+
+@pytest.mark.gpu
+@needs_cuda
+@pytest.mark.parametrize("family", FAMILIES)
+def test_cuda_captured_prefill_equals_eager_prefill(family):
+    """The prefill replayed from the graph of its length bucket against the eager prefill, float32: the same
+    core sets and logits, for prompts in two buckets and at a bucket's edge, one instance switching between
+    them (the activation buffer grows: the smaller bucket's graph is captured again), and with core sets
+    given before a sparse prefill. Past ``PREFILL_GRAPH_MAX`` tokens the prefill is eager."""
+    from coreinfer.runtime.cuda.fastlm import PREFILL_GRAPH_MAX
+
+    weights = FastWeights.from_hf(_tiny(family, seed=71, device="cuda"))
+    longest = 128 if family == "opt" else PREFILL_GRAPH_MAX + 40  # OPT: the tiny model's 128 learned positions
+    graphed = FastLM(weights, max_seq_len=longest, kept_fraction=0.4)
+    eager = step_variant(weights, {"prefill_graph": False}, max_seq_len=longest, kept_fraction=0.4)
+    assert graphed.prefill_graph and not eager.prefill_graph
+    cont = _ids(6, 72)
+    for T in (20, 64, 70, 20):
+        prompt = _ids(T, 73 + T)
+        got, core = graphed.forced_logits(prompt, cont)
+        ref, core_ref = eager.forced_logits(prompt, cont)
+        assert all(torch.equal(core[li], core_ref[li]) for li in core), T
+        assert (got - ref).abs().max().item() < 1e-3, T
+        a = graphed.generate(prompt, 8, timing=True)
+        assert a.timings["prefill_graph"] and a.tokens == eager.generate(prompt, 8).tokens, T
+        b = graphed.generate(prompt, 8, core_sets=core_ref, sparse_prefill=True, timing=True)
+        assert b.timings["prefill_graph"] and b.tokens == eager.generate(prompt, 8, core_sets=core_ref,
+                                                                          sparse_prefill=True).tokens, T
+    assert sorted({k[0] for k in graphed._prefill_graphs}) == [64, 128]
+    if family == "opt":
+        return
+    long = _ids(PREFILL_GRAPH_MAX + 1, 74)
+    c = graphed.generate(long, 4, timing=True)
+    assert not c.timings["prefill_graph"] and c.tokens == eager.generate(long, 4).tokens
 
 
 @pytest.mark.gpu
