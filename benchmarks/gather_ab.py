@@ -9,7 +9,7 @@ into it ("direct"); one Triton pass reading the rows whole (coalesced) and stori
     TRITON_INTERPRET=1 python -m benchmarks.gather_ab --check   (CPU: every form gives the same buffer)
 
 One Llama-3.1-8B layer (H 4096, I 14336, bf16), kept 0.2 / 0.4 / 0.6 (sorted random core sets), each form timed
-alone with CUDA events, A B A B, median of 20; the forms' buffers compared.
+alone with CUDA events, A B A B, median of 20 (after two warm-ups); the forms' buffers compared.
 """
 
 from __future__ import annotations
@@ -86,20 +86,6 @@ def check() -> None:
     print("gather forms equal: passed")
 
 
-def _ms(fn, reps: int = 20) -> float:
-    fn()
-    torch.cuda.synchronize()
-    ts = []
-    for _ in range(reps):
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        fn()
-        b.record()
-        b.synchronize()
-        ts.append(a.elapsed_time(b))
-    return statistics.median(ts)
-
-
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", default="gpu-out")
@@ -109,6 +95,8 @@ def main(argv=None) -> int:
     if args.check:
         check()
         return 0
+    from .gpu_suite import _event_ms
+
     names = [n for n in args.forms.split(",") if n]
     H, I = 4096, 14336
     g = torch.Generator(device="cuda").manual_seed(0)
@@ -131,7 +119,7 @@ def main(argv=None) -> int:
         times = {n: [] for n in fns}
         for _ in range(2):
             for name, fn in fns.items():
-                times[name].append(_ms(fn))
+                times[name].append(_event_ms(fn, reps=20))
         first = outs[names[0]]
         row = {"beta": beta, "k": k, "equal": all(torch.equal(first, o) for o in outs.values()),
                "ms": {n: statistics.median(v) for n, v in times.items()}, "runs_ms": times,
