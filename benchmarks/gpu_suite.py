@@ -158,7 +158,8 @@ def prefill_rounding(gguf: str, new_tokens: int = 32, log=print) -> dict:
                              "jaccard_vs_truth": (sum(jaccard(sets[i].cpu(), truth_sets[i].cpu()) for i in sets)
                                                   / len(sets)) if sets else None}
             e, c = got["bf16 eager"][1], got["bf16 captured"][1]
-            row["bf16_eager_vs_captured_jaccard"] = sum(jaccard(e[i].cpu(), c[i].cpu()) for i in e) / len(e) if e else None
+            row["bf16_eager_vs_captured_jaccard"] = (sum(jaccard(e[i].cpu(), c[i].cpu()) for i in e) / len(e)
+                                                     if e else None)
             rows.append(row)
             log(f"[rounding] {row}")
         del paths

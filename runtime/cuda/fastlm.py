@@ -431,7 +431,8 @@ class FastLM:
             raise FastPathError("cuda_graph=True needs the weights on a CUDA device")
         prefill_graph = step.get("prefill_graph")
         if prefill_graph and not (cuda_graph and self._prefill_capturable):
-            raise FastPathError("prefill_graph=True needs cuda_graph (the weights on a CUDA device) and a resident model")
+            raise FastPathError("prefill_graph=True needs cuda_graph (the weights on a CUDA device) and a resident "
+                                "model (no memory budget)")
         if not isinstance(max_seq_len, int) or max_seq_len < 2:
             raise FastPathError(f"max_seq_len must be an int >= 2, got {max_seq_len!r}")
         if w.pos_embed is not None and max_seq_len > w.max_positions:
@@ -803,8 +804,9 @@ class FastLM:
         where ``prefill_graph`` allows (captured on its first use), else ``_prefill_forward`` eagerly.
 
         The prompt is padded with token 0 to a multiple of ``PREFILL_BUCKET`` (or to ``max_seq_len``). Causal
-        attention keeps the padding out of every real position; its keys and values land in cache rows >= T, which the decode overwrites
-        before it reads them; only the T real rows of the activations go to the selection."""
+        attention keeps the padding out of every real position; its keys and values land in cache rows >= T,
+        which the decode overwrites before it reads them; only the T real rows of the activations go to the
+        selection."""
         T = ids.numel()
         n = min(-(-T // PREFILL_BUCKET) * PREFILL_BUCKET, self.max_seq_len)  # T <= max_seq_len (_check_request)
         if not self.prefill_graph or n > PREFILL_GRAPH_MAX:

@@ -184,8 +184,9 @@ def layer_statistics(acts: torch.Tensor, alpha: float, score: str, block_c: int 
     given = out is not None and out[0].dtype == torch.int32
     counts = out[0] if given else torch.empty(L, I, dtype=torch.int32, device=dev)
     sums = out[1] if out is not None else torch.empty(L, I, dtype=torch.float64, device=dev)
-    _column_kernel[(L, triton.cdiv(I, block_c))](a, thr, last, counts, sums, T, I, stride_l, BLOCK_C=block_c, SCORE=code,
-                                                 SHIFT=shift, INTERPRET=_interpreting(), num_warps=col_warps)
+    _column_kernel[(L, triton.cdiv(I, block_c))](a, thr, last, counts, sums, T, I, stride_l, BLOCK_C=block_c,
+                                                 SCORE=code, SHIFT=shift, INTERPRET=_interpreting(),
+                                                 num_warps=col_warps)
     if out is not None:
         if not given:
             out[0].copy_(counts)

@@ -216,12 +216,15 @@ def test_triton_attention_refused_on_cpu():
         step_variant(w, {"fold_norm": True}, kept_fraction=0.4)
     with pytest.raises(FastPathError, match="compact_given=True needs the gather-free sparse step on a CUDA"):
         step_variant(w, {"compact_given": True}, kept_fraction=0.4)
+    with pytest.raises(FastPathError, match=r"prefill_graph=True needs cuda_graph"):
+        step_variant(w, {"prefill_graph": True})
     with pytest.raises(FastPathError, match=r"unknown decode-step choices \['fused_ffn'\]"):
         step_variant(w, {"fused_ffn": True})
     with pytest.raises(TypeError):  # the product class builds the device's default step: no such options
         FastLM(w, pdl=False)
     fast = FastLM(w)
     assert fast.attention == "sdpa" and fast.gemv == "torch" and not fast.fused_norm and not fast.cuda_graph
+    assert not fast.prefill_graph and not fast.generate(_ids(5, 1), 2, timing=True).timings["prefill_graph"]
 
 
 def test_unsupported_architecture_is_refused():
