@@ -11,6 +11,7 @@ From the repo root on the GPU machine (scripts/gpu_run.sh sets it up). Steps:
 * lesion: the step timed without its attention / residual+norm launches (DIR/lesion.json);
 * rounding: on the real SmolLM2, the bf16 fast path with the eager and with the captured prefill, each
   against the float32 path (DIR/rounding.json);
+* given: calls given their core sets with and without ``compact_given``, by number of new tokens (DIR/given.json);
 * prefill: the prefill replayed from its CUDA graph against the eager prefill, by prompt length, dense and
   kept 0.4 (its own selection, and given its core sets before a sparse prefill) (DIR/prefill.json);
 * variants: decode-step variants (``--variants``, JSON) timed side by side, with their logits against the plain
@@ -457,6 +458,53 @@ def prefill_lengths(log=print, spec: str = "llama-3.1-8b", lengths=(32, 128, 256
     return {"model": spec, "repeats": repeats, "rows": rows}
 
 
+def given_lengths(log=print, spec: str = "llama-3.1-8b", lengths=(16, 32, 64, 128), betas=(0.4,),
+                  repeats: int = 5) -> dict:
+    """Calls given their core sets (similarity-guided) with and without ``compact_given``, side by side on one set
+    of weights, by number of new tokens: the median wall time of untimed calls (the compact buffers' gather runs
+    beside the captured prefill) and of the timed calls' time to first token, after two warm-ups per length."""
+    import time as _time
+
+    from coreinfer.runtime.cuda import bench
+    from coreinfer.runtime.cuda.fastlm import FastWeights
+
+    model, tok = bench.build_shape_model(spec, torch.bfloat16)
+    vocab = model.get_input_embeddings().weight.shape[0]
+    ids = bench.bench_prompt(tok, vocab).cuda()
+    weights = FastWeights.from_hf(model)
+    del model
+    _free_cuda()
+    rows = []
+    for beta in betas:
+        sets = None
+        for compact in (True, False):
+            fast = bench.step_variant(weights, {"compact_given": compact}, max_seq_len=ids.numel() + max(lengths) + 8,
+                                      kept_fraction=beta)
+            fast.warmup()
+            sets = sets or fast.generate(ids, 1).core_sets
+            for n in lengths:
+                for _ in range(2):
+                    fast.generate(ids, n, core_sets=sets)
+                walls = []
+                for _ in range(repeats):
+                    torch.cuda.synchronize()
+                    t = _time.perf_counter()
+                    fast.generate(ids, n, core_sets=sets)
+                    torch.cuda.synchronize()
+                    walls.append((_time.perf_counter() - t) * 1e3)
+                timed = [fast.generate(ids, n, core_sets=sets, timing=True).timings for _ in range(repeats)]
+                row = {"beta": beta, "compact_given": compact, "new_tokens": n, "wall_ms": statistics.median(walls),
+                       "ttft_ms": statistics.median(t["ttft_ms"] for t in timed),
+                       "decode_ms": statistics.median(t["decode_ms"] for t in timed)}
+                rows.append(row)
+                log(f"[given] {row}")
+            del fast
+            _free_cuda()
+    del weights
+    _free_cuda()
+    return {"model": spec, "prompt_tokens": int(ids.numel()), "repeats": repeats, "rows": rows}
+
+
 def _prefill_rows(bench, weights, prompts, label, beta, step, graph_max, repeats, log) -> list[dict]:
     rows = []
     fast = bench.step_variant(weights, step, max_seq_len=max(prompts) + 8, kept_fraction=beta)
@@ -714,6 +762,7 @@ def main(argv=None) -> int:
         "variants": lambda: (out / "variants.json").write_text(json.dumps(step_variants(
             json.loads(args.variants), log=log, new_tokens=args.new_tokens, repeats=args.repeats,
             betas=[None if b == "dense" else float(b) for b in args.variant_betas.split(",")]), indent=1, default=str)),
+        "given": lambda: (out / "given.json").write_text(json.dumps(given_lengths(log=log), indent=1, default=str)),
         "prefill": lambda: (out / "prefill.json").write_text(json.dumps(prefill_lengths(log=log), indent=1,
                                                                           default=str)),
         "e2e": lambda: main_job_e2e(Path(args.carry), out, log=log, new_tokens=args.new_tokens, repeats=args.repeats),

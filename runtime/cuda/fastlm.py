@@ -512,8 +512,8 @@ class FastLM:
         # compact_given: with the gather-free step, a call given its core sets before the prefill (similarity-
         # guided) decodes from compact buffers instead, gathered on a second stream during the prefill (allocated
         # on the first such call): 3.5-7.5% faster decode for 2-8 ms more time to first token, since the captured
-        # prefill shares the memory bandwidth with it (docs/benchmarks.md). ``compact_given=False``: such calls
-        # read the core rows in place too.
+        # prefill shares the memory bandwidth with it; at kept 0.4 that pays off past ~64 new tokens (run h200-30,
+        # docs/benchmarks.md). ``compact_given=False``: such calls read the core rows in place too.
         given = step.get("compact_given")
         if given and not (self.indexed and on_cuda):
             raise FastPathError("compact_given=True needs the gather-free sparse step on a CUDA device")
