@@ -28,8 +28,8 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
-import statistics
 import os
+import statistics
 import subprocess
 import sys
 import time
@@ -425,6 +425,20 @@ def step_variants(variants: list[dict], log=print, spec: str = "llama-3.1-8b", b
     return {"model": spec, "copy_bandwidth_gb_s": bw / 1e9, "new_tokens": new_tokens, "repeats": repeats, "rows": rows}
 
 
+def _shape_weights(spec: str):
+    """(FastWeights of the published shape with random bf16 weights, its tokenizer, its vocabulary size); the HF
+    model is freed."""
+    from coreinfer.runtime.cuda import bench
+    from coreinfer.runtime.cuda.fastlm import FastWeights
+
+    model, tok = bench.build_shape_model(spec, torch.bfloat16)
+    vocab = model.get_input_embeddings().weight.shape[0]
+    weights = FastWeights.from_hf(model)
+    del model
+    _free_cuda()
+    return weights, tok, vocab
+
+
 def prefill_lengths(log=print, spec: str = "llama-3.1-8b", lengths=(32, 128, 256, 512, 1024), repeats: int = 5) -> dict:
     """Time to first token by prompt length, the captured prefill (``prefill_graph``, the default) against the
     eager one, side by side on one set of weights: median of ``repeats`` one-token calls after two warm-ups (the
@@ -432,13 +446,8 @@ def prefill_lengths(log=print, spec: str = "llama-3.1-8b", lengths=(32, 128, 256
     ``graph_max`` 2048 capture those lengths too (the constant raised for them alone)."""
     from coreinfer.runtime.cuda import bench
     from coreinfer.runtime.cuda import fastlm as fastlm_module
-    from coreinfer.runtime.cuda.fastlm import FastWeights
 
-    model, _ = bench.build_shape_model(spec, torch.bfloat16)
-    vocab = model.get_input_embeddings().weight.shape[0]
-    weights = FastWeights.from_hf(model)
-    del model
-    _free_cuda()
+    weights, _, vocab = _shape_weights(spec)
     g = torch.Generator().manual_seed(7)
     prompts = {T: torch.randint(0, vocab, (T,), generator=g).cuda() for T in lengths}
     rows = []
@@ -463,17 +472,10 @@ def given_lengths(log=print, spec: str = "llama-3.1-8b", lengths=(16, 32, 64, 12
     """Calls given their core sets (similarity-guided) with and without ``compact_given``, side by side on one set
     of weights, by number of new tokens: the median wall time of untimed calls (the compact buffers' gather runs
     beside the captured prefill) and of the timed calls' time to first token, after two warm-ups per length."""
-    import time as _time
-
     from coreinfer.runtime.cuda import bench
-    from coreinfer.runtime.cuda.fastlm import FastWeights
 
-    model, tok = bench.build_shape_model(spec, torch.bfloat16)
-    vocab = model.get_input_embeddings().weight.shape[0]
+    weights, tok, vocab = _shape_weights(spec)
     ids = bench.bench_prompt(tok, vocab).cuda()
-    weights = FastWeights.from_hf(model)
-    del model
-    _free_cuda()
     rows = []
     for beta in betas:
         sets = None
@@ -488,10 +490,10 @@ def given_lengths(log=print, spec: str = "llama-3.1-8b", lengths=(16, 32, 64, 12
                 walls = []
                 for _ in range(repeats):
                     torch.cuda.synchronize()
-                    t = _time.perf_counter()
+                    t = time.perf_counter()
                     fast.generate(ids, n, core_sets=sets)
                     torch.cuda.synchronize()
-                    walls.append((_time.perf_counter() - t) * 1e3)
+                    walls.append((time.perf_counter() - t) * 1e3)
                 timed = [fast.generate(ids, n, core_sets=sets, timing=True).timings for _ in range(repeats)]
                 row = {"beta": beta, "compact_given": compact, "new_tokens": n, "wall_ms": statistics.median(walls),
                        "ttft_ms": statistics.median(t["ttft_ms"] for t in timed),

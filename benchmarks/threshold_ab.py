@@ -56,32 +56,18 @@ def _threshold_thirds_kernel(a_ptr, n_ptr, k_ptr, thr_ptr, last_ptr, T, I, strid
         new_lo = tl.where(n2 >= k, c2, tl.where(n1 >= k, c1, lo))
         hi = tl.where(n2 >= k, hi, tl.where(n1 >= k, c2, c1))
         lo = new_lo
-    thr = lo
-    n_gt = tl.sum((key > thr).to(tl.int32), axis=0)
-    eq = (key == thr).to(tl.int32)
-    rank_eq = tl.cumsum(eq, axis=0)
-    last = tl.max(tl.where((eq > 0) & (rank_eq <= k - n_gt), cols, -1), axis=0)
-    take_all = n_active <= k
-    thr = tl.where(take_all, 0, thr)
-    last = tl.where(take_all, -1, last)
+    thr, last = sk._threshold_ties(key, cols, lo, k, n_active)
     tl.store(thr_ptr + row, thr)
     tl.store(last_ptr + row, last)
 
 
 def thresholds(acts: torch.Tensor, alpha: float, score: str, thirds: bool):
     """(thr, last) of every (layer, token) row by one of the two kernels, after the two launches before it."""
-    import struct
-
     L, T, I = acts.shape
     code = sk.SCORE_MAGNITUDE if score == "magnitude" else sk.SCORE_POSITIVE
     shift, block = sk._SHIFT[acts.dtype], triton.next_power_of_2(I)
     warps = sk._row_warps(block)
-    n_active = torch.empty(L * T, dtype=torch.int32, device=acts.device)
-    sk._active_kernel[(L * T,)](acts, n_active, T, I, T * I, BLOCK=block, SCORE=code, num_warps=warps)
-    k_tok = torch.empty(L, dtype=torch.int64, device=acts.device)
-    bits = struct.unpack("<q", struct.pack("<d", float(alpha)))[0]
-    sk._token_k_kernel[(L,)](n_active, k_tok, bits, T, I, TB=min(1024, triton.next_power_of_2(T)),
-                             INTERPRET=sk._interpreting(), num_warps=4)
+    n_active, k_tok = sk._token_budgets(acts, alpha, code)
     thr = torch.empty(L * T, dtype=torch.int32, device=acts.device)
     last = torch.empty_like(thr)
 

@@ -104,15 +104,21 @@ def _threshold_kernel(a_ptr, n_ptr, k_ptr, thr_ptr, last_ptr, T, I, stride_l,
         cand = thr | (1 << (NBITS - 1 - b))
         c = tl.sum((key >= cand).to(tl.int32), axis=0)
         thr = tl.where(c >= k, cand, thr)
+    thr, last = _threshold_ties(key, cols, thr, k, n_active)
+    tl.store(thr_ptr + row, thr)
+    tl.store(last_ptr + row, last)
+
+
+@triton.jit
+def _threshold_ties(key, cols, thr, k, n_active):
+    """(threshold, index of the last neuron taken among those equal to it) for a row whose k-th largest key is
+    ``thr``; (0, -1) where the row has at most k active neurons."""
     n_gt = tl.sum((key > thr).to(tl.int32), axis=0)
     eq = (key == thr).to(tl.int32)
     rank_eq = tl.cumsum(eq, axis=0)  # 1-based rank among the equal keys, by index (cheaper than bisection on it)
     last = tl.max(tl.where((eq > 0) & (rank_eq <= k - n_gt), cols, -1), axis=0)
     take_all = n_active <= k  # every active neuron is core (this covers k == 0: no active neuron)
-    thr = tl.where(take_all, 0, thr)
-    last = tl.where(take_all, -1, last)
-    tl.store(thr_ptr + row, thr)
-    tl.store(last_ptr + row, last)
+    return tl.where(take_all, 0, thr), tl.where(take_all, -1, last)
 
 
 @triton.jit
@@ -157,6 +163,20 @@ def _row_warps(block: int) -> int:
     return max(4, min(16, block // 1024))
 
 
+def _token_budgets(a: torch.Tensor, alpha: float, code: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(active neurons per (layer, token) row (L*T,) int32, k_token per layer (L,) int64) of ``a`` (L, T, I),
+    each layer's (T, I) block contiguous: the two launches before the threshold search."""
+    L, T, I = a.shape
+    block = triton.next_power_of_2(I)
+    n_active = torch.empty(L * T, dtype=torch.int32, device=a.device)
+    _active_kernel[(L * T,)](a, n_active, T, I, a.stride(0), BLOCK=block, SCORE=code, num_warps=_row_warps(block))
+    k_tok = torch.empty(L, dtype=torch.int64, device=a.device)
+    alpha_bits = struct.unpack("<q", struct.pack("<d", float(alpha)))[0]  # no host-to-device copy: no sync
+    _token_k_kernel[(L,)](n_active, k_tok, alpha_bits, T, I, TB=min(1024, triton.next_power_of_2(T)),
+                          INTERPRET=_interpreting(), num_warps=4)
+    return n_active, k_tok
+
+
 def layer_statistics(acts: torch.Tensor, alpha: float, score: str, block_c: int = 128,
                      col_warps: int = 4, as_int64: bool = True,
                      out: tuple[torch.Tensor, torch.Tensor] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -171,12 +191,7 @@ def layer_statistics(acts: torch.Tensor, alpha: float, score: str, block_c: int 
     block = triton.next_power_of_2(I)
     warps = _row_warps(block)
     dev = a.device
-    n_active = torch.empty(L * T, dtype=torch.int32, device=dev)
-    _active_kernel[(L * T,)](a, n_active, T, I, stride_l, BLOCK=block, SCORE=code, num_warps=warps)
-    k_tok = torch.empty(L, dtype=torch.int64, device=dev)
-    alpha_bits = struct.unpack("<q", struct.pack("<d", float(alpha)))[0]  # no host-to-device copy: no sync
-    _token_k_kernel[(L,)](n_active, k_tok, alpha_bits, T, I, TB=min(1024, triton.next_power_of_2(T)),
-                          INTERPRET=_interpreting(), num_warps=4)
+    n_active, k_tok = _token_budgets(a, alpha, code)
     thr = torch.empty(L * T, dtype=torch.int32, device=dev)
     last = torch.empty(L * T, dtype=torch.int32, device=dev)
     _threshold_kernel[(L * T,)](a, n_active, k_tok, thr, last, T, I, stride_l, BLOCK=block, SCORE=code, SHIFT=shift,
