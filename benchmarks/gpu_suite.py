@@ -9,9 +9,11 @@ From the repo root on the GPU machine (scripts/gpu_run.sh sets it up). Steps:
   path, dense and sparse: same tokens, same core sets (DIR/greedy.json);
 * tune: the GEMV tilings timed in the whole decode step (DIR/tune.json);
 * lesion: the step timed without its attention / residual+norm launches (DIR/lesion.json);
-* rounding: on the real SmolLM2, the bf16 fast path with the eager and with the captured prefill, each
-  against the float32 path (DIR/rounding.json);
-* given: calls given their core sets with and without ``compact_given``, by number of new tokens (DIR/given.json);
+* rounding: on the real SmolLM2, the bf16 fast path with the eager and with the captured prefill and the bf16
+  Hugging Face model as loaded and with the fast path's folded weights, each against the float32 path
+  (DIR/rounding.json);
+* given: calls given their core sets with compact buffers, without, and as chosen by call length, by number of
+  new tokens, and the crossover per kept fraction (DIR/given.json);
 * prefill: the prefill replayed from its CUDA graph against the eager prefill, by prompt length, dense and
   kept 0.4 (its own selection, and given its core sets before a sparse prefill) (DIR/prefill.json);
 * variants: decode-step variants (``--variants``, JSON) timed side by side, with their logits against the plain
@@ -126,31 +128,43 @@ def greedy_check(gguf: str, new_tokens: int = 48, log=print, device: str = "cuda
     return out
 
 
-def prefill_rounding(gguf: str, new_tokens: int = 32, log=print) -> dict:
-    """Is the captured prefill's bf16 rounding worse than the eager one's, or only different? The real SmolLM2,
-    the PROMPTS (chat), teacher-forced along the float32 model's greedy tokens: the bf16 fast path with the eager
-    prefill and with the captured (padded) one, each against the float32 eager fast path as the truth (core-set
-    Jaccard per layer, relative logit error, top-1 agreement), dense and kept 0.4 in all layers."""
+def prefill_rounding(gguf: str, new_tokens: int = 32, log=print, device: str = "cuda") -> dict:
+    """Is the fast path's bf16 rounding worse than the eager one's, or only different? The real SmolLM2, the
+    PROMPTS (chat), teacher-forced along the float32 model's greedy tokens: the bf16 fast path with the eager
+    prefill, with the captured (padded) one and with the norms in launches of their own (``fold_norm=False``; the
+    weights hold the norms' either way), the Hugging Face model itself in bf16 (``EagerReference``, the eager
+    SparseLM path) and that model with its norm weights folded into its weights as ``FastWeights`` folds them,
+    each against the float32 eager fast path as the truth (core-set Jaccard per layer, relative logit error, top-1 agreement), dense and kept 0.4 in all
+    layers."""
     from coreinfer.runtime.cuda import bench
     from coreinfer.runtime.cuda.fastlm import FastLM, FastWeights
+    from coreinfer.runtime.cuda.reference import EagerReference
     from coreinfer.runtime.loading import load_model
     from coreinfer.runtime.selection import DEFAULT_SCORE, jaccard
     from coreinfer.runtime.sparse_lm import SparseLM
 
-    lms = {dt: SparseLM(load_model(gguf, device="cuda", dtype=dt)) for dt in ("float32", "bfloat16")}
+    lms = {dt: SparseLM(load_model(gguf, device=device, dtype=dt)) for dt in ("float32", "bfloat16")}
     w = {dt: FastWeights.from_hf(lm.model, adapter=lm.adapter) for dt, lm in lms.items()}
     tok = lms["float32"]
+    hf = {dt: EagerReference(load_model(gguf, device=device, dtype=dt).model) for dt in ("float32", "bfloat16")}
+    hf["bfloat16 folded"] = EagerReference(_fold_norms(load_model(gguf, device=device, dtype="bfloat16").model))
+    n_layers = lms["float32"].adapter.n_layers
     rows = []
     for beta in (None, 0.4):
         kw = dict(max_seq_len=256, kept_fraction=beta, score=DEFAULT_SCORE)
         paths = {"f32 eager": bench.step_variant(w["float32"], {"prefill_graph": False}, **kw),
                  "f32 captured": FastLM(w["float32"], **kw),
                  "bf16 eager": bench.step_variant(w["bfloat16"], {"prefill_graph": False}, **kw),
-                 "bf16 captured": FastLM(w["bfloat16"], **kw)}
+                 "bf16 captured": FastLM(w["bfloat16"], **kw),
+                 "bf16 unfolded": bench.step_variant(w["bfloat16"], {"fold_norm": False}, **kw)}
         for p in PROMPTS:
             ids = tok.encode(p, chat=True)[0]
             cont = paths["f32 eager"].generate(ids, new_tokens).tokens[:-1]
             got = {name: fast.forced_logits(ids, cont) for name, fast in paths.items()}
+            for dt, ref in hf.items():
+                logits, sets = ref.forced_logits(ids, cont, kept_fraction=beta, score=DEFAULT_SCORE,
+                                                 sparse_layers=range(n_layers) if beta else None)
+                got[dt.replace("float32", "f32").replace("bfloat16", "bf16") + " hf"] = (logits, sets)
             truth, truth_sets = got["f32 eager"]
             row = {"prompt": p, "beta": beta, "prompt_tokens": int(ids.numel())}
             for name, (logits, sets) in got.items():
@@ -158,14 +172,33 @@ def prefill_rounding(gguf: str, new_tokens: int = 32, log=print) -> dict:
                              "top1_vs_truth": (logits.argmax(-1) == truth.argmax(-1)).float().mean().item(),
                              "jaccard_vs_truth": (sum(jaccard(sets[i].cpu(), truth_sets[i].cpu()) for i in sets)
                                                   / len(sets)) if sets else None}
-            e, c = got["bf16 eager"][1], got["bf16 captured"][1]
-            row["bf16_eager_vs_captured_jaccard"] = (sum(jaccard(e[i].cpu(), c[i].cpu()) for i in e) / len(e)
-                                                     if e else None)
+            for a, b in (("bf16 eager", "bf16 captured"), ("bf16 captured", "bf16 hf"), ("bf16 unfolded", "bf16 hf"),
+                         ("bf16 hf", "bf16 folded hf"), ("bf16 captured", "bf16 folded hf")):
+                e, c = got[a][1], got[b][1]
+                row[f"{a} vs {b} jaccard"] = sum(jaccard(e[i].cpu(), c[i].cpu()) for i in e) / len(e) if e else None
             rows.append(row)
             log(f"[rounding] {row}")
         del paths
     return {"model": "SmolLM2-135M-Instruct (real weights, GGUF Q4_1 de-quantised)", "new_tokens": new_tokens,
             "rows": rows}
+
+
+def _fold_norms(model):
+    """``model`` (a Llama-family transformers model) with its RMSNorm weights folded into the next products as
+    ``FastWeights`` folds them (``fastlm._fold``), the norms' own weights set to one: the same function, the fast
+    path's rounding of the folded weights."""
+    from coreinfer.runtime.cuda.fastlm import _fold
+
+    with torch.no_grad():
+        for layer in model.model.layers:
+            at, mlp = layer.self_attn, layer.mlp
+            for lin, norm in ((at.q_proj, layer.input_layernorm), (at.k_proj, layer.input_layernorm),
+                              (at.v_proj, layer.input_layernorm), (mlp.gate_proj, layer.post_attention_layernorm),
+                              (mlp.up_proj, layer.post_attention_layernorm)):
+                lin.weight.copy_(_fold(lin.weight, norm.weight))
+            layer.input_layernorm.weight.fill_(1.0)
+            layer.post_attention_layernorm.weight.fill_(1.0)
+    return model
 
 
 def _graph_time_us(fn, n: int, reps: int = 10) -> float:
@@ -467,19 +500,21 @@ def prefill_lengths(log=print, spec: str = "llama-3.1-8b", lengths=(32, 128, 256
     return {"model": spec, "repeats": repeats, "rows": rows}
 
 
-def given_lengths(log=print, spec: str = "llama-3.1-8b", lengths=(16, 32, 64, 128), betas=(0.4,),
-                  repeats: int = 5) -> dict:
-    """Calls given their core sets (similarity-guided) with and without ``compact_given``, side by side on one set
-    of weights, by number of new tokens: the median wall time of untimed calls (the compact buffers' gather runs
-    beside the captured prefill) and of the timed calls' time to first token, after two warm-ups per length."""
+def given_lengths(log=print, spec: str = "llama-3.1-8b", lengths=(8, 16, 32, 64, 128, 192), betas=(0.2, 0.4, 0.6),
+                  repeats: int = 3) -> dict:
+    """Calls given their core sets (similarity-guided) with compact buffers (``compact_given=True``), without
+    (False) and as the product chooses by call length (None), side by side on one set of weights, by number of
+    new tokens: the median wall time of untimed calls (the compact buffers' gather runs beside the captured
+    prefill) and of the timed calls' time to first token, after two warm-ups per length; per kept fraction the
+    crossover, where the compact calls' wall time falls below the gather-free calls' (linear between lengths)."""
     from coreinfer.runtime.cuda import bench
 
     weights, tok, vocab = _shape_weights(spec)
     ids = bench.bench_prompt(tok, vocab).cuda()
-    rows = []
+    rows, crossover = [], {}
     for beta in betas:
         sets = None
-        for compact in (True, False):
+        for compact in (True, False, None):
             fast = bench.step_variant(weights, {"compact_given": compact}, max_seq_len=ids.numel() + max(lengths) + 8,
                                       kept_fraction=beta)
             fast.warmup()
@@ -495,16 +530,23 @@ def given_lengths(log=print, spec: str = "llama-3.1-8b", lengths=(16, 32, 64, 12
                     torch.cuda.synchronize()
                     walls.append((time.perf_counter() - t) * 1e3)
                 timed = [fast.generate(ids, n, core_sets=sets, timing=True).timings for _ in range(repeats)]
-                row = {"beta": beta, "compact_given": compact, "new_tokens": n, "wall_ms": statistics.median(walls),
-                       "ttft_ms": statistics.median(t["ttft_ms"] for t in timed),
+                row = {"beta": beta, "compact_given": compact, "compact": timed[0]["compact"], "new_tokens": n,
+                       "wall_ms": statistics.median(walls), "ttft_ms": statistics.median(t["ttft_ms"] for t in timed),
                        "decode_ms": statistics.median(t["decode_ms"] for t in timed)}
                 rows.append(row)
                 log(f"[given] {row}")
             del fast
             _free_cuda()
+        gap = [(r["new_tokens"], r["wall_ms"] - next(q["wall_ms"] for q in rows if q["beta"] == beta and
+                                                      q["compact_given"] is False and q["new_tokens"] == r["new_tokens"]))
+               for r in rows if r["beta"] == beta and r["compact_given"] is True]
+        crossover[str(beta)] = next((n0 + (n1 - n0) * g0 / (g0 - g1) for (n0, g0), (n1, g1) in zip(gap, gap[1:])
+                                     if g0 > 0 >= g1), None if gap[0][1] > 0 else gap[0][0])
+        log(f"[given] kept {beta}: compact - gather-free wall ms by length {gap}; crossover {crossover[str(beta)]}")
     del weights
     _free_cuda()
-    return {"model": spec, "prompt_tokens": int(ids.numel()), "repeats": repeats, "rows": rows}
+    return {"model": spec, "prompt_tokens": int(ids.numel()), "repeats": repeats, "rows": rows,
+            "crossover_new_tokens": crossover}
 
 
 def _prefill_rows(bench, weights, prompts, label, beta, step, graph_max, repeats, log) -> list[dict]:

@@ -11,8 +11,8 @@ adapter. ``FastLM`` adds, for one kept fraction ``beta``:
   default) the decode is gather-free: the kernels read the core rows of gate||up and of a row-major (I, H)
   copy of the down projection in place, by index, from one fixed-address index buffer, so the per-prompt
   "gather" is writing k indices per layer. A call given its core sets before the prefill (similarity-
-  guided) decodes from compact buffers instead, gathered on a second stream under the prefill
-  (``compact_given``). With cuBLAS GEMVs (and on CPU) the core rows are always gathered into preallocated
+  guided) and asking for enough new tokens decodes from compact buffers instead, gathered on a second
+  stream under the prefill (``compact_given``, ``compact_pays``). With cuBLAS GEMVs (and on CPU) the core rows are always gathered into preallocated
   compact buffers (zero-padded to a multiple of ``PAD``). Either way nothing the captured CUDA graph reads
   moves, so one graph of the decode step (per mode) stays valid for every prompt;
 * the decode step (embed -> layers -> lm_head -> argmax -> feed back) captured once in a CUDA graph:
@@ -60,11 +60,27 @@ STEP_CHOICES = ("cuda_graph", "compile_elementwise", "attention", "gemv", "pdl",
 # longer than PREFILL_GRAPH_MAX they prefill eagerly, where the kernels outlast their launches from Python
 PREFILL_BUCKET = 64
 PREFILL_GRAPH_MAX = 512
+# a call given its core sets decodes from compact buffers only when it asks for at least this many new tokens
+# (the gather costs time to first token, the compact step saves a little per token): (kept fraction of the
+# sparse layers, fewest new tokens), interpolated linearly: where the compact calls' wall time fell below the
+# gather-free calls', on the Llama-3.1-8B shape on the H200 (run h200-32, docs/benchmarks.md "Compact buffers by
+# call length")
+COMPACT_GIVEN_MIN_TOKENS = ((0.2, 24), (0.4, 70), (0.6, 116))
 DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
 class FastPathError(ValueError):
     """Bad input to the fast path (unsupported model, dtype, device, or a request that does not fit)."""
+
+
+def compact_pays(kept_fraction: float, max_new_tokens: int, table=COMPACT_GIVEN_MIN_TOKENS) -> bool:
+    """Whether a call given its core sets should gather compact buffers: ``max_new_tokens`` at least the
+    crossover of ``table`` at ``kept_fraction`` (linear between its points, and along its end segments
+    outside them)."""
+    i = next((j for j in range(1, len(table) - 1) if kept_fraction <= table[j][0]), len(table) - 1)
+    (f0, n0), (f1, n1) = table[i - 1], table[i]
+    need = n0 + (n1 - n0) * (kept_fraction - f0) / (f1 - f0)
+    return max_new_tokens >= max(1.0, need)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -510,14 +526,14 @@ class FastLM:
             raise FastPathError("gather_free=True needs a sparse step with gemv='triton' and a SiLU/ReLU FFN")
         self.indexed = can_index and step.get("gather_free") is not False
         # compact_given: with the gather-free step, a call given its core sets before the prefill (similarity-
-        # guided) decodes from compact buffers instead, gathered on a second stream during the prefill (allocated
-        # on the first such call): 3.5-7.5% faster decode for 2-8 ms more time to first token, since the captured
-        # prefill shares the memory bandwidth with it; at kept 0.4 that pays off past ~64 new tokens (run h200-30,
-        # docs/benchmarks.md). ``compact_given=False``: such calls read the core rows in place too.
+        # guided) may decode from compact buffers instead, gathered on a second stream during the prefill
+        # (allocated on the first such call): 3.5-7.5% faster decode for 2-8 ms more time to first token, since
+        # the captured prefill shares the memory bandwidth with it. By default (None) a call does so when it asks
+        # for enough new tokens to win that back (``compact_pays``); True: every such call, False: none.
         given = step.get("compact_given")
         if given and not (self.indexed and on_cuda):
             raise FastPathError("compact_given=True needs the gather-free sparse step on a CUDA device")
-        self.compact_given = (self.indexed and on_cuda) if given is None else bool(given)
+        self.compact_given = (None if (self.indexed and on_cuda) else False) if given is None else bool(given)
         self._side = None  # the stream of that gather
         self.k_pad = {li: -(-k // PAD) * PAD for li, k in layer_k.items()}
         self.c_up, self.c_up_b, self.c_down = [None] * n_layers, [None] * n_layers, [None] * n_layers
@@ -658,6 +674,15 @@ class FastLM:
     def ffn_bytes(self) -> int:
         """FFN weight bytes one decoded token reads."""
         return self.w.ffn_bytes(layer_k=self.layer_k)
+
+    def _compact_call(self, core_sets, max_new_tokens: int) -> bool:
+        """Whether a call decodes from compact buffers (``compact_given``): only calls given their core sets."""
+        if core_sets is None or self.k is None or self.compact_given is False:
+            return False
+        if self.compact_given:
+            return True
+        kept = sum(self.layer_k.values()) / (len(self.layer_k) * self.w.n_neurons)
+        return compact_pays(kept, max_new_tokens)
 
     def kept_fraction_overall(self) -> float:
         """FFN neurons used per decoded token / all FFN neurons of the model."""
@@ -1227,6 +1252,7 @@ class FastLM:
                 side[1].record(self._side_stream())
         logits, acts, captured = self._prefill(ids, select=core_sets is None, sparse=sparse_prefill)
         timings["prefill_graph"] = captured
+        timings["compact"] = mode.compact
         dev_sync()
         t1 = time.perf_counter()
         chosen: dict[int, torch.Tensor] = {}
@@ -1273,7 +1299,7 @@ class FastLM:
             timings: dict = {}
             on_cuda = self.w.device.type == "cuda"
             mode = self._set_sampling(sampling, keep_logits, max_new_tokens,
-                                      compact=self.compact_given and core_sets is not None and self.k is not None)
+                                      compact=self._compact_call(core_sets, max_new_tokens))
             _, chosen, t0 = self._start(ids, timings, timing, core_sets, mode, sparse_prefill)
             eos = set([eos_token_id] if isinstance(eos_token_id, int) else (eos_token_id or []))
             watched = on_tokens is not None
@@ -1347,7 +1373,7 @@ class FastLM:
         cont = [int(t) for t in torch.as_tensor(continuation).view(-1).tolist()]
         with self._lock, torch.inference_mode():
             ids = self._check_request(input_ids, len(cont) + 1)
-            mode = _Mode(compact=self.compact_given and core_sets is not None and self.k is not None)
+            mode = _Mode(compact=self._compact_call(core_sets, len(cont) + 1))
             logits, chosen, _ = self._start(ids, {}, False, core_sets, mode)
             rows = [logits.float().clone()]
             for t in cont:

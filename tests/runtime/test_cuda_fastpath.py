@@ -202,6 +202,20 @@ def test_bad_inputs_raise_clear_errors():
         FastLM(FastWeights.from_hf(opt), max_seq_len=1000)
 
 
+def test_compact_pays_interpolates_the_measured_crossovers():
+    """The crossover table read by hand: linear between its points, along its end segments outside them, at
+    least one token; the product's table grows with the kept fraction (the gather grows, the gain shrinks)."""
+    from coreinfer.runtime.cuda.fastlm import COMPACT_GIVEN_MIN_TOKENS, compact_pays
+
+    table = ((0.2, 10), (0.4, 30), (0.6, 70))
+    for kept, need in ((0.2, 10), (0.3, 20), (0.4, 30), (0.5, 50), (0.6, 70), (0.7, 90), (0.1, 1), (0.0, 1)):
+        assert compact_pays(kept, need, table) and (need == 1 or not compact_pays(kept, need - 1, table)), kept
+    assert not compact_pays(0.45, 39, table) and compact_pays(0.45, 40, table)
+    fractions = [f for f, _ in COMPACT_GIVEN_MIN_TOKENS]
+    needs = [n for _, n in COMPACT_GIVEN_MIN_TOKENS]
+    assert fractions == sorted(fractions) and needs == sorted(needs)
+
+
 def test_triton_attention_refused_on_cpu():
     w = FastWeights.from_hf(_tiny("llama"))
     with pytest.raises(FastPathError, match="pdl=True needs"):
@@ -410,15 +424,15 @@ def test_cuda_folded_norm_step_equals_plain_step(family, step, kept):
 @pytest.mark.parametrize("kept", [0.4, {0: 33, 2: 101}])
 @pytest.mark.parametrize("fold", [False, True])
 def test_cuda_compact_given_decodes_like_gather_free(kept, fold):
-    """``compact_given`` (the default on CUDA): a call given its core sets decodes from compact buffers gathered
-    on a second stream under the prefill; a call that selects its own reads the core rows in place. Both against
-    the gather-free step given the same sets, float32, one instance switching between them."""
+    """``compact_given=True``: a call given its core sets decodes from compact buffers gathered on a second
+    stream under the prefill; a call that selects its own reads the core rows in place. Both against the
+    gather-free step given the same sets, float32, one instance switching between them."""
     from coreinfer.runtime.cuda.fastlm import Sampling
 
     model = _tiny("qwen2", seed=52, device="cuda")
     weights = FastWeights.from_hf(model)
     kw = {"layer_k": kept} if isinstance(kept, dict) else {"kept_fraction": kept}
-    hybrid = step_variant(weights, {"fold_norm": fold}, max_seq_len=64, **kw)
+    hybrid = step_variant(weights, {"fold_norm": fold, "compact_given": True}, max_seq_len=64, **kw)
     plain = step_variant(weights, {"compact_given": False, "fold_norm": fold}, max_seq_len=64, **kw)
     assert hybrid.compact_given and hybrid.indexed and all(b is None for b in hybrid.c_up)
     p1, p2, cont = _ids(20, 53), _ids(17, 54), _ids(8, 55)
@@ -440,6 +454,30 @@ def test_cuda_compact_given_decodes_like_gather_free(kept, fold):
         assert hybrid.generate(p2, 12, **own).tokens == plain.generate(p2, 12, **own).tokens
     other = plain.generate(p1, 1).core_sets  # new sets: the compact buffers are gathered again
     assert hybrid.generate(p2, 12, core_sets=other).tokens == plain.generate(p2, 12, core_sets=other).tokens
+
+
+@pytest.mark.gpu
+@needs_cuda
+def test_cuda_default_compacts_only_calls_long_enough():
+    """By default a call given its core sets gathers compact buffers only when it asks for at least
+    ``compact_pays``'s number of new tokens; both kinds decode the tokens of the gather-free step."""
+    from coreinfer.runtime.cuda.fastlm import compact_pays
+
+    weights = FastWeights.from_hf(_tiny("llama", seed=56, device="cuda"))
+    auto = FastLM(weights, max_seq_len=160, kept_fraction=0.4)
+    plain = step_variant(weights, {"compact_given": False}, max_seq_len=160, kept_fraction=0.4)
+    assert auto.compact_given is None and auto.indexed
+    kept = auto.k / weights.n_neurons
+    short = next(n for n in range(1, 130) if compact_pays(kept, n)) - 1
+    assert 1 <= short < 120
+    p1, p2 = _ids(20, 57), _ids(15, 58)
+    sets = plain.generate(p2, 1).core_sets
+    for n, compact in ((short, False), (short + 1, True), (short, False)):
+        got = auto.generate(p1, n, core_sets=sets, timing=True)
+        assert got.timings["compact"] is compact and ("gather_side_ms" in got.timings) is compact
+        assert got.tokens == plain.generate(p1, n, core_sets=sets).tokens
+    assert all(auto.c_up[li] is not None for li in auto.sparse_layers)
+    assert not auto.generate(p1, short + 1, timing=True).timings["compact"]  # its own selection: never
 
 
 @pytest.mark.gpu
