@@ -55,8 +55,7 @@ SUPPORTED = ("llama", "mistral", "qwen2", "opt")
 PAD = 64  # compact FFN slots are padded to a multiple of this (see FastLM.__init__)
 # how a decode step can be built (FastLM._step_overrides); the product always builds the device's default
 STEP_CHOICES = ("cuda_graph", "compile_elementwise", "attention", "gemv", "pdl", "fused_norm", "gemv_config",
-                "gemv_config_up", "rows_config", "gather_free", "fold_norm", "compact_given", "prefill_graph",
-                "fused_down_sum")
+                "gemv_config_up", "rows_config", "gather_free", "fold_norm", "compact_given", "prefill_graph")
 # the captured prefill: prompts are padded to a multiple of PREFILL_BUCKET tokens (one graph per length bucket);
 # longer than PREFILL_GRAPH_MAX they prefill eagerly, where the kernels outlast their launches from Python
 PREFILL_BUCKET = 64
@@ -494,13 +493,6 @@ class FastLM:
         # ... of gate||up / fc1 (None: kernels.GEMV_CONFIG_UP)
         self.gemv_config_up = step.get("gemv_config_up") or self.gemv_config
         rows_config = step.get("rows_config")
-        # fused_down_sum (not yet measured: off unless asked for): the gather-free down product adds its split
-        # partial rows and the residual itself (the last program of each column block), no launch of its own
-        self.fused_down_sum = bool(step.get("fused_down_sum"))
-        if self.fused_down_sum:
-            from .kernels import GEMV_ROWS_FUSED_CONFIG
-
-            rows_config = rows_config or GEMV_ROWS_FUSED_CONFIG
         self.ops = _Ops(compile_elementwise)
         self._lock = threading.Lock()
         dev, dt = w.device, w.dtype
@@ -545,7 +537,7 @@ class FastLM:
         self._side = None  # the stream of that gather
         self.k_pad = {li: -(-k // PAD) * PAD for li, k in layer_k.items()}
         self.c_up, self.c_up_b, self.c_down = [None] * n_layers, [None] * n_layers, [None] * n_layers
-        self._idx = self._partial = self._rows_counts = None
+        self._idx = self._partial = None
         self.rows_config = rows_config  # the down GEMV's kernel config (None: kernels.GEMV_ROWS_CONFIG)
         if self.indexed:
             from .kernels import gemv_rows_split
@@ -556,12 +548,6 @@ class FastLM:
             self._idx = torch.zeros(len(self.sparse_layers), -(-self.k // 16) * 16, dtype=torch.int32, device=dev)
             split = max(gemv_rows_split(w.hidden, k, rows_config) for k in layer_k.values())
             self._partial = torch.empty(split, w.hidden, device=dev, dtype=torch.float32) if split > 1 else None
-        if self.fused_down_sum:
-            from .kernels import gemv_rows_counts
-
-            if not (self.indexed and self.fold_norm):
-                raise FastPathError("fused_down_sum=True needs the gather-free sparse step with fold_norm")
-            self._rows_counts = gemv_rows_counts(w.hidden, rows_config, dev)
         if not self.indexed:
             self._alloc_compact()
         # static step state
@@ -1092,10 +1078,7 @@ class FastLM:
                      act_up=lw.ffn_kind == "drelu", idx=idx, pdl=self.pdl,
                      config=self.gemv_config_up or GEMV_CONFIG_UP, norm_eps=eps)
             y = torch.empty(w.hidden, device=dev, dtype=dt)
-            if indexed and self.fused_down_sum:
-                x = gemv_rows(lw.down_t, a, y, idx, lw.down_b, self._partial, self.rows_config, pdl=self.pdl,
-                              residual=x, counts=self._rows_counts)
-            elif indexed:
+            if indexed:
                 y = gemv_rows(lw.down_t, a, y, idx, lw.down_b, self._partial, self.rows_config, reduce=False,
                               pdl=self.pdl)
                 x, _ = residual_rms_norm(x, y, None, eps, self._scratch, lw.down_b if y.dim() == 2 else None,

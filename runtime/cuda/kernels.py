@@ -281,19 +281,15 @@ def gemv(w: torch.Tensor, x: torch.Tensor, out: torch.Tensor, bias: torch.Tensor
 
 
 @triton.jit
-def _gemv_rows_kernel(w_ptr, idx_ptr, x_ptr, b_ptr, y_ptr, part_ptr, res_ptr, count_ptr,
+def _gemv_rows_kernel(w_ptr, idx_ptr, x_ptr, b_ptr, y_ptr, part_ptr,
                       N: tl.constexpr, R: tl.constexpr, PER: tl.constexpr, BLOCK_N: tl.constexpr,
-                      BLOCK_R: tl.constexpr, SPLIT: tl.constexpr, SPLIT_P2: tl.constexpr, HAS_BIAS: tl.constexpr,
-                      HAS_IDX: tl.constexpr, RES: tl.constexpr, GDC: tl.constexpr):
+                      BLOCK_R: tl.constexpr, SPLIT: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_IDX: tl.constexpr,
+                      GDC: tl.constexpr):
     """y (N,) = sum_j x[j] * W[r_j, :] (+ b) over the R slots j, r_j = idx[j] (or j): a vector times the
     (indexed) rows of a row-major (., N) matrix, e.g. the compact activation times the core rows of the
     transposed down projection. Program (n, s) owns BLOCK_N columns and the s-th of SPLIT runs of PER slots;
     with SPLIT > 1 it writes a float32 partial row, summed in order by ``_split_sum_kernel`` (or by
-    ``_residual_rms_kernel``, fused with the residual add and the next RMSNorm).
-
-    RES: y = res + the product (rounded to y's dtype before the add, as the unfused step adds); split, the last
-    of a column block's SPLIT programs to finish (an atomic counter per block, reset for the next launch) sums
-    the block's partial rows as one tile (a fixed tree: deterministic) - no launch of its own for the sum."""
+    ``_residual_rms_kernel``, fused with the residual add and the next RMSNorm)."""
     pid_n = tl.program_id(0)
     pid_s = tl.program_id(1)
     cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -325,25 +321,9 @@ def _gemv_rows_kernel(w_ptr, idx_ptr, x_ptr, b_ptr, y_ptr, part_ptr, res_ptr, co
     if SPLIT == 1:
         if HAS_BIAS:
             y += tl.load(b_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)
-        if RES:
-            y = tl.load(res_ptr + cols, mask=col_ok, other=0.0).to(tl.float32) + y.to(y_ptr.dtype.element_ty).to(tl.float32)
         tl.store(y_ptr + cols, y.to(y_ptr.dtype.element_ty), mask=col_ok)
     else:
         tl.store(part_ptr + pid_s * N + cols, y, mask=col_ok)
-        if RES:
-            tl.debug_barrier()  # every thread's stores before the (one-thread) release below
-            done = tl.atomic_add(count_ptr + pid_n, 1, sem="acq_rel")  # releases them, acquires the others'
-            if done == SPLIT - 1:
-                r = tl.arange(0, SPLIT_P2)
-                parts = tl.load(part_ptr + r[:, None] * N + cols[None, :], mask=(r[:, None] < SPLIT) & col_ok[None, :],
-                                other=0.0, cache_modifier=".cg")
-                t = tl.sum(parts, axis=0)
-                if HAS_BIAS:
-                    t += tl.load(b_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)
-                t = t.to(y_ptr.dtype.element_ty).to(tl.float32)
-                xr = tl.load(res_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)
-                tl.store(y_ptr + cols, (xr + t).to(y_ptr.dtype.element_ty), mask=col_ok)
-                tl.atomic_xchg(count_ptr + pid_n, 0)
 
 
 @triton.jit
@@ -366,9 +346,6 @@ def _split_sum_kernel(part_ptr, b_ptr, y_ptr, N, SPLIT: tl.constexpr, BLOCK: tl.
 # benchmark can run first) split 96 was fastest; inside the PDL step, where the split rows are summed by the
 # fused residual + RMSNorm kernel, split 128 (``device_check.tune_decode``).
 GEMV_ROWS_CONFIG = (2048, 4, 128, 8, 3)  # the fastest in the whole step, run "tune-3" (docs/benchmarks.md)
-# with the residual (``fused_down_sum``: the last program of a column block sums its partial rows): fewer splits
-# of narrower columns, so that one program's tile of partial rows is small (16 x 256 here)
-GEMV_ROWS_FUSED_CONFIG = (256, 16, 16, 4, 3)
 GEMV_ROWS_CANDIDATES = ((2048, 4, 64, 8, 3), (1024, 4, 128, 4, 3), (2048, 4, 32, 8, 3), (2048, 8, 64, 16, 3),
                         (2048, 2, 128, 4, 3), (1024, 8, 64, 8, 3), (1024, 4, 64, 4, 4), (2048, 4, 48, 8, 4),
                         (4096, 4, 64, 16, 3), (1024, 2, 256, 4, 3), (512, 8, 64, 4, 3), (2048, 4, 96, 8, 3))
@@ -376,14 +353,12 @@ GEMV_ROWS_CANDIDATES = ((2048, 4, 64, 8, 3), (1024, 4, 128, 4, 3), (2048, 4, 32,
 
 def gemv_rows(w: torch.Tensor, x: torch.Tensor, out: torch.Tensor, idx: torch.Tensor | None = None,
               bias: torch.Tensor | None = None, partial: torch.Tensor | None = None, config=None, *,
-              reduce: bool = True, pdl: bool = False, residual: torch.Tensor | None = None,
-              counts: torch.Tensor | None = None) -> torch.Tensor:
+              reduce: bool = True, pdl: bool = False) -> torch.Tensor:
     """out (N,) = x (R,) @ W[idx] (R, N) (+ bias): ``w`` (M, N) row-major (e.g. the down projection stored
     transposed, (I, H)), rows ``idx`` (R,) (all of its first R rows without). ``partial`` (SPLIT, N) float32
     scratch is needed when the config splits the rows (fixed address for graph capture). With
     ``reduce=False`` a split product returns the partial rows (SPLIT, N) unsummed and without the bias (for
-    ``residual_rms_norm``); an unsplit one returns ``out`` as usual. ``residual`` (N,): out = residual + the
-    product in this one launch, split or not (a split one needs ``counts``, ``gemv_rows_counts``)."""
+    ``residual_rms_norm``); an unsplit one returns ``out`` as usual."""
     bn, br, split, warps, stages = config or GEMV_ROWS_CONFIG
     n = out.numel()
     r = x.numel()
@@ -395,32 +370,17 @@ def gemv_rows(w: torch.Tensor, x: torch.Tensor, out: torch.Tensor, idx: torch.Te
     split = triton.cdiv(r, per)
     if split > 1 and (partial is None or partial.numel() < split * n or partial.dtype != torch.float32):
         raise ValueError(f"gemv_rows needs a float32 partial buffer of >= {split} x {n}")
-    if residual is not None:
-        if residual.numel() != n or not reduce:
-            raise ValueError(f"gemv_rows: residual has {residual.numel()} entries for {n} outputs (reduce must be True)")
-        if split > 1 and (counts is None or counts.numel() < triton.cdiv(n, bn) or counts.dtype != torch.int32):
-            raise ValueError(f"gemv_rows with a residual needs int32 zero counters for {triton.cdiv(n, bn)} column blocks")
-    fused = residual is not None
     _gemv_rows_kernel[(triton.cdiv(n, bn), split)](
         w, idx if idx is not None else x, x, bias if bias is not None else w, out, partial if split > 1 else out,
-        residual if fused else out, counts if (fused and split > 1) else out,
-        N=n, R=r, PER=per, BLOCK_N=bn, BLOCK_R=br, SPLIT=split, SPLIT_P2=triton.next_power_of_2(split),
-        HAS_BIAS=bias is not None, HAS_IDX=idx is not None, RES=fused,
+        N=n, R=r, PER=per, BLOCK_N=bn, BLOCK_R=br, SPLIT=split, HAS_BIAS=bias is not None, HAS_IDX=idx is not None,
         GDC=pdl, num_warps=warps, num_stages=stages, **_launch(pdl))
-    if split > 1 and not fused:
+    if split > 1:
         if not reduce:
             return partial.view(-1)[:split * n].view(split, n)
         _split_sum_kernel[(triton.cdiv(n, 128),)](partial, bias if bias is not None else partial, out, n, SPLIT=split,
                                                   BLOCK=128, HAS_BIAS=bias is not None, GDC=pdl, num_warps=4,
                                                   **_launch(pdl))
     return out
-
-
-def gemv_rows_counts(n: int, config=None, device=None) -> torch.Tensor:
-    """The zeroed int32 counters a split ``gemv_rows`` with a residual needs (one per column block; every launch
-    leaves them at zero)."""
-    bn = min((config or GEMV_ROWS_CONFIG)[0], max(16, triton.next_power_of_2(n)))
-    return torch.zeros(triton.cdiv(n, bn), dtype=torch.int32, device=device)
 
 
 def gemv_rows_split(n: int, r: int, config=None) -> int:

@@ -232,8 +232,6 @@ def test_triton_attention_refused_on_cpu():
         step_variant(w, {"compact_given": True}, kept_fraction=0.4)
     with pytest.raises(FastPathError, match=r"prefill_graph=True needs cuda_graph"):
         step_variant(w, {"prefill_graph": True})
-    with pytest.raises(FastPathError, match=r"fused_down_sum=True needs the gather-free sparse step"):
-        step_variant(w, {"fused_down_sum": True}, kept_fraction=0.4)
     with pytest.raises(FastPathError, match=r"unknown decode-step choices \['fused_ffn'\]"):
         step_variant(w, {"fused_ffn": True})
     with pytest.raises(TypeError):  # the product class builds the device's default step: no such options
@@ -392,18 +390,15 @@ def test_cuda_compact_triton_step_equals_gathered_cublas(layer_k):
 @pytest.mark.gpu
 @needs_cuda
 @pytest.mark.parametrize("family", ["llama", "qwen2"])
-@pytest.mark.parametrize("step", [{}, {"gather_free": False}, {"fold_norm": False}, {"fused_down_sum": True},
-                                  {"fused_down_sum": True, "rows_config": (32, 4, 3, 4, 2)}])
+@pytest.mark.parametrize("step", [{}, {"gather_free": False}, {"fold_norm": False}])
 @pytest.mark.parametrize("kept", [None, 0.4, {0: 33, 2: 101}])
 def test_cuda_folded_norm_step_equals_plain_step(family, step, kept):
     """The default step (``fold_norm``: no residual + RMSNorm launches; the norm weights folded into the qkv /
     gate||up weights, rstd computed by each GEMV program from its raw input, the residual added in the o / down
-    epilogue), with compact buffers, the step with its norm launches, and the gather-free down product summing
-    its partial rows with the residual itself (``fused_down_sum``, split or not), against the cuBLAS step,
-    float32, in the captured graph; the same core sets. (The cuBLAS step itself is checked against Hugging Face
-    elsewhere.)"""
-    if kept is None and ("gather_free" in step or "fused_down_sum" in step):
-        pytest.skip("gather_free and fused_down_sum concern sparse steps only")
+    epilogue), with compact buffers, and the step with its norm launches, against the cuBLAS step, float32, in the
+    captured graph; the same core sets. (The cuBLAS step itself is checked against Hugging Face elsewhere.)"""
+    if kept is None and "gather_free" in step:
+        pytest.skip("gather_free concerns sparse steps only")
     model = _tiny(family, seed=48, device="cuda")
     weights = FastWeights.from_hf(model)
     assert all(lw.norm1_w is None and lw.norm2_w is None for lw in weights.layers)
