@@ -134,8 +134,8 @@ def prefill_rounding(gguf: str, new_tokens: int = 32, log=print, device: str = "
     prefill, with the captured (padded) one and with the norms in launches of their own (``fold_norm=False``; the
     weights hold the norms' either way), the Hugging Face model itself in bf16 (``EagerReference``, the eager
     SparseLM path) and that model with its norm weights folded into its weights as ``FastWeights`` folds them,
-    each against the float32 eager fast path as the truth (core-set Jaccard per layer, relative logit error, top-1 agreement), dense and kept 0.4 in all
-    layers."""
+    each against the float32 eager fast path as the truth (core-set Jaccard per layer, relative logit error,
+    top-1 agreement), dense and kept 0.4 in all layers."""
     from coreinfer.runtime.cuda import bench
     from coreinfer.runtime.cuda.fastlm import FastLM, FastWeights
     from coreinfer.runtime.cuda.reference import EagerReference

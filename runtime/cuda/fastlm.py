@@ -12,9 +12,10 @@ adapter. ``FastLM`` adds, for one kept fraction ``beta``:
   copy of the down projection in place, by index, from one fixed-address index buffer, so the per-prompt
   "gather" is writing k indices per layer. A call given its core sets before the prefill (similarity-
   guided) and asking for enough new tokens decodes from compact buffers instead, gathered on a second
-  stream under the prefill (``compact_given``, ``compact_pays``). With cuBLAS GEMVs (and on CPU) the core rows are always gathered into preallocated
-  compact buffers (zero-padded to a multiple of ``PAD``). Either way nothing the captured CUDA graph reads
-  moves, so one graph of the decode step (per mode) stays valid for every prompt;
+  stream under the prefill (``compact_given``, ``compact_pays``). With cuBLAS GEMVs (and on CPU) the core
+  rows are always gathered into preallocated compact buffers (zero-padded to a multiple of ``PAD``). Either
+  way nothing the captured CUDA graph reads moves, so one graph of the decode step (per mode) stays valid
+  for every prompt;
 * the decode step (embed -> layers -> lm_head -> argmax -> feed back) captured once in a CUDA graph:
   the whole decode loop is ``graph.replay()`` with no host work or synchronisation in between. On CUDA
   its pieces are Triton kernels (``kernels.py``: split-KV attention with RoPE and the cache write, the
