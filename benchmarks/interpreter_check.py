@@ -19,14 +19,15 @@ def rot(x):
 
 torch.manual_seed(0)
 S = 80
-for nh, nkv, hd, window, rope, pos in [(4, 2, 16, None, True, 70), (4, 4, 32, None, False, 63), (6, 2, 16, 5, True, 64),
-                                      (4, 2, 16, None, True, 0), (4, 1, 16, 100, True, 79)]:
+for nh, nkv, hd, window, rope, pos, block in [
+        (4, 2, 16, None, True, 70, 16), (4, 4, 32, None, False, 63, 32), (6, 2, 16, 5, True, 64, 16),
+        (4, 2, 16, None, True, 0, 16), (4, 1, 16, 100, True, 79, 128), (4, 2, 16, None, True, 70, 128)]:
     qkv = torch.randn(nh * hd + 2 * nkv * hd)
     kc, vc = torch.randn(1, nkv, S, hd), torch.randn(1, nkv, S, hd)
     cos, sin = torch.randn(S, hd), torch.randn(S, hd)
     kc0, vc0 = kc.clone(), vc.clone()
     out = torch.full((nh * hd,), float("nan"))
-    attn = kernels.DecodeAttention(nh, nkv, hd, S, "cpu", window)
+    attn = kernels.DecodeAttention(nh, nkv, hd, S, "cpu", window, block=block)  # several blocks, or one
     attn(qkv, cos if rope else None, sin if rope else None, kc, vc, torch.tensor([pos]), out, hd ** -0.5)
     q = qkv[:nh * hd].view(nh, hd)
     k = qkv[nh * hd:(nh + nkv) * hd].view(nkv, hd)

@@ -56,7 +56,8 @@ SUPPORTED = ("llama", "mistral", "qwen2", "opt")
 PAD = 64  # compact FFN slots are padded to a multiple of this (see FastLM.__init__)
 # how a decode step can be built (FastLM._step_overrides); the product always builds the device's default
 STEP_CHOICES = ("cuda_graph", "compile_elementwise", "attention", "gemv", "pdl", "fused_norm", "gemv_config",
-                "gemv_config_up", "rows_config", "gather_free", "fold_norm", "compact_given", "prefill_graph")
+                "gemv_config_up", "rows_config", "gather_free", "fold_norm", "compact_given", "prefill_graph",
+                "attention_block")
 # the captured prefill: prompts are padded to a multiple of PREFILL_BUCKET tokens (one graph per length bucket);
 # longer than PREFILL_GRAPH_MAX they prefill eagerly, where the kernels outlast their launches from Python
 PREFILL_BUCKET = 64
@@ -504,10 +505,12 @@ class FastLM:
             self.cos, self.sin = w.rope_fn(torch.arange(self.cache_len, device=dev))
         self._attn = None
         if self.attention == "triton":
-            from .kernels import DecodeAttention
+            from .kernels import ATTENTION_BLOCK, DecodeAttention
 
+            # attention_block: keys per program (a benchmark / test choice; the tests take small ones for
+            # several blocks in short caches)
             self._attn = DecodeAttention(w.n_heads, w.n_kv_heads, w.head_dim, self.cache_len, dev, w.sliding_window,
-                                         pdl=self.pdl)
+                                         pdl=self.pdl, block=step.get("attention_block") or ATTENTION_BLOCK)
         self._scratch = None
         if self.gemv == "triton":
             from .kernels import StepScratch

@@ -299,14 +299,17 @@ needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a C
 
 @pytest.mark.gpu
 @needs_cuda
-@pytest.mark.parametrize("attention", ["triton", "sdpa"])
+@pytest.mark.parametrize("attention", ["triton", "sdpa", "triton-16"])
 @pytest.mark.parametrize("family", FAMILIES)
 def test_cuda_graph_step_matches_eager_reference_bf16(family, attention):
     model = _tiny(family, seed=21, dtype=torch.bfloat16, device="cuda")
-    prompt, cont = _ids(33, 22), _ids(70, 23)  # 103 positions: several key blocks; past Mistral's window of 9
+    prompt, cont = _ids(33, 22), _ids(70, 23)  # 103 positions: past Mistral's window of 9
     weights = FastWeights.from_hf(model)
-    fast = step_variant(weights, {"attention": attention, "gemv": "triton" if attention == "triton" else "torch"},
-                        max_seq_len=128, kept_fraction=0.4)
+    step = {"attention": attention, "gemv": "triton" if attention == "triton" else "torch"}
+    if attention == "triton-16":  # 16 keys per program: several key blocks, their partials merged
+        step = {"attention": "triton", "gemv": "triton", "attention_block": 16}
+        attention = "triton"
+    fast = step_variant(weights, step, max_seq_len=128, kept_fraction=0.4)
     assert fast.cuda_graph and fast.attention == attention
     got, core = fast.forced_logits(prompt, cont)
     ref, _ = EagerReference(model).forced_logits(prompt, cont, kept_fraction=0.4, core_sets=core)
