@@ -410,7 +410,8 @@ def _ffn_layout(ffn: FFNWeights) -> dict:
 @dataclass
 class FastGeneration:
     """What one call produced: new token ids, the per-layer core sets it chose, and its timings (ms; and
-    ``prefill_graph``: whether the prefill was replayed from its CUDA graph)."""
+    ``prefill_graph``: whether the prefill was replayed from its CUDA graph, ``compact``: whether the call
+    decoded from compact buffers, ``compact_pays``)."""
 
     tokens: list[int]
     core_sets: dict[int, torch.Tensor]  # sparse layer -> sorted neuron indices (empty when dense)
