@@ -16,6 +16,9 @@ From the repo root on the GPU machine (scripts/gpu_run.sh sets it up). Steps:
   new tokens, and the crossover per kept fraction (DIR/given.json);
 * prefill: the prefill replayed from its CUDA graph against the eager prefill, by prompt length, dense and
   kept 0.4 (its own selection, and given its core sets before a sparse prefill) (DIR/prefill.json);
+* select: where the selection of a kept-0.4 prompt runs: after the captured prefill, inside its graph after the
+  last layer (the default), or inside it per layer on a second stream; the time to first token by prompt
+  length against dense (DIR/select.json);
 * variants: decode-step variants (``--variants``, JSON) timed side by side, with their logits against the plain
   step (DIR/variants.json);
 * e2e: the product's main call (``SparseLM.generate`` with an artifact, auto, chat, sampling, streaming) and
@@ -474,7 +477,8 @@ def _shape_weights(spec: str):
 
 def prefill_lengths(log=print, spec: str = "llama-3.1-8b", lengths=(32, 128, 256, 512, 1024), repeats: int = 5) -> dict:
     """Time to first token by prompt length, the captured prefill (``prefill_graph``, the default) against the
-    eager one, side by side on one set of weights: median of ``repeats`` one-token calls after two warm-ups (the
+    eager one, and the selection inside the captured prefill (``select_in_prefill``, the default) against after
+    it, side by side on one set of weights: median of ``repeats`` one-token calls after two warm-ups (the
     first captures the length's bucket). Beyond ``PREFILL_GRAPH_MAX`` the default is eager; the rows with
     ``graph_max`` 2048 capture those lengths too (the constant raised for them alone)."""
     from coreinfer.runtime.cuda import bench
@@ -487,6 +491,7 @@ def prefill_lengths(log=print, spec: str = "llama-3.1-8b", lengths=(32, 128, 256
     default_max = fastlm_module.PREFILL_GRAPH_MAX
     for label, beta, step, graph_max in (("dense", None, {}, default_max), ("dense", None, {"prefill_graph": False}, 0),
                                          ("sparse", 0.4, {}, default_max),
+                                         ("sparse", 0.4, {"select_in_prefill": False}, default_max),
                                          ("sparse", 0.4, {"prefill_graph": False}, 0),
                                          ("dense", None, {}, 2048), ("sparse", 0.4, {}, 2048)):
         fastlm_module.PREFILL_GRAPH_MAX = graph_max or default_max
@@ -495,6 +500,49 @@ def prefill_lengths(log=print, spec: str = "llama-3.1-8b", lengths=(32, 128, 256
         finally:
             fastlm_module.PREFILL_GRAPH_MAX = default_max
         _free_cuda()
+    del weights
+    _free_cuda()
+    return {"model": spec, "repeats": repeats, "rows": rows}
+
+
+SELECT_VARIANTS = ({"select_in_prefill": False}, {}, {"select_in_prefill": "layers"})
+
+
+def select_placement(log=print, spec: str = "llama-3.1-8b", lengths=(32, 128, 256, 512), repeats: int = 7,
+                     variants=SELECT_VARIANTS) -> dict:
+    """Time to first token by prompt length for each ``variants`` placement of the selection (kept 0.4, its own
+    selection) and dense, on one set of weights: median of ``repeats`` one-token calls after two warm-ups; the
+    core sets of every variant checked equal to the first's."""
+    from coreinfer.runtime.cuda import bench
+
+    weights, _, vocab = _shape_weights(spec)
+    g = torch.Generator().manual_seed(8)
+    prompts = {T: torch.randint(0, vocab, (T,), generator=g).cuda() for T in lengths}
+    rows, first_sets = [], {}
+    for beta, step in [(None, {})] + [(0.4, v) for v in variants]:
+        fast = bench.step_variant(weights, step, max_seq_len=max(lengths) + 8, kept_fraction=beta)
+        fast.warmup()
+        for T, ids in prompts.items():
+            for _ in range(2):
+                sets = fast.generate(ids, 1).core_sets
+            runs = [fast.generate(ids, 1, timing=True).timings for _ in range(repeats)]
+            same = None
+            if beta is not None:
+                ref = first_sets.setdefault(T, sets)
+                same = all(torch.equal(ref[li], sets[li]) for li in ref)
+            row = {"beta": beta, "step": step, "prompt_tokens": T, "select_in_prefill": runs[0]["select_in_prefill"],
+                   "same_core_sets": same,
+                   **{k: statistics.median(r[k] for r in runs) for k in ("prefill_ms", "select_ms", "gather_ms",
+                                                                       "ttft_ms")}}
+            rows.append(row)
+            log(f"[select] {row}")
+        del fast
+        _free_cuda()
+    dense = {r["prompt_tokens"]: r for r in rows if r["beta"] is None}
+    for r in rows:
+        d = dense[r["prompt_tokens"]]
+        r["ttft_over_dense_ms"] = r["ttft_ms"] - d["ttft_ms"]
+        r["ttft_over_dense_pct_prefill"] = 100 * r["ttft_over_dense_ms"] / d["prefill_ms"]
     del weights
     _free_cuda()
     return {"model": spec, "repeats": repeats, "rows": rows}
@@ -562,6 +610,7 @@ def _prefill_rows(bench, weights, prompts, label, beta, step, graph_max, repeats
             runs = [fast.generate(ids, 1, timing=True, **kw).timings for _ in range(repeats)]
             row = {"path": label, "beta": beta, "prompt_tokens": T, "given_sparse_prefill": given, "step": step,
                    "graph_max": graph_max, "prefill_graph": runs[0]["prefill_graph"],
+                   "select_in_prefill": runs[0]["select_in_prefill"],
                    **{k: statistics.median(r[k] for r in runs) for k in ("prefill_ms", "select_ms", "gather_ms",
                                                                        "ttft_ms")}}
             rows.append(row)
@@ -764,7 +813,8 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", default=os.environ.get("OUT", "gpu-out"), help="folder for the raw JSON and logs")
     ap.add_argument("--steps", default="tests,e2e,suite",
-                    help="comma-separated, run in this order: tests, greedy, tune, lesion, variants, e2e, suite, memory")
+                    help="comma-separated, run in this order: tests, greedy, tune, lesion, rounding, given, select, prefill, "
+                         "variants, e2e, suite, memory")
     ap.add_argument("--carry", default=".carry", help="folder with smollm2-tokenizer/ and tiny-embedder/ (e2e)")
     ap.add_argument("--smollm2", default=None, help="path of SmolLM2-135M-Instruct.Q4_1.gguf (greedy step)")
     ap.add_argument("--models", default="llama-3.1-8b", help="comma-separated shapes or specs for the suite")
@@ -807,6 +857,8 @@ def main(argv=None) -> int:
             json.loads(args.variants), log=log, new_tokens=args.new_tokens, repeats=args.repeats,
             betas=[None if b == "dense" else float(b) for b in args.variant_betas.split(",")]), indent=1, default=str)),
         "given": lambda: (out / "given.json").write_text(json.dumps(given_lengths(log=log), indent=1, default=str)),
+        "select": lambda: (out / "select.json").write_text(json.dumps(select_placement(log=log), indent=1,
+                                                                       default=str)),
         "prefill": lambda: (out / "prefill.json").write_text(json.dumps(prefill_lengths(log=log), indent=1,
                                                                           default=str)),
         "e2e": lambda: main_job_e2e(Path(args.carry), out, log=log, new_tokens=args.new_tokens, repeats=args.repeats),

@@ -219,6 +219,18 @@ for dtype in (torch.float32, torch.bfloat16, torch.float16):
             c3, s3 = select_kernels.layer_statistics(view, 0.4, score)
             assert torch.equal(c3, selection._token_core_mask3(s, 0.4).sum(1)) and torch.equal(s3, sums), (dtype, score)
             assert torch.equal(select_kernels.select(view, 0.4, score, k), want), (dtype, score)
+            # the whole padded buffer, its prompt length read on the device, each layer alone (as the captured
+            # prefill runs them) into the rows of a wider index buffer, int32 and int64: the padding rows are active
+            # (7.0) and would change every count if read
+            for n_dt, out_dt in ((torch.int64, torch.int32), (torch.int32, torch.int64)):
+                n_tok = torch.tensor([T], dtype=n_dt)
+                c4, s4 = select_kernels.layer_statistics(buf, 0.4, score, n_tokens=n_tok)
+                assert torch.equal(c4, c3) and torch.equal(s4, sums), (dtype, score, n_dt)
+                idx = torch.full((L, k + 5), -9, dtype=out_dt)
+                for j in range(L):
+                    got = select_kernels.select(buf[j:j + 1], 0.4, score, k, n_tokens=n_tok, out=idx[j:j + 1])
+                    assert got.data_ptr() == idx[j].data_ptr() and got.shape == (1, k)
+                assert torch.equal(idx[:, :k].long(), want) and bool((idx[:, k:] == -9).all()), (dtype, score, out_dt)
 g = torch.Generator().manual_seed(2)
 for L, I, T in [(3, 40, 6), (2, 300, 100), (1, 9, 1), (5, 70, 256)]:
     counts = torch.randint(0, T + 1, (L, I), generator=g)

@@ -1,6 +1,8 @@
 """The per-token threshold of the core-set selection: bisection on the key bits (``select_kernels.
 _threshold_kernel``, one block reduction per bit) against a search by thirds that counts two candidates per
-reduction, packed in one int32 sum (``_threshold_thirds_kernel`` below: 10 reductions instead of 15 for bf16).
+reduction, packed in one int32 sum (``_threshold_thirds_kernel`` below: 10 reductions instead of 15 for bf16),
+and the bisection compiled with at most 64 registers a thread (two 16-warp programs an SM instead of one; the
+product's kernel since run h200-38, ``select_kernels._threshold_regs``; "bisection" here is uncapped).
 
     python -m benchmarks.threshold_ab --out DIR      (GPU machine, repo root; DIR/threshold_ab.json)
     TRITON_INTERPRET=1 python -m benchmarks.threshold_ab --check   (CPU: the two give the same thresholds)
@@ -61,13 +63,14 @@ def _threshold_thirds_kernel(a_ptr, n_ptr, k_ptr, thr_ptr, last_ptr, T, I, strid
     tl.store(last_ptr + row, last)
 
 
-def thresholds(acts: torch.Tensor, alpha: float, score: str, thirds: bool):
-    """(thr, last) of every (layer, token) row by one of the two kernels, after the two launches before it."""
+def thresholds(acts: torch.Tensor, alpha: float, score: str, thirds: bool, maxnreg: int | None = None):
+    """(thr, last) of every (layer, token) row by one of the two kernels, after the two launches before it;
+    ``maxnreg``: the bisection's register cap (Triton launch option)."""
     L, T, I = acts.shape
     code = sk.SCORE_MAGNITUDE if score == "magnitude" else sk.SCORE_POSITIVE
     shift, block = sk._SHIFT[acts.dtype], triton.next_power_of_2(I)
     warps = sk._row_warps(block)
-    n_active, k_tok = sk._token_budgets(acts, alpha, code)
+    n_active, k_tok = sk._token_budgets(acts, alpha, code, acts, False)
     thr = torch.empty(L * T, dtype=torch.int32, device=acts.device)
     last = torch.empty_like(thr)
 
@@ -77,8 +80,10 @@ def thresholds(acts: torch.Tensor, alpha: float, score: str, thirds: bool):
                                                SHIFT=shift, NBITS=31 - shift, STEPS=thirds_steps(31 - shift),
                                                num_warps=warps)
         else:
-            sk._threshold_kernel[(L * T,)](acts, n_active, k_tok, thr, last, T, I, T * I, BLOCK=block, SCORE=code,
-                                           SHIFT=shift, NBITS=31 - shift, num_warps=warps)
+            cap = {} if maxnreg is None else {"maxnreg": maxnreg}
+            sk._threshold_kernel[(L * T,)](acts, n_active, k_tok, thr, last, acts, T, T, I, T * I, BLOCK=block,
+                                           SCORE=code, SHIFT=shift, NBITS=31 - shift, DEVICE_T=False,
+                                           num_warps=warps, **cap)
 
     launch()
     return thr, last, launch
@@ -114,12 +119,15 @@ def main(argv=None) -> int:
     torch.manual_seed(0)
     acts = torch.randn(32, 256, 14336, device="cuda").to(torch.bfloat16)
     res = {"shape": [32, 256, 14336], "dtype": "bfloat16", "score": "magnitude", "alpha": 0.4,
-           "steps": {"bisection": 15, "thirds": thirds_steps(15)}, "us": {"bisection": [], "thirds": []}}
+           "steps": {"bisection": 15, "thirds": thirds_steps(15)},
+           "us": {"bisection": [], "thirds": [], "bisection_maxnreg64": []}}
     a = thresholds(acts, 0.4, "magnitude", False)
     b = thresholds(acts, 0.4, "magnitude", True)
+    c = thresholds(acts, 0.4, "magnitude", False, maxnreg=64)
     res["equal"] = bool(torch.equal(a[0], b[0]) and torch.equal(a[1], b[1]))
+    res["equal_maxnreg64"] = bool(torch.equal(a[0], c[0]) and torch.equal(a[1], c[1]))
     for _ in range(3):
-        for name, (_, _, launch) in (("bisection", a), ("thirds", b)):
+        for name, (_, _, launch) in (("bisection", a), ("thirds", b), ("bisection_maxnreg64", c)):
             res["us"][name].append(_graph_time_us(lambda i, f=launch: f(), 1))
     res["median_us"] = {k: statistics.median(v) for k, v in res["us"].items()}
     print(json.dumps(res))

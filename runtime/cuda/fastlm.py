@@ -26,7 +26,10 @@ The prefill runs the dense FFN (the prompt's activations choose the core set) or
 first, the core FFN; the first new token comes from the prefill's logits, every later one from the compact
 FFN, as in CoreInfer. On CUDA it too is replayed from a CUDA graph, one per 64-token length bucket up to 512
 tokens (the prompt padded; ``_prefill``), captured on a bucket's first use: the eager prefill is ~30 PyTorch
-ops per layer launched from Python, host-bound at these lengths. Longer prompts prefill eagerly.
+ops per layer launched from Python, host-bound at these lengths. Longer prompts prefill eagerly. In the
+captured prefill of the gather-free step the graph also selects the core sets, all layers batched after the
+last one, its kernels reading the prompt's length from the device and writing the index buffer itself
+(``select_in_prefill``); elsewhere the selection runs after the prefill, launched from Python.
 
 One ``FastLM`` instance decodes ONE prompt at a time: its KV cache and compact buffers are instance
 state that a call fills and reads; each public call holds the instance's lock for its whole duration.
@@ -57,7 +60,7 @@ PAD = 64  # compact FFN slots are padded to a multiple of this (see FastLM.__ini
 # how a decode step can be built (FastLM._step_overrides); the product always builds the device's default
 STEP_CHOICES = ("cuda_graph", "compile_elementwise", "attention", "gemv", "pdl", "fused_norm", "gemv_config",
                 "gemv_config_up", "rows_config", "gather_free", "fold_norm", "compact_given", "prefill_graph",
-                "attention_block")
+                "attention_block", "select_in_prefill")
 # the captured prefill: prompts are padded to a multiple of PREFILL_BUCKET tokens (one graph per length bucket);
 # longer than PREFILL_GRAPH_MAX they prefill eagerly, where the kernels outlast their launches from Python
 PREFILL_BUCKET = 64
@@ -540,6 +543,16 @@ class FastLM:
             raise FastPathError("compact_given=True needs the gather-free sparse step on a CUDA device")
         self.compact_given = (None if (self.indexed and on_cuda) else False) if given is None else bool(given)
         self._side = None  # the stream of that gather
+        # select_in_prefill: where the captured prefill's graph selects the core sets, writing the index buffer
+        # itself (no launches from Python, no separate gather): "end", all layers batched after the last layer;
+        # "layers", each layer on a second stream as soon as its activations exist, under the later layers;
+        # False: batched after the graph (what the eager prefill does). Benchmark rows compare the three.
+        sip = step.get("select_in_prefill")
+        if sip not in (None, False, "end", "layers"):
+            raise FastPathError(f"select_in_prefill must be 'end', 'layers' or False, got {sip!r}")
+        if sip and not (self.indexed and self.prefill_graph):
+            raise FastPathError(f"select_in_prefill={sip!r} needs the gather-free sparse step and the captured prefill")
+        self.select_in_prefill = ("end" if (self.indexed and self.prefill_graph) else False) if sip is None else sip
         self.k_pad = {li: -(-k // PAD) * PAD for li, k in layer_k.items()}
         self.c_up, self.c_up_b, self.c_down = [None] * n_layers, [None] * n_layers, [None] * n_layers
         self._idx = self._partial = None
@@ -573,7 +586,7 @@ class FastLM:
         # replayed from fixed-address inputs (the padded ids, the last real position) into one activation buffer
         self._prefill_graphs: dict = {}
         self._prefill_pool = None
-        self._prefill_ids = self._prefill_last = self._acts = None
+        self._prefill_ids = self._prefill_last = self._prefill_len = self._acts = None
 
     def _alloc_compact(self) -> None:
         """The compact FFN buffers of the sparse layers (zero-padded to ``k_pad`` slots)."""
@@ -802,14 +815,15 @@ class FastLM:
         return x, self._norm(x, lw.norm2_w, lw.norm2_b)
 
     def _prefill_forward(self, ids: torch.Tensor, select: bool, sparse: bool = False,
-                         last: torch.Tensor | None = None, acts: torch.Tensor | None = None):
+                         last: torch.Tensor | None = None, acts: torch.Tensor | None = None, on_layer=None):
         """Forward of the prompt at positions 0..T-1: fills the KV cache; returns (last logits, acts).
 
         ``select``: the sparse layers' activations are kept, stacked (n_sparse, T, I), for the one batched
         selection after it (else acts is None), into ``acts`` where given. ``sparse``: the sparse layers' FFN
         already runs on the core neurons of ``_gather``ed sets (similarity-guided prompts with
         ``sparse_prefill``). ``last`` (1,) on the device: the position whose logits are returned (default
-        T - 1; the captured prefill's padded prompt ends earlier)."""
+        T - 1; the captured prefill's padded prompt ends earlier). ``on_layer(row)``: called once a sparse layer's
+        activations are in ``acts[row]`` (the captured prefill's selection)."""
         w = self.w
         T = ids.numel()
         x, rope, mask = self._prefill_setup(ids)
@@ -825,6 +839,8 @@ class FastLM:
             else:
                 y = self._ffn_dense(lw, h, acts[self._row[li]].view(1, T, -1)
                                     if (in_sparse and acts is not None) else None)
+                if in_sparse and on_layer is not None:
+                    on_layer(self._row[li])
             x = x + y
         h = self._norm(x[:, -1:] if last is None else x.index_select(1, last), w.final_w, w.final_b)
         return F.linear(h, w.lm_head)[0, -1], acts
@@ -846,9 +862,11 @@ class FastLM:
             dev = self.w.device
             self._prefill_ids = torch.zeros(min(PREFILL_GRAPH_MAX, self.max_seq_len), dtype=torch.long, device=dev)
             self._prefill_last = torch.zeros(1, dtype=torch.long, device=dev)
+            self._prefill_len = torch.zeros(1, dtype=torch.long, device=dev)
         self._prefill_ids[:T].copy_(ids)
         self._prefill_ids[T:n].zero_()
         self._prefill_last.fill_(T - 1)
+        self._prefill_len.fill_(T)
         key = (n, select, sparse)
         if key not in self._prefill_graphs:
             self._capture_prefill(key)
@@ -865,9 +883,23 @@ class FastLM:
             self._acts = torch.empty(len(self.sparse_layers), n, self.w.n_neurons, device=self.w.device,
                                      dtype=self.w.dtype)
         acts = self._acts[:, :n] if select else None  # each layer's n rows contiguous, the layers apart
+        place = self.select_in_prefill if select else False
+        side = torch.cuda.Stream(self.w.device) if place == "layers" else None
+
+        def select_layer(j: int) -> None:
+            """Sparse layer row j's core set, on the side stream, while the prefill goes on."""
+            side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side):
+                self._select_into_index(acts, j)
 
         def forward():
-            return self._prefill_forward(self._prefill_ids[:n], select, sparse, last=self._prefill_last, acts=acts)[0]
+            logits = self._prefill_forward(self._prefill_ids[:n], select, sparse, last=self._prefill_last, acts=acts,
+                                           on_layer=select_layer if side is not None else None)[0]
+            if side is not None:
+                torch.cuda.current_stream().wait_stream(side)  # the graph ends when every selection has
+            elif place == "end":
+                self._select_into_index(acts)
+            return logits
 
         stream = torch.cuda.Stream()
         stream.wait_stream(torch.cuda.current_stream())
@@ -880,6 +912,24 @@ class FastLM:
         with torch.cuda.graph(graph, pool=self._prefill_pool):
             logits = forward()
         self._prefill_graphs[key] = (graph, logits, acts)
+
+    def _select_into_index(self, acts: torch.Tensor, row: int | None = None) -> None:
+        """The core sets of the captured prefill's activations ``acts`` (n_sparse, bucket, I), of its first T rows
+        (T read on the device), written into the index buffer: every sparse layer, or the one of ``row``."""
+        from . import select_kernels
+
+        rows = range(len(self.sparse_layers)) if row is None else range(row, row + 1)
+        ks = {self.layer_k[self.sparse_layers[j]] for j in rows}
+        if len(ks) == 1:
+            j0 = rows[0]
+            select_kernels.select(acts[j0:rows[-1] + 1], self.alpha, self.score, ks.pop(), n_tokens=self._prefill_len,
+                                  out=self._idx[j0:rows[-1] + 1])
+            return
+        counts, sums = select_kernels.layer_statistics(acts, self.alpha, self.score, as_int64=False,
+                                                       n_tokens=self._prefill_len)
+        for j in rows:
+            select_kernels.top_neurons(counts[j:j + 1], sums[j:j + 1], self.layer_k[self.sparse_layers[j]],
+                                       acts.shape[1], out=self._idx[j:j + 1])
 
     def _ffn_core_prefill(self, li: int, lw: LayerWeights, h: torch.Tensor) -> torch.Tensor:
         """The prompt's FFN on the core neurons only: the compact buffers, or (gather-free path) the core rows
@@ -925,6 +975,12 @@ class FastLM:
         counts, sums = layer_statistics(acts, self.alpha, self.score)
         return [select_from_statistics(counts[j:j + 1], sums[j:j + 1], self.layer_k[li], n_tokens)[0]
                 for j, li in enumerate(self.sparse_layers)]
+
+    def _index_sets(self) -> list[torch.Tensor]:
+        """Copies of the core sets the index buffer holds (the captured prefill's selection wrote them)."""
+        if self.uniform_k is not None:
+            return list(self._idx[:, :self.uniform_k].long().unbind(0))
+        return [self._idx[j, :self.layer_k[li]].long() for j, li in enumerate(self.sparse_layers)]
 
     def _gather(self, sets: list[torch.Tensor], compact: bool = False) -> None:
         """Make the decode use core sets ``sets`` (one per sparse layer): write the index buffer (gather-free
@@ -1256,18 +1312,23 @@ class FastLM:
             if side is not None:
                 side[1].record(self._side_stream())
         logits, acts, captured = self._prefill(ids, select=core_sets is None, sparse=sparse_prefill)
+        # the captured prefill wrote the core sets into the index buffer itself
+        in_prefill = captured and given is None and self.k is not None and bool(self.select_in_prefill)
         timings["prefill_graph"] = captured
+        timings["select_in_prefill"] = in_prefill
         timings["compact"] = mode.compact
         dev_sync()
         t1 = time.perf_counter()
         chosen: dict[int, torch.Tensor] = {}
         if self.k is not None:
-            # all sparse layers at once, on the device, no host synchronisation (selection.py)
-            sets = self._select(acts, ids.numel()) if given is None else given
+            if in_prefill:
+                sets = self._index_sets()
+            else:  # all sparse layers at once, on the device, no host synchronisation (selection.py)
+                sets = self._select(acts, ids.numel()) if given is None else given
             chosen = {li: sets[j] for j, li in enumerate(self.sparse_layers)}
             dev_sync()
             t2 = time.perf_counter()
-            if not early:
+            if not early and not in_prefill:
                 self._gather(sets)
             dev_sync()
             t3 = time.perf_counter()

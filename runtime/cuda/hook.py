@@ -177,6 +177,7 @@ def fast_generate(lm, req: GenerationRequest, session: Session, method_used: str
         neurons_per_layer=fast.uniform_k, layer_k=dict(fast.layer_k) if sparse else None,
         ffn_bytes_per_token=fast.ffn_bytes(),
         alpha=req.alpha if sparse else None, beta=beta if sparse else None, score=req.score if sparse else None,
-        cluster=extra.get("cluster"), stop_reason=stop_reason, path="fast")
+        cluster=extra.get("cluster"), stop_reason=stop_reason, path="fast",
+        select_in_prefill=t.get("select_in_prefill", False))
     logits = gen.logits[:len(tokens)] if req.return_logits else []
     return GenerateOutput(text, tokens, stats, gen.core_sets, logits), None

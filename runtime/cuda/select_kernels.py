@@ -19,6 +19,10 @@ its magnitude):
 Each launch reads the activations once: ~3 x L x T x I x 2 bytes in all (bf16). Then ``_top_kernel``, one
 program per layer, picks the kept neurons by (count desc, sum desc, index asc) without sorting and writes
 them in ascending order (``select``: the whole ``stability_select_layers`` on the device).
+
+The activations may be a padded buffer (L, N, I) whose first T rows are the prompt, T read on the device
+(``n_tokens``): the captured prefill runs each layer's selection inside its graph, on a second stream, for
+a prompt of any length in its bucket, and writes the core sets straight into the decode's index buffer.
 """
 
 from __future__ import annotations
@@ -52,61 +56,78 @@ def _key(v, SCORE: tl.constexpr):
 
 
 @triton.jit
-def _row_start(a_ptr, row, T, I, stride_l):
-    """Row ``row`` (= layer * T + token) of activations whose layers lie ``stride_l`` elements apart."""
-    return a_ptr + (row // T) * stride_l + (row % T) * I
+def _row_start(a_ptr, row, N, I, stride_l):
+    """Row ``row`` (= layer * N + token) of activations with N rows per layer, the layers ``stride_l`` elements
+    apart."""
+    return a_ptr + (row // N) * stride_l + (row % N) * I
 
 
 @triton.jit
-def _active_kernel(a_ptr, n_ptr, T, I, stride_l, BLOCK: tl.constexpr, SCORE: tl.constexpr):
+def _token_count(t_ptr, T, DEVICE_T: tl.constexpr):
+    """The prompt's number of tokens: ``T``, or (``DEVICE_T``) the int at ``t_ptr``, read on the device."""
+    n = T
+    if DEVICE_T:
+        n = tl.load(t_ptr).to(tl.int32)
+    return n
+
+
+@triton.jit
+def _active_kernel(a_ptr, n_ptr, t_ptr, T, N, I, stride_l, BLOCK: tl.constexpr, SCORE: tl.constexpr,
+                   DEVICE_T: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)
-    cols = tl.arange(0, BLOCK)
-    v = tl.load(_row_start(a_ptr, row, T, I, stride_l) + cols, mask=cols < I, other=0.0)
-    tl.store(n_ptr + row, tl.sum((_key(v, SCORE) > 0).to(tl.int32), axis=0))
+    if row % N < _token_count(t_ptr, T, DEVICE_T):  # rows past the prompt (a padded bucket) are never read
+        cols = tl.arange(0, BLOCK)
+        v = tl.load(_row_start(a_ptr, row, N, I, stride_l) + cols, mask=cols < I, other=0.0)
+        tl.store(n_ptr + row, tl.sum((_key(v, SCORE) > 0).to(tl.int32), axis=0))
 
 
 @triton.jit
-def _token_k_kernel(n_ptr, k_ptr, alpha_bits, T, I, TB: tl.constexpr, INTERPRET: tl.constexpr):
+def _token_k_kernel(n_ptr, k_ptr, t_ptr, alpha_bits, T, N, I, TB: tl.constexpr, INTERPRET: tl.constexpr,
+                    DEVICE_T: tl.constexpr):
     """Per layer (one program each): k_token = min(I, ceil(alpha * (sum of the T active counts) / T)) in float64
     with correctly rounded operations: ``selection.token_k``, bit for bit, in one launch. alpha arrives as the
     int64 bits of its float64 (a float argument would be rounded to float32)."""
     layer = tl.program_id(0).to(tl.int64)
+    n_tok = _token_count(t_ptr, T, DEVICE_T)
     total = tl.zeros([TB], dtype=tl.int64)
     if INTERPRET:
         t0 = 0
-        while t0 < T:
+        while t0 < n_tok:
             t = t0 + tl.arange(0, TB)
-            total += tl.load(n_ptr + layer * T + t, mask=t < T, other=0).to(tl.int64)
+            total += tl.load(n_ptr + layer * N + t, mask=t < n_tok, other=0).to(tl.int64)
             t0 += TB
     else:
-        for t0 in range(0, T, TB):
+        for t0 in range(0, n_tok, TB):
             t = t0 + tl.arange(0, TB)
-            total += tl.load(n_ptr + layer * T + t, mask=t < T, other=0).to(tl.int64)
-    mean = tl.sum(total, axis=0).to(tl.float64) / T  # float64 division is IEEE (correctly rounded)
+            total += tl.load(n_ptr + layer * N + t, mask=t < n_tok, other=0).to(tl.int64)
+    mean = tl.sum(total, axis=0).to(tl.float64) / n_tok  # float64 division is IEEE (correctly rounded)
     k = tl.math.ceil(mean * alpha_bits.to(tl.float64, bitcast=True)).to(tl.int64)
     tl.store(k_ptr + layer, tl.minimum(k, I))
 
 
 @triton.jit
-def _threshold_kernel(a_ptr, n_ptr, k_ptr, thr_ptr, last_ptr, T, I, stride_l,
-                      BLOCK: tl.constexpr, SCORE: tl.constexpr, SHIFT: tl.constexpr, NBITS: tl.constexpr):
+def _threshold_kernel(a_ptr, n_ptr, k_ptr, thr_ptr, last_ptr, t_ptr, T, N, I, stride_l,
+                      BLOCK: tl.constexpr, SCORE: tl.constexpr, SHIFT: tl.constexpr, NBITS: tl.constexpr,
+                      DEVICE_T: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)
-    layer = row // T
-    cols = tl.arange(0, BLOCK)
-    v = tl.load(_row_start(a_ptr, row, T, I, stride_l) + cols, mask=cols < I, other=0.0)
-    key = _key(v, SCORE) >> SHIFT  # exact: the low SHIFT bits of a widened bf16/fp16 value are zero
-    k = tl.load(k_ptr + layer).to(tl.int32)
-    n_active = tl.load(n_ptr + row)
-    # largest t with #(key >= t) >= k, built bit by bit from the top (one block reduction per bit: most of this
-    # kernel's time; two bits per step packed in one int64 sum, and 8 or 32 warps, measured slower: run "tune-1")
-    thr = 0
-    for b in tl.static_range(NBITS):
-        cand = thr | (1 << (NBITS - 1 - b))
-        c = tl.sum((key >= cand).to(tl.int32), axis=0)
-        thr = tl.where(c >= k, cand, thr)
-    thr, last = _threshold_ties(key, cols, thr, k, n_active)
-    tl.store(thr_ptr + row, thr)
-    tl.store(last_ptr + row, last)
+    if row % N < _token_count(t_ptr, T, DEVICE_T):
+        layer = row // N
+        cols = tl.arange(0, BLOCK)
+        v = tl.load(_row_start(a_ptr, row, N, I, stride_l) + cols, mask=cols < I, other=0.0)
+        key = _key(v, SCORE) >> SHIFT  # exact: the low SHIFT bits of a widened bf16/fp16 value are zero
+        k = tl.load(k_ptr + layer).to(tl.int32)
+        n_active = tl.load(n_ptr + row)
+        # largest t with #(key >= t) >= k, built bit by bit from the top (one block reduction per bit: most of
+        # this kernel's time; two bits per step packed in one int64 sum, and 8 or 32 warps, measured slower:
+        # run "tune-1")
+        thr = 0
+        for b in tl.static_range(NBITS):
+            cand = thr | (1 << (NBITS - 1 - b))
+            c = tl.sum((key >= cand).to(tl.int32), axis=0)
+            thr = tl.where(c >= k, cand, thr)
+        thr, last = _threshold_ties(key, cols, thr, k, n_active)
+        tl.store(thr_ptr + row, thr)
+        tl.store(last_ptr + row, last)
 
 
 @triton.jit
@@ -136,23 +157,25 @@ def _column_step(a_row, thr_ptr, last_ptr, cols, ok, cnt, acc, SCORE: tl.constex
 
 
 @triton.jit
-def _column_kernel(a_ptr, thr_ptr, last_ptr, cnt_ptr, sum_ptr, T, I, stride_l,
-                   BLOCK_C: tl.constexpr, SCORE: tl.constexpr, SHIFT: tl.constexpr, INTERPRET: tl.constexpr):
+def _column_kernel(a_ptr, thr_ptr, last_ptr, cnt_ptr, sum_ptr, t_ptr, T, N, I, stride_l,
+                   BLOCK_C: tl.constexpr, SCORE: tl.constexpr, SHIFT: tl.constexpr, INTERPRET: tl.constexpr,
+                   DEVICE_T: tl.constexpr):
     layer = tl.program_id(0).to(tl.int64)
     cols = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
     ok = cols < I
     cnt = tl.zeros([BLOCK_C], dtype=tl.int32)
     acc = tl.zeros([BLOCK_C], dtype=tl.float64)
     base = a_ptr + layer * stride_l + cols
-    row0 = layer * T
+    row0 = layer * N
+    n_tok = _token_count(t_ptr, T, DEVICE_T)
     if INTERPRET:  # Triton's interpreter cannot bound a for loop by a run-time int (numpy 2); same steps
         t = 0
-        while t < T:
+        while t < n_tok:
             cnt, acc = _column_step(base + t * I, thr_ptr + row0 + t, last_ptr + row0 + t, cols, ok, cnt, acc,
                                     SCORE, SHIFT)
             t += 1
     else:  # tokens strictly in order (the float64 sum's order is part of the definition)
-        for t in range(0, T):
+        for t in range(0, n_tok):
             cnt, acc = _column_step(base + t * I, thr_ptr + row0 + t, last_ptr + row0 + t, cols, ok, cnt, acc,
                                     SCORE, SHIFT)
     tl.store(cnt_ptr + layer * I + cols, cnt, mask=ok)
@@ -163,27 +186,50 @@ def _row_warps(block: int) -> int:
     return max(4, min(16, block // 1024))
 
 
-def _token_budgets(a: torch.Tensor, alpha: float, code: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(active neurons per (layer, token) row (L*T,) int32, k_token per layer (L,) int64) of ``a`` (L, T, I),
-    each layer's (T, I) block contiguous: the two launches before the threshold search."""
-    L, T, I = a.shape
+def _threshold_regs(block: int, warps: int) -> dict:
+    """The threshold kernel's launch options: at 16 warps and 32 keys a thread (I in (8192, 16384]), at most 64
+    registers a thread, two programs an SM instead of one (127 registers uncapped): 586 vs 729 us for 32 layers
+    x 256 tokens x 14336 neurons, the same thresholds (benchmarks/threshold_ab.py, run h200-38). Elsewhere not
+    measured: uncapped."""
+    return {"maxnreg": 64} if (warps == 16 and block == 16384 and not _interpreting()) else {}
+
+
+def _check_n_tokens(n_tokens: torch.Tensor | None, a: torch.Tensor) -> torch.Tensor:
+    """The pointer the kernels read the token count from: ``n_tokens``, or (unused) any tensor of the device."""
+    if n_tokens is None:
+        return a
+    if n_tokens.numel() != 1 or n_tokens.dtype not in (torch.int32, torch.int64) or n_tokens.device != a.device:
+        raise ValueError(f"n_tokens must be one int32/int64 on {a.device}, got {n_tokens.numel()} x {n_tokens.dtype} "
+                         f"on {n_tokens.device}")
+    return n_tokens
+
+
+def _token_budgets(a: torch.Tensor, alpha: float, code: int, t_ptr: torch.Tensor, device_t: bool,
+                   ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(active neurons per (layer, row) (L*N,) int32, k_token per layer (L,) int64) of ``a`` (L, N, I), each
+    layer's (N, I) block contiguous: the two launches before the threshold search."""
+    L, N, I = a.shape
     block = triton.next_power_of_2(I)
-    n_active = torch.empty(L * T, dtype=torch.int32, device=a.device)
-    _active_kernel[(L * T,)](a, n_active, T, I, a.stride(0), BLOCK=block, SCORE=code, num_warps=_row_warps(block))
+    n_active = torch.empty(L * N, dtype=torch.int32, device=a.device)
+    _active_kernel[(L * N,)](a, n_active, t_ptr, N, N, I, a.stride(0), BLOCK=block, SCORE=code, DEVICE_T=device_t,
+                             num_warps=_row_warps(block))
     k_tok = torch.empty(L, dtype=torch.int64, device=a.device)
     alpha_bits = struct.unpack("<q", struct.pack("<d", float(alpha)))[0]  # no host-to-device copy: no sync
-    _token_k_kernel[(L,)](n_active, k_tok, alpha_bits, T, I, TB=min(1024, triton.next_power_of_2(T)),
-                          INTERPRET=_interpreting(), num_warps=4)
+    _token_k_kernel[(L,)](n_active, k_tok, t_ptr, alpha_bits, N, N, I, TB=min(1024, triton.next_power_of_2(N)),
+                          INTERPRET=_interpreting(), DEVICE_T=device_t, num_warps=4)
     return n_active, k_tok
 
 
 def layer_statistics(acts: torch.Tensor, alpha: float, score: str, block_c: int = 128,
                      col_warps: int = 4, as_int64: bool = True,
-                     out: tuple[torch.Tensor, torch.Tensor] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                     out: tuple[torch.Tensor, torch.Tensor] | None = None,
+                     n_tokens: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """(counts (L, I) int64, sums (L, I) float64) of ``acts`` (L, T, I); see the module doc. ``out``: contiguous
     (counts int32, sums float64) written in place (int64 counts are computed in int32 and copied). Each
-    layer's (T, I) block must be contiguous, the layers may lie apart (the first T rows of a longer buffer)."""
-    L, T, I = acts.shape
+    layer's (T, I) block must be contiguous, the layers may lie apart (the first T rows of a longer buffer).
+    ``n_tokens`` (one int on the device, in [1, T]): only that many leading rows of each layer are the prompt,
+    the rest padding, never read."""
+    L, N, I = acts.shape
     a = acts if (acts.stride(2) == 1 and acts.stride(1) == I) else acts.contiguous()
     stride_l = a.stride(0)
     code = SCORE_MAGNITUDE if score == "magnitude" else SCORE_POSITIVE
@@ -191,17 +237,19 @@ def layer_statistics(acts: torch.Tensor, alpha: float, score: str, block_c: int 
     block = triton.next_power_of_2(I)
     warps = _row_warps(block)
     dev = a.device
-    n_active, k_tok = _token_budgets(a, alpha, code)
-    thr = torch.empty(L * T, dtype=torch.int32, device=dev)
-    last = torch.empty(L * T, dtype=torch.int32, device=dev)
-    _threshold_kernel[(L * T,)](a, n_active, k_tok, thr, last, T, I, stride_l, BLOCK=block, SCORE=code, SHIFT=shift,
-                                NBITS=31 - shift, num_warps=warps)
+    t_ptr, device_t = _check_n_tokens(n_tokens, a), n_tokens is not None
+    n_active, k_tok = _token_budgets(a, alpha, code, t_ptr, device_t)
+    thr = torch.empty(L * N, dtype=torch.int32, device=dev)
+    last = torch.empty(L * N, dtype=torch.int32, device=dev)
+    _threshold_kernel[(L * N,)](a, n_active, k_tok, thr, last, t_ptr, N, N, I, stride_l, BLOCK=block, SCORE=code,
+                                SHIFT=shift, NBITS=31 - shift, DEVICE_T=device_t, num_warps=warps,
+                                **_threshold_regs(block, warps))
     given = out is not None and out[0].dtype == torch.int32
     counts = out[0] if given else torch.empty(L, I, dtype=torch.int32, device=dev)
     sums = out[1] if out is not None else torch.empty(L, I, dtype=torch.float64, device=dev)
-    _column_kernel[(L, triton.cdiv(I, block_c))](a, thr, last, counts, sums, T, I, stride_l, BLOCK_C=block_c,
-                                                 SCORE=code, SHIFT=shift, INTERPRET=_interpreting(),
-                                                 num_warps=col_warps)
+    _column_kernel[(L, triton.cdiv(I, block_c))](a, thr, last, counts, sums, t_ptr, N, N, I, stride_l,
+                                                 BLOCK_C=block_c, SCORE=code, SHIFT=shift,
+                                                 INTERPRET=_interpreting(), DEVICE_T=device_t, num_warps=col_warps)
     if out is not None:
         if not given:
             out[0].copy_(counts)
@@ -210,7 +258,7 @@ def layer_statistics(acts: torch.Tensor, alpha: float, score: str, block_c: int 
 
 
 @triton.jit
-def _top_kernel(cnt_ptr, sum_ptr, out_ptr, I, K, BLOCK: tl.constexpr, CBITS: tl.constexpr):
+def _top_kernel(cnt_ptr, sum_ptr, out_ptr, out_stride, I, K, BLOCK: tl.constexpr, CBITS: tl.constexpr):
     """One program per layer: the K best neurons by (count desc, float64 sum desc, index asc), written in
     ascending index order; = ``selection.top_neurons(counts, K, sums)`` without sorting: the K-th best count
     by bisection, then among the neurons with that count the R-th best sum (bisection on its order-preserving
@@ -238,23 +286,32 @@ def _top_kernel(cnt_ptr, sum_ptr, out_ptr, I, K, BLOCK: tl.constexpr, CBITS: tl.
     tie = eq & (key == base)
     sel = above | better | (tie & (tl.cumsum(tie.to(tl.int32), axis=0) <= r2))
     pos = tl.cumsum(sel.to(tl.int32), axis=0) - 1
-    tl.store(out_ptr + layer * K + pos, cols.to(tl.int64), mask=sel)
+    tl.store(out_ptr + layer * out_stride + pos, cols.to(out_ptr.dtype.element_ty), mask=sel)
 
 
-def top_neurons(counts: torch.Tensor, sums: torch.Tensor, k: int, max_count: int) -> torch.Tensor:
+def top_neurons(counts: torch.Tensor, sums: torch.Tensor, k: int, max_count: int,
+                out: torch.Tensor | None = None) -> torch.Tensor:
     """(L, k) int64 ascending: per row the k best neurons by (count desc, sum desc, index asc); the counts
-    lie in [0, max_count] (the number of tokens)."""
+    lie in [0, max_count] (the number of tokens). ``out`` (L, >= k) int32 or int64, rows contiguous: written
+    in its first k columns (the decode's index buffer), which are returned."""
     L, I = counts.shape
     if not 1 <= k <= I:
         raise ValueError(f"k must be in [1, {I}], got {k}")
-    out = torch.empty(L, k, dtype=torch.int64, device=counts.device)
+    if out is None:
+        out = torch.empty(L, k, dtype=torch.int64, device=counts.device)
+    elif (out.dim() != 2 or out.shape[0] != L or out.shape[1] < k or out.stride(1) != 1
+          or out.dtype not in (torch.int32, torch.int64) or out.device != counts.device):
+        raise ValueError(f"out must be ({L}, >= {k}) int32/int64 with contiguous rows on {counts.device}, got "
+                         f"{tuple(out.shape)} {out.dtype} on {out.device}")
     block = triton.next_power_of_2(I)
-    _top_kernel[(L,)](counts.to(torch.int32).contiguous(), sums.to(torch.float64).contiguous(), out, I, k,
-                      BLOCK=block, CBITS=max(1, int(max_count).bit_length()), num_warps=_row_warps(block))
-    return out
+    _top_kernel[(L,)](counts.to(torch.int32).contiguous(), sums.to(torch.float64).contiguous(), out, out.stride(0),
+                      I, k, BLOCK=block, CBITS=max(1, int(max_count).bit_length()), num_warps=_row_warps(block))
+    return out[:, :k]
 
 
-def select(acts: torch.Tensor, alpha: float, score: str, k: int) -> torch.Tensor:
-    """``selection.stability_select_layers`` of ``acts`` (L, T, I): five launches, no host synchronisation."""
-    counts, sums = layer_statistics(acts, alpha, score, as_int64=False)
-    return top_neurons(counts, sums, k, acts.shape[1])
+def select(acts: torch.Tensor, alpha: float, score: str, k: int, n_tokens: torch.Tensor | None = None,
+           out: torch.Tensor | None = None) -> torch.Tensor:
+    """``selection.stability_select_layers`` of ``acts`` (L, T, I): five launches, no host synchronisation.
+    ``n_tokens``: of the first n_tokens rows only (``layer_statistics``); ``out``: into it (``top_neurons``)."""
+    counts, sums = layer_statistics(acts, alpha, score, as_int64=False, n_tokens=n_tokens)
+    return top_neurons(counts, sums, k, acts.shape[1], out=out)
