@@ -16,9 +16,8 @@ From the repo root on the GPU machine (scripts/gpu_run.sh sets it up). Steps:
   new tokens, and the crossover per kept fraction (DIR/given.json);
 * prefill: the prefill replayed from its CUDA graph against the eager prefill, by prompt length, dense and
   kept 0.4 (its own selection, and given its core sets before a sparse prefill) (DIR/prefill.json);
-* select: where the selection of a kept-0.4 prompt runs: after the captured prefill, inside its graph after the
-  last layer (the default), or inside it per layer on a second stream; the time to first token by prompt
-  length against dense (DIR/select.json);
+* select: where the selection of a kept-0.4 prompt runs: after the captured prefill, or inside its graph after
+  the last layer (the default); the time to first token by prompt length against dense (DIR/select.json);
 * variants: decode-step variants (``--variants``, JSON) timed side by side, with their logits against the plain
   step (DIR/variants.json);
 * e2e: the product's main call (``SparseLM.generate`` with an artifact, auto, chat, sampling, streaming) and
@@ -505,7 +504,7 @@ def prefill_lengths(log=print, spec: str = "llama-3.1-8b", lengths=(32, 128, 256
     return {"model": spec, "repeats": repeats, "rows": rows}
 
 
-SELECT_VARIANTS = ({"select_in_prefill": False}, {}, {"select_in_prefill": "layers"})
+SELECT_VARIANTS = ({"select_in_prefill": False}, {})
 
 
 def select_placement(log=print, spec: str = "llama-3.1-8b", lengths=(32, 128, 256, 512), repeats: int = 7,
@@ -813,8 +812,8 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", default=os.environ.get("OUT", "gpu-out"), help="folder for the raw JSON and logs")
     ap.add_argument("--steps", default="tests,e2e,suite",
-                    help="comma-separated, run in this order: tests, greedy, tune, lesion, rounding, given, select, prefill, "
-                         "variants, e2e, suite, memory")
+                    help="comma-separated, run in this order: tests, greedy, tune, lesion, rounding, given, select, "
+                         "prefill, variants, e2e, suite, memory")
     ap.add_argument("--carry", default=".carry", help="folder with smollm2-tokenizer/ and tiny-embedder/ (e2e)")
     ap.add_argument("--smollm2", default=None, help="path of SmolLM2-135M-Instruct.Q4_1.gguf (greedy step)")
     ap.add_argument("--models", default="llama-3.1-8b", help="comma-separated shapes or specs for the suite")

@@ -118,8 +118,8 @@ def _cmd_generate(args) -> int:
         s = out.stats
         cluster = f", cluster {s.cluster}" if s.cluster is not None else ""
         print(f"\n\n[{s.method_used}{cluster}: kept {s.kept_fraction:.1%} of FFN neurons, prefill {s.prefill_ms:.0f} ms, "
-              + ("selected in the prefill, " if s.select_in_prefill else f"select+gather {s.select_ms:.1f} ms, ")
-              + f"decode {s.decode_tokens_per_s:.1f} tok/s, "
+              f"select+gather {s.select_ms:.1f} ms{' (selected in the prefill)' if s.select_in_prefill else ''}, "
+              f"decode {s.decode_tokens_per_s:.1f} tok/s, "
               f"{s.new_tokens} tokens ({s.stop_reason})]", file=sys.stderr)
     return 0
 

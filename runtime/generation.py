@@ -39,7 +39,7 @@ class Stats:
     method_used: str
     kept_fraction: float  # FFN neurons used per decoded token / all FFN neurons of the model
     prefill_ms: float
-    select_ms: float  # core-set selection + compact gather (after the prefill; see select_in_prefill)
+    select_ms: float  # core-set selection + compact gather after the prefill (select_in_prefill: copying the sets)
     decode_tokens_per_s: float
     prompt_tokens: int
     new_tokens: int
@@ -54,7 +54,7 @@ class Stats:
     stop_reason: str | None = None
     path: str = "eager"  # which decode path answered: "fast" (CUDA graph) or "eager" (transformers)
     fallback_reason: str | None = None  # why the fast path did not answer this call (None when it did)
-    select_in_prefill: bool = False  # the selection ran inside the captured prefill (its time is in prefill_ms)
+    select_in_prefill: bool = False  # the selection ran inside the captured prefill's graph (its time is in prefill_ms)
 
     def to_dict(self) -> dict:
         return asdict(self)

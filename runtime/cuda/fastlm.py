@@ -543,16 +543,15 @@ class FastLM:
             raise FastPathError("compact_given=True needs the gather-free sparse step on a CUDA device")
         self.compact_given = (None if (self.indexed and on_cuda) else False) if given is None else bool(given)
         self._side = None  # the stream of that gather
-        # select_in_prefill: where the captured prefill's graph selects the core sets, writing the index buffer
-        # itself (no launches from Python, no separate gather): "end", all layers batched after the last layer;
-        # "layers", each layer on a second stream as soon as its activations exist, under the later layers;
-        # False: batched after the graph (what the eager prefill does). Benchmark rows compare the three.
+        # select_in_prefill: the captured prefill's graph also selects the core sets, all layers batched after the
+        # last one, into the index buffer (no launches from Python, no separate gather); False (a benchmark row,
+        # and what the eager prefill does): the same selection launched after the graph. Run h200-39: 0.5 vs 1.2 ms
+        # over the dense time to first token at 256 tokens; each layer's selection on a second stream under the
+        # later layers lost at every length (1.3 ms at 256, 3.0 at 512: it competes with the prefill for the SMs)
         sip = step.get("select_in_prefill")
-        if sip not in (None, False, "end", "layers"):
-            raise FastPathError(f"select_in_prefill must be 'end', 'layers' or False, got {sip!r}")
         if sip and not (self.indexed and self.prefill_graph):
-            raise FastPathError(f"select_in_prefill={sip!r} needs the gather-free sparse step and the captured prefill")
-        self.select_in_prefill = ("end" if (self.indexed and self.prefill_graph) else False) if sip is None else sip
+            raise FastPathError("select_in_prefill=True needs the gather-free sparse step and the captured prefill")
+        self.select_in_prefill = (self.indexed and self.prefill_graph) if sip is None else bool(sip)
         self.k_pad = {li: -(-k // PAD) * PAD for li, k in layer_k.items()}
         self.c_up, self.c_up_b, self.c_down = [None] * n_layers, [None] * n_layers, [None] * n_layers
         self._idx = self._partial = None
@@ -815,15 +814,14 @@ class FastLM:
         return x, self._norm(x, lw.norm2_w, lw.norm2_b)
 
     def _prefill_forward(self, ids: torch.Tensor, select: bool, sparse: bool = False,
-                         last: torch.Tensor | None = None, acts: torch.Tensor | None = None, on_layer=None):
+                         last: torch.Tensor | None = None, acts: torch.Tensor | None = None):
         """Forward of the prompt at positions 0..T-1: fills the KV cache; returns (last logits, acts).
 
         ``select``: the sparse layers' activations are kept, stacked (n_sparse, T, I), for the one batched
-        selection after it (else acts is None), into ``acts`` where given. ``sparse``: the sparse layers' FFN
+        selection after it or at the end of the captured graph (else acts is None), into ``acts`` where given. ``sparse``: the sparse layers' FFN
         already runs on the core neurons of ``_gather``ed sets (similarity-guided prompts with
         ``sparse_prefill``). ``last`` (1,) on the device: the position whose logits are returned (default
-        T - 1; the captured prefill's padded prompt ends earlier). ``on_layer(row)``: called once a sparse layer's
-        activations are in ``acts[row]`` (the captured prefill's selection)."""
+        T - 1; the captured prefill's padded prompt ends earlier)."""
         w = self.w
         T = ids.numel()
         x, rope, mask = self._prefill_setup(ids)
@@ -839,8 +837,6 @@ class FastLM:
             else:
                 y = self._ffn_dense(lw, h, acts[self._row[li]].view(1, T, -1)
                                     if (in_sparse and acts is not None) else None)
-                if in_sparse and on_layer is not None:
-                    on_layer(self._row[li])
             x = x + y
         h = self._norm(x[:, -1:] if last is None else x.index_select(1, last), w.final_w, w.final_b)
         return F.linear(h, w.lm_head)[0, -1], acts
@@ -883,21 +879,10 @@ class FastLM:
             self._acts = torch.empty(len(self.sparse_layers), n, self.w.n_neurons, device=self.w.device,
                                      dtype=self.w.dtype)
         acts = self._acts[:, :n] if select else None  # each layer's n rows contiguous, the layers apart
-        place = self.select_in_prefill if select else False
-        side = torch.cuda.Stream(self.w.device) if place == "layers" else None
-
-        def select_layer(j: int) -> None:
-            """Sparse layer row j's core set, on the side stream, while the prefill goes on."""
-            side.wait_stream(torch.cuda.current_stream())
-            with torch.cuda.stream(side):
-                self._select_into_index(acts, j)
 
         def forward():
-            logits = self._prefill_forward(self._prefill_ids[:n], select, sparse, last=self._prefill_last, acts=acts,
-                                           on_layer=select_layer if side is not None else None)[0]
-            if side is not None:
-                torch.cuda.current_stream().wait_stream(side)  # the graph ends when every selection has
-            elif place == "end":
+            logits = self._prefill_forward(self._prefill_ids[:n], select, sparse, last=self._prefill_last, acts=acts)[0]
+            if select and self.select_in_prefill:
                 self._select_into_index(acts)
             return logits
 
@@ -913,23 +898,20 @@ class FastLM:
             logits = forward()
         self._prefill_graphs[key] = (graph, logits, acts)
 
-    def _select_into_index(self, acts: torch.Tensor, row: int | None = None) -> None:
-        """The core sets of the captured prefill's activations ``acts`` (n_sparse, bucket, I), of its first T rows
-        (T read on the device), written into the index buffer: every sparse layer, or the one of ``row``."""
+    def _select_into_index(self, acts: torch.Tensor) -> None:
+        """The core sets of the captured prefill's activations ``acts`` (n_sparse, bucket, I), of the prompt's first
+        T rows (T read on the device), written into the index buffer: ``_select`` in the graph."""
         from . import select_kernels
 
-        rows = range(len(self.sparse_layers)) if row is None else range(row, row + 1)
-        ks = {self.layer_k[self.sparse_layers[j]] for j in rows}
-        if len(ks) == 1:
-            j0 = rows[0]
-            select_kernels.select(acts[j0:rows[-1] + 1], self.alpha, self.score, ks.pop(), n_tokens=self._prefill_len,
-                                  out=self._idx[j0:rows[-1] + 1])
+        if self.uniform_k is not None:
+            select_kernels.select(acts, self.alpha, self.score, self.uniform_k, n_tokens=self._prefill_len,
+                                  out=self._idx)
             return
         counts, sums = select_kernels.layer_statistics(acts, self.alpha, self.score, as_int64=False,
                                                        n_tokens=self._prefill_len)
-        for j in rows:
-            select_kernels.top_neurons(counts[j:j + 1], sums[j:j + 1], self.layer_k[self.sparse_layers[j]],
-                                       acts.shape[1], out=self._idx[j:j + 1])
+        for j, li in enumerate(self.sparse_layers):
+            select_kernels.top_neurons(counts[j:j + 1], sums[j:j + 1], self.layer_k[li], acts.shape[1],
+                                       out=self._idx[j:j + 1])
 
     def _ffn_core_prefill(self, li: int, lw: LayerWeights, h: torch.Tensor) -> torch.Tensor:
         """The prompt's FFN on the core neurons only: the compact buffers, or (gather-free path) the core rows
@@ -1313,7 +1295,7 @@ class FastLM:
                 side[1].record(self._side_stream())
         logits, acts, captured = self._prefill(ids, select=core_sets is None, sparse=sparse_prefill)
         # the captured prefill wrote the core sets into the index buffer itself
-        in_prefill = captured and given is None and self.k is not None and bool(self.select_in_prefill)
+        in_prefill = captured and given is None and self.k is not None and self.select_in_prefill
         timings["prefill_graph"] = captured
         timings["select_in_prefill"] = in_prefill
         timings["compact"] = mode.compact

@@ -232,9 +232,7 @@ def test_triton_attention_refused_on_cpu():
         step_variant(w, {"compact_given": True}, kept_fraction=0.4)
     with pytest.raises(FastPathError, match=r"prefill_graph=True needs cuda_graph"):
         step_variant(w, {"prefill_graph": True})
-    with pytest.raises(FastPathError, match="select_in_prefill='end' needs the gather-free sparse step and the captured"):
-        step_variant(w, {"select_in_prefill": "end"}, kept_fraction=0.4)
-    with pytest.raises(FastPathError, match="select_in_prefill must be 'end', 'layers' or False, got True"):
+    with pytest.raises(FastPathError, match="select_in_prefill=True needs the gather-free sparse step"):
         step_variant(w, {"select_in_prefill": True}, kept_fraction=0.4)
     with pytest.raises(FastPathError, match=r"unknown decode-step choices \['fused_ffn'\]"):
         step_variant(w, {"fused_ffn": True})
@@ -247,10 +245,11 @@ def test_triton_attention_refused_on_cpu():
 
 def test_bench_table_rows_line_up_and_name_the_selection_in_the_prefill():
     """``coreinfer bench``'s table: every row (errors too) has the header's cells; a row whose selection ran
-    inside the captured prefill says so instead of a select time; TTFT over dense as a share of its prefill."""
+    inside the captured prefill says so by its select time; TTFT over dense as a share of its prefill."""
     base = dict(kept_fraction=0.4, decode_tok_s=400.0, roofline_tok_s=500.0, pct_roofline=80.0, e2e_tok_s=300.0,
                 ttft_ms=11.0, prefill_ms=10.8, select_ms=0.02, gather_ms=0.0, peak_mem_gb=17.0)
-    env = {"device": "GPU", "sms": 132, "torch": "2.11", "cuda": "13", "transformers": "5", "copy_bandwidth_gb_s": 4200.0}
+    env = {"device": "GPU", "sms": 132, "torch": "2.11", "cuda": "13", "transformers": "5",
+           "copy_bandwidth_gb_s": 4200.0}
     rows = [{**base, "path": "fast-sparse", "select_in_prefill": True, "ttft_over_dense_ms": 0.4,
              "ttft_over_dense_pct_prefill": 100 * 0.4 / 10.4},
             {**base, "path": "fast-sparse-select-after-prefill", "select_ms": 1.4, "select_in_prefill": False},
@@ -262,7 +261,7 @@ def test_bench_table_rows_line_up_and_name_the_selection_in_the_prefill():
     assert len(lines) == 6 and len(set(cells)) == 1, cells
     inside, after = (ln.split(" | ") for ln in lines[2:4])
     col = lines[0].split(" | ").index("select ms")
-    assert inside[col] == "in prefill" and after[col] == "1.4"
+    assert inside[col] == "0.0 (copy)" and after[col] == "1.4"
     pct = lines[0].split(" | ").index("TTFT − dense % dense prefill")
     assert inside[pct] == "3.8%" and after[pct] == "—"  # 0.4 ms over the dense row's 10.4 ms prefill; none given
 
@@ -547,17 +546,15 @@ def test_cuda_captured_prefill_equals_eager_prefill(family):
 @pytest.mark.gpu
 @needs_cuda
 @pytest.mark.parametrize("budget", [{"kept_fraction": 0.4}, {"layer_k": {0: 33, 2: 101}}])
-@pytest.mark.parametrize("place", ["end", "layers"])
-def test_cuda_selection_inside_captured_prefill_equals_after(budget, place):
-    """The captured prefill's own selection (batched at its end, or each layer on a second stream; its prompt
-    length read on the device, written into the index buffer) against the batched selection after the same
-    captured prefill, bf16: the same core sets and tokens for prompts that fill their bucket and that do not, one
-    instance going from a longer bucket to a shorter one and back (the index buffer rewritten each time),
-    uniform and per-layer k."""
+def test_cuda_selection_inside_captured_prefill_equals_after(budget):
+    """The captured prefill's own selection (in its graph, the prompt length read on the device, written into
+    the index buffer) against the batched selection after the same captured prefill, bf16: the same core sets
+    and tokens for prompts that fill their bucket and that do not, one instance going from a longer bucket to a
+    shorter one and back (the index buffer rewritten each time), uniform and per-layer k."""
     weights = FastWeights.from_hf(_tiny("llama", seed=75, dtype=torch.bfloat16, device="cuda"))
-    inside = step_variant(weights, {"select_in_prefill": place}, max_seq_len=200, **budget)
+    inside = FastLM(weights, max_seq_len=200, **budget)
     after = step_variant(weights, {"select_in_prefill": False}, max_seq_len=200, **budget)
-    assert FastLM(weights, max_seq_len=200, **budget).select_in_prefill == "end"  # the default
+    assert inside.select_in_prefill and not after.select_in_prefill
     for T in (70, 20, 64, 128, 70):
         prompt = _ids(T, 76 + T)
         a = inside.generate(prompt, 10, timing=True)
