@@ -21,8 +21,8 @@ program per layer, picks the kept neurons by (count desc, sum desc, index asc) w
 them in ascending order (``select``: the whole ``stability_select_layers`` on the device).
 
 The activations may be a padded buffer (L, N, I) whose first T rows are the prompt, T read on the device
-(``n_tokens``): the captured prefill runs each layer's selection inside its graph, on a second stream, for
-a prompt of any length in its bucket, and writes the core sets straight into the decode's index buffer.
+(``n_tokens``): the captured prefill's graph selects the core sets after its last layer for a prompt of any
+length in its bucket, and ``_top_kernel`` writes them straight into the decode's index buffer (``out``).
 """
 
 from __future__ import annotations
