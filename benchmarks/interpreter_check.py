@@ -219,8 +219,8 @@ for dtype in (torch.float32, torch.bfloat16, torch.float16):
             c3, s3 = select_kernels.layer_statistics(view, 0.4, score)
             assert torch.equal(c3, selection._token_core_mask3(s, 0.4).sum(1)) and torch.equal(s3, sums), (dtype, score)
             assert torch.equal(select_kernels.select(view, 0.4, score, k), want), (dtype, score)
-            # the whole padded buffer, its prompt length read on the device, each layer alone (as the captured
-            # prefill runs them) into the rows of a wider index buffer, int32 and int64: the padding rows are active
+            # the whole padded buffer (the captured prefill's), its prompt length read on the device, each layer into
+            # its row of a wider index buffer (as with per-layer k), int32 and int64: the padding rows are active
             # (7.0) and would change every count if read
             for n_dt, out_dt in ((torch.int64, torch.int32), (torch.int32, torch.int64)):
                 n_tok = torch.tensor([T], dtype=n_dt)

@@ -81,7 +81,7 @@ def thresholds(acts: torch.Tensor, alpha: float, score: str, thirds: bool, maxnr
                                                num_warps=warps)
         else:
             cap = {} if maxnreg is None else {"maxnreg": maxnreg}
-            sk._threshold_kernel[(L * T,)](acts, n_active, k_tok, thr, last, acts, T, T, I, T * I, BLOCK=block,
+            sk._threshold_kernel[(L * T,)](acts, n_active, k_tok, thr, last, acts, T, I, T * I, BLOCK=block,
                                            SCORE=code, SHIFT=shift, NBITS=31 - shift, DEVICE_T=False,
                                            num_warps=warps, **cap)
 

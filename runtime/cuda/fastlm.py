@@ -818,9 +818,9 @@ class FastLM:
         """Forward of the prompt at positions 0..T-1: fills the KV cache; returns (last logits, acts).
 
         ``select``: the sparse layers' activations are kept, stacked (n_sparse, T, I), for the one batched
-        selection after it or at the end of the captured graph (else acts is None), into ``acts`` where given. ``sparse``: the sparse layers' FFN
-        already runs on the core neurons of ``_gather``ed sets (similarity-guided prompts with
-        ``sparse_prefill``). ``last`` (1,) on the device: the position whose logits are returned (default
+        selection after it or at the end of the captured graph (else acts is None), into ``acts`` where given.
+        ``sparse``: the sparse layers' FFN already runs on the core neurons of ``_gather``ed sets
+        (similarity-guided prompts with ``sparse_prefill``). ``last`` (1,) on the device: the position whose logits are returned (default
         T - 1; the captured prefill's padded prompt ends earlier)."""
         w = self.w
         T = ids.numel()

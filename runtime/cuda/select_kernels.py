@@ -63,32 +63,32 @@ def _row_start(a_ptr, row, N, I, stride_l):
 
 
 @triton.jit
-def _token_count(t_ptr, T, DEVICE_T: tl.constexpr):
-    """The prompt's number of tokens: ``T``, or (``DEVICE_T``) the int at ``t_ptr``, read on the device."""
-    n = T
+def _token_count(t_ptr, N, DEVICE_T: tl.constexpr):
+    """The prompt's number of tokens: all ``N`` rows, or (``DEVICE_T``) the int at ``t_ptr``, read on the device."""
+    n = N
     if DEVICE_T:
         n = tl.load(t_ptr).to(tl.int32)
     return n
 
 
 @triton.jit
-def _active_kernel(a_ptr, n_ptr, t_ptr, T, N, I, stride_l, BLOCK: tl.constexpr, SCORE: tl.constexpr,
+def _active_kernel(a_ptr, n_ptr, t_ptr, N, I, stride_l, BLOCK: tl.constexpr, SCORE: tl.constexpr,
                    DEVICE_T: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)
-    if row % N < _token_count(t_ptr, T, DEVICE_T):  # rows past the prompt (a padded bucket) are never read
+    if row % N < _token_count(t_ptr, N, DEVICE_T):  # rows past the prompt (a padded bucket) are never read
         cols = tl.arange(0, BLOCK)
         v = tl.load(_row_start(a_ptr, row, N, I, stride_l) + cols, mask=cols < I, other=0.0)
         tl.store(n_ptr + row, tl.sum((_key(v, SCORE) > 0).to(tl.int32), axis=0))
 
 
 @triton.jit
-def _token_k_kernel(n_ptr, k_ptr, t_ptr, alpha_bits, T, N, I, TB: tl.constexpr, INTERPRET: tl.constexpr,
+def _token_k_kernel(n_ptr, k_ptr, t_ptr, alpha_bits, N, I, TB: tl.constexpr, INTERPRET: tl.constexpr,
                     DEVICE_T: tl.constexpr):
     """Per layer (one program each): k_token = min(I, ceil(alpha * (sum of the T active counts) / T)) in float64
     with correctly rounded operations: ``selection.token_k``, bit for bit, in one launch. alpha arrives as the
     int64 bits of its float64 (a float argument would be rounded to float32)."""
     layer = tl.program_id(0).to(tl.int64)
-    n_tok = _token_count(t_ptr, T, DEVICE_T)
+    n_tok = _token_count(t_ptr, N, DEVICE_T)
     total = tl.zeros([TB], dtype=tl.int64)
     if INTERPRET:
         t0 = 0
@@ -106,11 +106,11 @@ def _token_k_kernel(n_ptr, k_ptr, t_ptr, alpha_bits, T, N, I, TB: tl.constexpr, 
 
 
 @triton.jit
-def _threshold_kernel(a_ptr, n_ptr, k_ptr, thr_ptr, last_ptr, t_ptr, T, N, I, stride_l,
+def _threshold_kernel(a_ptr, n_ptr, k_ptr, thr_ptr, last_ptr, t_ptr, N, I, stride_l,
                       BLOCK: tl.constexpr, SCORE: tl.constexpr, SHIFT: tl.constexpr, NBITS: tl.constexpr,
                       DEVICE_T: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)
-    if row % N < _token_count(t_ptr, T, DEVICE_T):
+    if row % N < _token_count(t_ptr, N, DEVICE_T):
         layer = row // N
         cols = tl.arange(0, BLOCK)
         v = tl.load(_row_start(a_ptr, row, N, I, stride_l) + cols, mask=cols < I, other=0.0)
@@ -157,7 +157,7 @@ def _column_step(a_row, thr_ptr, last_ptr, cols, ok, cnt, acc, SCORE: tl.constex
 
 
 @triton.jit
-def _column_kernel(a_ptr, thr_ptr, last_ptr, cnt_ptr, sum_ptr, t_ptr, T, N, I, stride_l,
+def _column_kernel(a_ptr, thr_ptr, last_ptr, cnt_ptr, sum_ptr, t_ptr, N, I, stride_l,
                    BLOCK_C: tl.constexpr, SCORE: tl.constexpr, SHIFT: tl.constexpr, INTERPRET: tl.constexpr,
                    DEVICE_T: tl.constexpr):
     layer = tl.program_id(0).to(tl.int64)
@@ -167,7 +167,7 @@ def _column_kernel(a_ptr, thr_ptr, last_ptr, cnt_ptr, sum_ptr, t_ptr, T, N, I, s
     acc = tl.zeros([BLOCK_C], dtype=tl.float64)
     base = a_ptr + layer * stride_l + cols
     row0 = layer * N
-    n_tok = _token_count(t_ptr, T, DEVICE_T)
+    n_tok = _token_count(t_ptr, N, DEVICE_T)
     if INTERPRET:  # Triton's interpreter cannot bound a for loop by a run-time int (numpy 2); same steps
         t = 0
         while t < n_tok:
@@ -211,11 +211,11 @@ def _token_budgets(a: torch.Tensor, alpha: float, code: int, t_ptr: torch.Tensor
     L, N, I = a.shape
     block = triton.next_power_of_2(I)
     n_active = torch.empty(L * N, dtype=torch.int32, device=a.device)
-    _active_kernel[(L * N,)](a, n_active, t_ptr, N, N, I, a.stride(0), BLOCK=block, SCORE=code, DEVICE_T=device_t,
+    _active_kernel[(L * N,)](a, n_active, t_ptr, N, I, a.stride(0), BLOCK=block, SCORE=code, DEVICE_T=device_t,
                              num_warps=_row_warps(block))
     k_tok = torch.empty(L, dtype=torch.int64, device=a.device)
     alpha_bits = struct.unpack("<q", struct.pack("<d", float(alpha)))[0]  # no host-to-device copy: no sync
-    _token_k_kernel[(L,)](n_active, k_tok, t_ptr, alpha_bits, N, N, I, TB=min(1024, triton.next_power_of_2(N)),
+    _token_k_kernel[(L,)](n_active, k_tok, t_ptr, alpha_bits, N, I, TB=min(1024, triton.next_power_of_2(N)),
                           INTERPRET=_interpreting(), DEVICE_T=device_t, num_warps=4)
     return n_active, k_tok
 
@@ -241,13 +241,13 @@ def layer_statistics(acts: torch.Tensor, alpha: float, score: str, block_c: int 
     n_active, k_tok = _token_budgets(a, alpha, code, t_ptr, device_t)
     thr = torch.empty(L * N, dtype=torch.int32, device=dev)
     last = torch.empty(L * N, dtype=torch.int32, device=dev)
-    _threshold_kernel[(L * N,)](a, n_active, k_tok, thr, last, t_ptr, N, N, I, stride_l, BLOCK=block, SCORE=code,
+    _threshold_kernel[(L * N,)](a, n_active, k_tok, thr, last, t_ptr, N, I, stride_l, BLOCK=block, SCORE=code,
                                 SHIFT=shift, NBITS=31 - shift, DEVICE_T=device_t, num_warps=warps,
                                 **_threshold_regs(block, warps))
     given = out is not None and out[0].dtype == torch.int32
     counts = out[0] if given else torch.empty(L, I, dtype=torch.int32, device=dev)
     sums = out[1] if out is not None else torch.empty(L, I, dtype=torch.float64, device=dev)
-    _column_kernel[(L, triton.cdiv(I, block_c))](a, thr, last, counts, sums, t_ptr, N, N, I, stride_l,
+    _column_kernel[(L, triton.cdiv(I, block_c))](a, thr, last, counts, sums, t_ptr, N, I, stride_l,
                                                  BLOCK_C=block_c, SCORE=code, SHIFT=shift,
                                                  INTERPRET=_interpreting(), DEVICE_T=device_t, num_warps=col_warps)
     if out is not None:
