@@ -356,46 +356,133 @@ def tune_tilings(log=print, spec: str = "llama-3.1-8b", beta: float = 0.4, new_t
 
 
 def lesion_profile(log=print, spec: str = "llama-3.1-8b", new_tokens: int = 128, repeats: int = 3) -> dict:
-    """Where the per-step time beyond the weights' roofline goes, by leaving pieces of the captured step out
-    (PDL overlaps kernels, so profiler times do not add up): the step without its attention launches, without
-    its residual + RMSNorm launches, and without both, dense and at kept 0.4 (the outputs are garbage; only
-    the time counts). Median decode tok/s and ms per step; the differences are what each piece costs."""
+    """Where the product's captured step (norms folded into the GEMVs, PDL) spends the time beyond the weights'
+    roofline, two ways (PDL overlaps kernels, so profiler times do not add up to the step):
 
-    from coreinfer.runtime.cuda import bench
-    from coreinfer.runtime.cuda.fastlm import FastLM, FastWeights
+    * lesions: the step with pieces left out - its 32 attention launches, the sparse step's 32 partial-row
+      sums, both (the outputs are garbage; only the time counts) - dense and at kept 0.4: median ms per step;
+    * families: each kind of launch of the step alone, its 32 layers' launches (distinct weights, the step's
+      own buffers and core sets) replayed in one CUDA graph: µs per launch and GB/s of the bytes it must read.
+    """
+    from unittest import mock
 
-    model, tok = bench.build_shape_model(spec, torch.bfloat16)
-    ids = bench.bench_prompt(tok, model.get_input_embeddings().weight.shape[0]).cuda()
-    weights = FastWeights.from_hf(model)
-    del model
+    from coreinfer.runtime.cuda import bench, kernels
+
+    weights, tok, vocab = _shape_weights(spec)
+    ids = bench.bench_prompt(tok, vocab).cuda()
     bw = bench.copy_bandwidth()
+    real_sum = kernels.residual_rms_norm
+
+    def no_partial_sum(x, y, weight, eps, scratch, bias=None, pdl=False, norm=True):
+        return (x, None) if not norm else real_sum(x, y, weight, eps, scratch, bias, pdl, norm)
 
     class NoAttention:
         def __call__(self, *args, **kwargs):
             return None
 
-    def no_norm(x, y, wt, b, ops, y_bias=None):
-        return x, x
-
     rows = []
+    variants = ("full step", "no attention", "no partial-row sum", "no attention, no partial-row sum")
     for beta in (None, 0.4):
-        for label in ("full step", "no attention", "no residual+norm", "no attention, no residual+norm"):
-            fast = FastLM(weights, max_seq_len=ids.numel() + new_tokens, kept_fraction=beta)
-            if "no attention" in label:
+        for label in variants if beta else variants[:2]:
+            fast = bench.step_variant(weights, None, max_seq_len=ids.numel() + new_tokens, kept_fraction=beta)
+            if label.startswith("no attention"):
                 fast._attn = NoAttention()
-            if "residual" in label:
-                fast._add_norm = no_norm
-            fast.generate(ids, new_tokens)  # capture + warm-up
-            ms = [fast.generate(ids, new_tokens, timing=True).timings for _ in range(repeats)]
+            with mock.patch.object(kernels, "residual_rms_norm",
+                                   no_partial_sum if "partial-row" in label else real_sum):
+                fast.warmup()  # the decode graph is captured here, with the lesion
+                fast.generate(ids, new_tokens)
+                ms = [fast.generate(ids, new_tokens, timing=True).timings for _ in range(repeats)]
             step_ms = statistics.median(t["decode_ms"] / t["decode_steps"] for t in ms)
             rows.append({"beta": beta, "variant": label, "step_ms": step_ms, "decode_tok_s": 1e3 / step_ms,
-                         "roofline_step_ms": fast.bytes_per_token() / bw * 1e3})
+                         "roofline_step_ms": fast.bytes_per_token() / bw * 1e3, "launches": _graph_launches(fast)})
             log(f"[lesion] {rows[-1]}")
             del fast
             _free_cuda()
+    families = _launch_families(weights, ids, new_tokens, bw, log)
     del weights
     _free_cuda()
-    return {"model": spec, "copy_bandwidth_gb_s": bw / 1e9, "rows": rows}
+    return {"model": spec, "copy_bandwidth_gb_s": bw / 1e9, "rows": rows, "families": families}
+
+
+def _graph_launches(fast) -> int | None:
+    """Kernels one replay of the captured greedy decode step runs (profiler count; None where it cannot say)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    try:
+        graph = next(iter(fast._graphs.values()))[0]
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            graph.replay()
+            torch.cuda.synchronize()
+        return sum(e.count for e in prof.key_averages() if getattr(e, "self_device_time_total", 0.0) > 0
+                   and "memcpy" not in e.key.lower() and "memset" not in e.key.lower())
+    except Exception:
+        return None
+
+
+def _launch_families(weights, ids, new_tokens: int, bw: float, log) -> list[dict]:
+    """Each launch family of the decode step alone (``lesion_profile``): the 32 layers' launches in one graph."""
+    from coreinfer.runtime.cuda import bench, kernels
+
+    fast = bench.step_variant(weights, None, max_seq_len=ids.numel() + new_tokens, kept_fraction=0.4)
+    fast.generate(ids, new_tokens)  # real core sets in the index buffer, a filled cache
+    w, eps, pdl, dev, dt = fast.w, fast.w.eps, fast.pdl, fast.w.device, fast.w.dtype
+    L, H, I = len(w.layers), w.hidden, w.n_neurons
+    k = fast.layer_k[fast.sparse_layers[0]]
+    idx = [fast._idx[fast._row[li], :fast.layer_k[li]] for li in range(L)]
+    x = torch.randn(H, device=dev, dtype=dt)
+    qkv = [torch.randn(lw.qkv_w.shape[0], device=dev, dtype=dt) for lw in w.layers]
+    o = torch.empty(w.n_heads * w.head_dim, device=dev, dtype=dt)
+    a_core = torch.randn(k, device=dev, dtype=dt) * 0.1
+    a_all = torch.randn(I, device=dev, dtype=dt) * 0.1
+    y = torch.empty(H, device=dev, dtype=dt)
+    up_cfg = fast.gemv_config_up or kernels.GEMV_CONFIG_UP
+    split = kernels.gemv_rows_split(H, k, fast.rows_config)
+    part = fast._partial.view(-1)[:split * H].view(split, H)
+    has_rope = w.rope_fn is not None
+    keys = int(fast._pos.item()) + 1
+    kv_bytes = 2 * w.n_kv_heads * keys * w.head_dim * 2
+    b = lambda t: t.numel() * t.element_size()  # noqa: E731
+    fams = [
+        ("qkv (norm folded)", lambda i: kernels.gemv(w.layers[i].qkv_w, x, qkv[i], w.layers[i].qkv_b, pdl=pdl,
+                                                     config=fast.gemv_config, norm_eps=eps),
+         b(w.layers[0].qkv_w)),
+        ("attention", lambda i: fast._attn(qkv[i], fast.cos if has_rope else None, fast.sin if has_rope else None,
+                                           fast.k_cache[i], fast.v_cache[i], fast._pos, o, w.head_dim ** -0.5),
+         kv_bytes),
+        ("o + residual", lambda i: kernels.gemv(w.layers[i].o_w, o, y, w.layers[i].o_b, pdl=pdl,
+                                                config=fast.gemv_config, residual=x), b(w.layers[0].o_w)),
+        ("gate||up dense", lambda i: kernels.gemv(w.layers[i].up_w, x, a_all, None, gated=True, act=kernels.ACT_SILU,
+                                                  pdl=pdl, config=up_cfg, norm_eps=eps), b(w.layers[0].up_w)),
+        ("down dense + residual", lambda i: kernels.gemv(w.layers[i].down, a_all, y, None, pdl=pdl,
+                                                         config=fast.gemv_config, residual=x), b(w.layers[0].down)),
+        ("gate||up core rows (0.4)", lambda i: kernels.gemv(w.layers[i].up_w, x, a_core, None, gated=True,
+                                                            act=kernels.ACT_SILU, idx=idx[i], pdl=pdl, config=up_cfg,
+                                                            norm_eps=eps), 2 * k * H * 2),
+        ("down core rows, split (0.4)", lambda i: kernels.gemv_rows(w.layers[i].down_t, a_core, y, idx[i], None,
+                                                                    fast._partial, fast.rows_config, reduce=False,
+                                                                    pdl=pdl), k * H * 2),
+        ("partial-row sum + residual (0.4)", lambda i: kernels.residual_rms_norm(x, part, None, eps, fast._scratch,
+                                                                                 None, pdl, norm=False),
+         split * H * 4),
+    ]
+    rows = []
+    for name, fn, nbytes in fams:
+        try:
+            us = _graph_time_us(fn, L)
+            rows.append({"family": name, "us_per_launch": us, "bytes": nbytes, "gb_s": nbytes / us / 1e3,
+                         "pct_copy_bw": 100 * nbytes / us / 1e3 / (bw / 1e9)})
+        except Exception as err:  # recorded, never hidden
+            rows.append({"family": name, "error": repr(err)})
+        log(f"[lesion family] {rows[-1]}")
+    h = torch.randn(H, device=dev, dtype=dt)
+    logits = torch.empty(w.lm_head.shape[0], device=dev, dtype=dt)
+    us = _graph_time_us(lambda i: kernels.gemv(w.lm_head, h, logits, pdl=pdl, config=fast.gemv_config), 4)
+    rows.append({"family": "lm_head", "us_per_launch": us, "bytes": b(w.lm_head), "gb_s": b(w.lm_head) / us / 1e3,
+                 "pct_copy_bw": 100 * b(w.lm_head) / us / 1e3 / (bw / 1e9)})
+    log(f"[lesion family] {rows[-1]}")
+    del fast
+    _free_cuda()
+    return rows
 
 
 def step_variants(variants: list[dict], log=print, spec: str = "llama-3.1-8b", betas=(None, 0.4),

@@ -39,7 +39,7 @@ class Stats:
     method_used: str
     kept_fraction: float  # FFN neurons used per decoded token / all FFN neurons of the model
     prefill_ms: float
-    select_ms: float  # core-set selection + compact gather after the prefill (select_in_prefill: copying the sets)
+    select_ms: float  # core-set selection + compact gather after the prefill (select_in_prefill: ~0, in prefill_ms)
     decode_tokens_per_s: float
     prompt_tokens: int
     new_tokens: int

@@ -571,13 +571,13 @@ def format_table(result: dict) -> str:
                 _f(r.get("x_hf_decode"), "{:.2f}"), _f(r.get("x_hf_static_decode"), "{:.2f}"),
                 _f(r.get("x_dense_fast"), "{:.2f}"), _f(r["e2e_tok_s"]),
                 _f(r["ttft_ms"]), _f(r.get("ttft_over_dense_ms")), _f(r.get("ttft_over_dense_pct_prefill"), "{:.1f}%"),
-                _f(r["prefill_ms"]), _f(r["select_ms"]) + (" (copy)" if r.get("select_in_prefill") else ""),
+                _f(r["prefill_ms"]), _f(r["select_ms"]) + (" (in prefill)" if r.get("select_in_prefill") else ""),
                 _f(r["gather_ms"], "{:.2f}"),
                 _f(r.get("select_gather_pct_prefill"), "{:.0f}%"), _f(r["peak_mem_gb"], "{:.1f}")]) + " |")
     lines.append("")
     lines.append("\\* random weights in the model's published shape (built from its config, no download). "
-                 "\"(copy)\": the captured prefill's graph selected the core sets itself (its device time is in "
-                 "prefill ms); select ms is then the copy of the sets out of the index buffer.")
+                 "\"(in prefill)\": the captured prefill's graph selected the core sets itself (their device time is in "
+                 "prefill ms; the sets are copied out after the decode).")
     return "\n".join(lines)
 
 

@@ -958,11 +958,12 @@ class FastLM:
         return [select_from_statistics(counts[j:j + 1], sums[j:j + 1], self.layer_k[li], n_tokens)[0]
                 for j, li in enumerate(self.sparse_layers)]
 
-    def _index_sets(self) -> list[torch.Tensor]:
-        """Copies of the core sets the index buffer holds (the captured prefill's selection wrote them)."""
+    def _index_sets(self) -> dict[int, torch.Tensor]:
+        """Copies of the core sets the index buffer holds (the captured prefill's selection wrote them), by layer.
+        Taken after the decode (which only reads the buffer), so the copy is not on the way to the first token."""
         if self.uniform_k is not None:
-            return list(self._idx[:, :self.uniform_k].long().unbind(0))
-        return [self._idx[j, :self.layer_k[li]].long() for j, li in enumerate(self.sparse_layers)]
+            return dict(zip(self.sparse_layers, self._idx[:, :self.uniform_k].long().unbind(0)))
+        return {li: self._idx[j, :self.layer_k[li]].long() for j, li in enumerate(self.sparse_layers)}
 
     def _gather(self, sets: list[torch.Tensor], compact: bool = False) -> None:
         """Make the decode use core sets ``sets`` (one per sparse layer): write the index buffer (gather-free
@@ -1274,6 +1275,8 @@ class FastLM:
 
     def _start(self, ids: torch.Tensor, timings: dict, sync: bool, core_sets=None, mode: "_Mode" = None,
                sparse_prefill: bool = False):
+        """Prefill, core sets and the first token: (logits, chosen core sets, t0). ``chosen`` is None where the
+        captured prefill selected them into the index buffer (``_index_sets`` copies them out later)."""
         mode = mode or GREEDY
         dev_sync = torch.cuda.synchronize if (sync and self.w.device.type == "cuda") else (lambda: None)
         if mode.compact and self.c_up[self.sparse_layers[0]] is None:
@@ -1301,16 +1304,17 @@ class FastLM:
         timings["compact"] = mode.compact
         dev_sync()
         t1 = time.perf_counter()
-        chosen: dict[int, torch.Tensor] = {}
-        if self.k is not None:
-            if in_prefill:
-                sets = self._index_sets()
-            else:  # all sparse layers at once, on the device, no host synchronisation (selection.py)
-                sets = self._select(acts, ids.numel()) if given is None else given
+        chosen: dict[int, torch.Tensor] | None = {}
+        if in_prefill:
+            chosen = None  # the sets stay in the index buffer; the caller copies them after the decode
+            t2 = t3 = t1
+        elif self.k is not None:
+            # all sparse layers at once, on the device, no host synchronisation (selection.py)
+            sets = self._select(acts, ids.numel()) if given is None else given
             chosen = {li: sets[j] for j, li in enumerate(self.sparse_layers)}
             dev_sync()
             t2 = time.perf_counter()
-            if not early and not in_prefill:
+            if not early:
                 self._gather(sets)
             dev_sync()
             t3 = time.perf_counter()
@@ -1390,7 +1394,7 @@ class FastLM:
             logits = []
             if keep_logits:
                 logits = list(self._logit_rows[:len(tokens)].to("cpu", torch.float32, copy=True).unbind(0))
-            return FastGeneration(tokens, chosen, timings, logits)
+            return FastGeneration(tokens, self._index_sets() if chosen is None else chosen, timings, logits)
 
     def _drain(self, pending: list, enqueue, launched: int, max_new: int, chunk: int, eos: set, tokens: list,
                on_tokens) -> int:
@@ -1427,7 +1431,7 @@ class FastLM:
             for t in cont:
                 self._tok.fill_(t)
                 rows.append(self._run_step(mode).float().clone())
-            return torch.stack(rows), chosen
+            return torch.stack(rows), self._index_sets() if chosen is None else chosen
 
 
 @dataclass(frozen=True)

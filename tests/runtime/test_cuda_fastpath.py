@@ -261,7 +261,7 @@ def test_bench_table_rows_line_up_and_name_the_selection_in_the_prefill():
     assert len(lines) == 6 and len(set(cells)) == 1, cells
     inside, after = (ln.split(" | ") for ln in lines[2:4])
     col = lines[0].split(" | ").index("select ms")
-    assert inside[col] == "0.0 (copy)" and after[col] == "1.4"
+    assert inside[col] == "0.0 (in prefill)" and after[col] == "1.4"
     pct = lines[0].split(" | ").index("TTFT − dense % dense prefill")
     assert inside[pct] == "3.8%" and after[pct] == "—"  # 0.4 ms over the dense row's 10.4 ms prefill; none given
 
