@@ -72,15 +72,35 @@ def compile_only(arch: int = 90):
         driver._active = previous
 
 
-def resources(kernel) -> dict:
-    """Registers per thread, shared memory and local (spill) bytes of a compiled kernel, read from its cubin by
-    the cuobjdump that ships with Triton."""
+def _cuobjdump(kernel, flag: str) -> str:
+    """What the cuobjdump that ships with Triton prints of a compiled kernel's cubin with ``flag``."""
     tool = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
     with tempfile.TemporaryDirectory() as d:
         path = os.path.join(d, "kernel.cubin")
         with open(path, "wb") as f:
             f.write(kernel.asm["cubin"])
-        text = subprocess.run([tool, "--dump-resource-usage", path], capture_output=True, text=True, check=True).stdout
+        return subprocess.run([tool, flag, path], capture_output=True, text=True, check=True).stdout
+
+
+def pdl_order(kernel) -> dict:
+    """Where a compiled kernel waits for the previous one and lets the next one launch, from its SASS:
+    ``griddepcontrol.wait`` is ACQBULK, ``launch_dependents`` PREEXIT. ``loads_before_wait``: global loads
+    issued before the wait (the weights a PDL kernel streams while the previous one runs); ``trigger``: "entry",
+    "after wait" or None (no PDL)."""
+    ops = [line.split("*/", 1)[1].strip() for line in _cuobjdump(kernel, "--dump-sass").splitlines()
+           if re.match(r"\s*/\*[0-9a-f]{4}\*/", line)]
+    wait = next((i for i, op in enumerate(ops) if "ACQBULK" in op), None)
+    trig = next((i for i, op in enumerate(ops) if "PREEXIT" in op), None)
+    if wait is None:
+        return {"loads_before_wait": None, "trigger": None}
+    return {"loads_before_wait": sum("LDG" in op for op in ops[:wait]),
+            "trigger": None if trig is None else ("entry" if trig < wait else "after wait")}
+
+
+def resources(kernel) -> dict:
+    """Registers per thread, shared memory and local (spill) bytes of a compiled kernel, read from its cubin by
+    the cuobjdump that ships with Triton."""
+    text = _cuobjdump(kernel, "--dump-resource-usage")
     use = re.search(r"REG:(\d+)\s+STACK:(\d+)\s+SHARED:(\d+)\s+LOCAL:(\d+)", text)
     if use is None:
         raise RuntimeError(f"cuobjdump printed no resource line:\n{text}")
@@ -105,7 +125,7 @@ def report(records) -> list[dict]:
         programs = math.prod(int(g) for g in grid)
         per_sm = blocks_per_sm(use["regs"], use["shared"], md.num_warps)
         rows.append({"kernel": name, "grid": list(grid), "programs": programs, "warps": md.num_warps,
-                     "stages": md.num_stages, **use, "blocks_per_sm": per_sm,
+                     "stages": md.num_stages, **use, **pdl_order(kernel), "blocks_per_sm": per_sm,
                      "cubin_sha1": hashlib.sha1(kernel.asm["cubin"]).hexdigest()[:12],
                      "waves": round(programs / (per_sm * SM90["sms"]), 2) if per_sm else None})
     return rows
@@ -131,7 +151,7 @@ def step_kernels(spec: str = "llama-3.1-8b", kept_fraction: float | None = 0.4, 
     """The kernels of one decode step of ``bench.step_variant(options)`` at ``spec``'s widths (every layer
     sparse), and of the selection of ``n_layers`` layers x ``prompt_tokens`` tokens, compiled for sm_``arch``.
     ``weights``: the ``shape_weights(spec, n_layers, dtype)`` to use (built when None)."""
-    from coreinfer.runtime.cuda import bench, select_kernels
+    from coreinfer.runtime.cuda import bench, kernels, select_kernels
     from coreinfer.runtime.cuda.fastlm import FastLM
     from coreinfer.runtime.selection import DEFAULT_SCORE
 
@@ -141,7 +161,8 @@ def step_kernels(spec: str = "llama-3.1-8b", kept_fraction: float | None = 0.4, 
     # FastLM launches the Triton kernels on CUDA only: here they only compile, so let it pick them on CPU
     with mock.patch.object(FastLM, "_pick_attention", lambda self, attention, on_cuda: "triton"), \
             mock.patch.object(FastLM, "_pick_gemv", lambda self, gemv, on_cuda: "triton"), \
-            mock.patch.object(FastLM, "_pick_pdl", lambda self, pdl: bool(pdl)):
+            mock.patch.object(FastLM, "_pick_pdl", lambda self, pdl, trigger=None: (
+                (kernels.PDL_AT_ENTRY if trigger == "entry" else kernels.PDL_AFTER_WAIT) if pdl else 0)):
         fast = bench.step_variant(weights, {"cuda_graph": False, "compile_elementwise": False, **opts},
                                   max_seq_len=max_seq_len, kept_fraction=kept_fraction)
     with torch.inference_mode(), compile_only(arch) as step:

@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import itertools
 import json
 import os
 import statistics
@@ -355,7 +356,8 @@ def tune_tilings(log=print, spec: str = "llama-3.1-8b", beta: float = 0.4, new_t
     return {"model": spec, "rows": rows}
 
 
-def lesion_profile(log=print, spec: str = "llama-3.1-8b", new_tokens: int = 128, repeats: int = 3) -> dict:
+def lesion_profile(log=print, spec: str = "llama-3.1-8b", new_tokens: int = 128, repeats: int = 3,
+                   triggers=("wait", "entry")) -> dict:
     """Where the product's captured step (norms folded into the GEMVs, PDL) spends the time beyond the weights'
     roofline, two ways (PDL overlaps kernels, so profiler times do not add up to the step):
 
@@ -363,7 +365,8 @@ def lesion_profile(log=print, spec: str = "llama-3.1-8b", new_tokens: int = 128,
       sums, both (the outputs are garbage; only the time counts) - dense and at kept 0.4: median ms per step;
     * families: each kind of launch of the step alone, its 32 layers' launches (distinct weights, the step's
       own buffers and core sets) replayed in one CUDA graph: µs per launch and GB/s of the bytes it must read.
-    """
+
+    Both with each ``pdl_trigger`` of ``triggers`` (where a kernel lets the next one launch)."""
     from unittest import mock
 
     from coreinfer.runtime.cuda import bench, kernels
@@ -382,9 +385,10 @@ def lesion_profile(log=print, spec: str = "llama-3.1-8b", new_tokens: int = 128,
 
     rows = []
     variants = ("full step", "no attention", "no partial-row sum", "no attention, no partial-row sum")
-    for beta in (None, 0.4):
+    for trigger, beta in itertools.product(triggers, (None, 0.4)):
         for label in variants if beta else variants[:2]:
-            fast = bench.step_variant(weights, None, max_seq_len=ids.numel() + new_tokens, kept_fraction=beta)
+            fast = bench.step_variant(weights, {"pdl_trigger": trigger}, max_seq_len=ids.numel() + new_tokens,
+                                      kept_fraction=beta)
             if label.startswith("no attention"):
                 fast._attn = NoAttention()
             with mock.patch.object(kernels, "residual_rms_norm",
@@ -393,12 +397,14 @@ def lesion_profile(log=print, spec: str = "llama-3.1-8b", new_tokens: int = 128,
                 fast.generate(ids, new_tokens)
                 ms = [fast.generate(ids, new_tokens, timing=True).timings for _ in range(repeats)]
             step_ms = statistics.median(t["decode_ms"] / t["decode_steps"] for t in ms)
-            rows.append({"beta": beta, "variant": label, "step_ms": step_ms, "decode_tok_s": 1e3 / step_ms,
+            rows.append({"pdl_trigger": trigger, "beta": beta, "variant": label, "step_ms": step_ms,
+                         "decode_tok_s": 1e3 / step_ms,
                          "roofline_step_ms": fast.bytes_per_token() / bw * 1e3, "launches": _graph_launches(fast)})
             log(f"[lesion] {rows[-1]}")
             del fast
             _free_cuda()
-    families = _launch_families(weights, ids, new_tokens, bw, log)
+    families = [dict(row, pdl_trigger=t) for t in triggers for row in _launch_families(weights, ids, new_tokens, bw,
+                                                                                        log, t)]
     del weights
     _free_cuda()
     return {"model": spec, "copy_bandwidth_gb_s": bw / 1e9, "rows": rows, "families": families}
@@ -419,11 +425,12 @@ def _graph_launches(fast) -> int | None:
         return None
 
 
-def _launch_families(weights, ids, new_tokens: int, bw: float, log) -> list[dict]:
+def _launch_families(weights, ids, new_tokens: int, bw: float, log, trigger: str = "wait") -> list[dict]:
     """Each launch family of the decode step alone (``lesion_profile``): the 32 layers' launches in one graph."""
     from coreinfer.runtime.cuda import bench, kernels
 
-    fast = bench.step_variant(weights, None, max_seq_len=ids.numel() + new_tokens, kept_fraction=0.4)
+    fast = bench.step_variant(weights, {"pdl_trigger": trigger}, max_seq_len=ids.numel() + new_tokens,
+                              kept_fraction=0.4)
     fast.generate(ids, new_tokens)  # real core sets in the index buffer, a filled cache
     w, eps, pdl, dev, dt = fast.w, fast.w.eps, fast.pdl, fast.w.device, fast.w.dtype
     L, H, I = len(w.layers), w.hidden, w.n_neurons
@@ -486,11 +493,12 @@ def _launch_families(weights, ids, new_tokens: int, bw: float, log) -> list[dict
 
 
 def step_variants(variants: list[dict], log=print, spec: str = "llama-3.1-8b", betas=(None, 0.4),
-                  new_tokens: int = 128, repeats: int = 3) -> dict:
+                  new_tokens: int = 128, repeats: int = 3, check: bool = True) -> dict:
     """Decode-step variants (``bench.step_variant`` choices) side by side on one set of weights, dense and
     sparse: median decode tok/s, and teacher-forced logits against the plain step (Triton GEMVs, but the
     residual adds and norms unfused, no PDL) given the same core sets (max relative error, top-1 agreement), and
-    against the truth: the plain step in float32 on the same (upcast) weights and core sets."""
+    against the truth: the plain step in float32 on the same (upcast) weights and core sets. ``check=False``:
+    the timings alone, without the float32 copy of the model (the GPU tests check the variants)."""
     from coreinfer.runtime.cuda import bench
     from coreinfer.runtime.cuda.fastlm import FastWeights
 
@@ -499,17 +507,21 @@ def step_variants(variants: list[dict], log=print, spec: str = "llama-3.1-8b", b
     ids = bench.bench_prompt(tok, vocab).cuda()
     cont = torch.randint(0, vocab, (16,), generator=torch.Generator().manual_seed(99))
     weights = FastWeights.from_hf(model)
-    refs = {}
-    for beta in betas:
-        plain = bench.step_variant(weights, {"fused_norm": False, "pdl": False}, max_seq_len=ids.numel() + 32,
-                                   kept_fraction=beta)
-        refs[beta] = plain.forced_logits(ids, cont)
-        del plain
-    weights32 = FastWeights.from_hf(model.float())  # the truth: float32 arithmetic, the same weight values
-    truth = {beta: bench.step_variant(weights32, {"fused_norm": False, "pdl": False}, max_seq_len=ids.numel() + 32,
-                                      kept_fraction=beta).forced_logits(ids, cont, core_sets=refs[beta][1] or None)[0]
-             for beta in betas}
-    del model, weights32
+    refs, truth = {}, {}
+    if check:
+        for beta in betas:
+            plain = bench.step_variant(weights, {"fused_norm": False, "pdl": False}, max_seq_len=ids.numel() + 32,
+                                       kept_fraction=beta)
+            refs[beta] = plain.forced_logits(ids, cont)
+            del plain
+        weights32 = FastWeights.from_hf(model.float())  # the truth: float32 arithmetic, the same weight values
+        for beta in betas:
+            plain32 = bench.step_variant(weights32, {"fused_norm": False, "pdl": False},
+                                         max_seq_len=ids.numel() + 32, kept_fraction=beta)
+            truth[beta] = plain32.forced_logits(ids, cont, core_sets=refs[beta][1] or None)[0]
+            del plain32
+        del weights32
+    del model
     _free_cuda()
     bw = bench.copy_bandwidth()
     rows = []
@@ -518,25 +530,28 @@ def step_variants(variants: list[dict], log=print, spec: str = "llama-3.1-8b", b
         return ((a - b).norm(dim=-1) / b.norm(dim=-1)).max().item()
 
     for beta in betas:
-        ref, core = refs[beta]
-        log(f"[variants] beta {beta}: the plain bf16 step against the float32 truth: rel err {rel(ref, truth[beta]):.4f}")
+        if check:
+            log(f"[variants] beta {beta}: the plain bf16 step against the float32 truth: "
+                f"rel err {rel(refs[beta][0], truth[beta]):.4f}")
         for variant in variants:
             given = bool(variant.get("given"))  # not a step choice: the calls are given their core sets
             variant = {k: v for k, v in variant.items() if k != "given"}
             try:
                 row, fast = bench.fast_bench(weights, ids, new_tokens, repeats, beta, step=variant, given=given)
-                got, _ = bench.step_variant(weights, variant, max_seq_len=ids.numel() + 32,
-                                            kept_fraction=beta).forced_logits(ids, cont, core_sets=core or None)
+                del fast
                 row = {"step": variant, "beta": beta, "given": given, "wall_ms": row["wall_ms"],
                        "gather_side_ms": row["gather_side_ms"], "decode_tok_s": row["decode_tok_s"],
                        "pct_roofline": 100 * row["decode_tok_s"] / bench.roofline_tok_s(row["bytes_per_token"], bw),
                        "ttft_ms": row["ttft_ms"], "prefill_ms": row["prefill_ms"], "select_ms": row["select_ms"],
-                       "gather_ms": row["gather_ms"], "peak_mem_gb": row["peak_mem_gb"],
-                       "rel_err_vs_plain": rel(got, ref),
-                       "top1_vs_plain": (got.argmax(-1) == ref.argmax(-1)).float().mean().item(),
-                       "rel_err_vs_f32": rel(got, truth[beta]), "plain_rel_err_vs_f32": rel(ref, truth[beta]),
-                       "top1_vs_f32": (got.argmax(-1) == truth[beta].argmax(-1)).float().mean().item()}
-                del fast
+                       "gather_ms": row["gather_ms"], "peak_mem_gb": row["peak_mem_gb"], "tokens": row["tokens"][:8]}
+                if check:
+                    ref, core = refs[beta]
+                    got, _ = bench.step_variant(weights, variant, max_seq_len=ids.numel() + 32,
+                                                kept_fraction=beta).forced_logits(ids, cont, core_sets=core or None)
+                    row.update(rel_err_vs_plain=rel(got, ref),
+                               top1_vs_plain=(got.argmax(-1) == ref.argmax(-1)).float().mean().item(),
+                               rel_err_vs_f32=rel(got, truth[beta]), plain_rel_err_vs_f32=rel(ref, truth[beta]),
+                               top1_vs_f32=(got.argmax(-1) == truth[beta].argmax(-1)).float().mean().item())
             except Exception as err:  # recorded, never hidden
                 row = {"step": variant, "beta": beta, "given": given, "error": repr(err)}
             rows.append(row)
@@ -544,7 +559,8 @@ def step_variants(variants: list[dict], log=print, spec: str = "llama-3.1-8b", b
             _free_cuda()
     del weights
     _free_cuda()
-    return {"model": spec, "copy_bandwidth_gb_s": bw / 1e9, "new_tokens": new_tokens, "repeats": repeats, "rows": rows}
+    return {"model": spec, "copy_bandwidth_gb_s": bw / 1e9, "new_tokens": new_tokens, "repeats": repeats,
+            "checked": check, "rows": rows}
 
 
 def _shape_weights(spec: str):
@@ -915,6 +931,8 @@ def main(argv=None) -> int:
     ap.add_argument("--variants", default='[{}, {"pdl": false}]',
                     help="JSON list of bench.step_variant choices timed side by side (variants step); "
                          "\"given\": true in one makes its calls take their core sets before the prefill")
+    ap.add_argument("--variants-unchecked", action="store_true",
+                    help="variants step: timings only, no logits against the plain and float32 steps")
     args = ap.parse_args(argv)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -941,7 +959,8 @@ def main(argv=None) -> int:
         "lesion": lambda: (out / "lesion.json").write_text(json.dumps(lesion_profile(log=log), indent=1, default=str)),
         "variants": lambda: (out / "variants.json").write_text(json.dumps(step_variants(
             json.loads(args.variants), log=log, new_tokens=args.new_tokens, repeats=args.repeats,
-            betas=[None if b == "dense" else float(b) for b in args.variant_betas.split(",")]), indent=1, default=str)),
+            betas=[None if b == "dense" else float(b) for b in args.variant_betas.split(",")],
+            check=not args.variants_unchecked), indent=1, default=str)),
         "given": lambda: (out / "given.json").write_text(json.dumps(given_lengths(log=log), indent=1, default=str)),
         "select": lambda: (out / "select.json").write_text(json.dumps(select_placement(log=log), indent=1,
                                                                        default=str)),

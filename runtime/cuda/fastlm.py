@@ -60,7 +60,7 @@ PAD = 64  # compact FFN slots are padded to a multiple of this (see FastLM.__ini
 # how a decode step can be built (FastLM._step_overrides); the product always builds the device's default
 STEP_CHOICES = ("cuda_graph", "compile_elementwise", "attention", "gemv", "pdl", "fused_norm", "gemv_config",
                 "gemv_config_up", "rows_config", "gather_free", "fold_norm", "compact_given", "prefill_graph",
-                "attention_block", "select_in_prefill")
+                "attention_block", "select_in_prefill", "pdl_trigger")
 # the captured prefill: prompts are padded to a multiple of PREFILL_BUCKET tokens (one graph per length bucket);
 # longer than PREFILL_GRAPH_MAX they prefill eagerly, where the kernels outlast their launches from Python
 PREFILL_BUCKET = 64
@@ -492,7 +492,7 @@ class FastLM:
         self.prefill_graph = (cuda_graph and self._prefill_capturable) if prefill_graph is None else bool(prefill_graph)
         self.attention = self._pick_attention(step.get("attention"), on_cuda)
         self.gemv = self._pick_gemv(step.get("gemv"), on_cuda)
-        self.pdl = self._pick_pdl(step.get("pdl"))
+        self.pdl = self._pick_pdl(step.get("pdl"), step.get("pdl_trigger"))
         self.fused_norm = self._pick_fused_norm(step.get("fused_norm"))
         self.fold_norm = self._pick_fold_norm(step.get("fold_norm"))
         self.gemv_config = step.get("gemv_config")  # the Triton GEMV's kernel config (None: kernels.GEMV_CONFIG)
@@ -646,21 +646,26 @@ class FastLM:
             return "torch"
         return "triton"
 
-    def _pick_pdl(self, pdl: bool | None) -> bool:
+    def _pick_pdl(self, pdl: bool | None, trigger: str | None = None) -> int:
         """Programmatic dependent launch of the step's Triton kernels (Hopper+): each kernel's first weight loads
-        overlap the previous kernel's tail. Default: on where supported (``COREINFER_PDL=0`` turns it off)."""
+        overlap the previous kernel's run. Default: on where supported (``COREINFER_PDL=0`` turns it off). 0: off;
+        otherwise where a kernel lets the next one launch (``kernels.PDL_AFTER_WAIT`` / ``PDL_AT_ENTRY``;
+        ``trigger`` "wait" / "entry", a benchmark choice until run h200-40 measures it)."""
+        if trigger not in (None, "wait", "entry"):
+            raise FastPathError(f"pdl_trigger must be 'wait' or 'entry', got {trigger!r}")
         if pdl is False or (self.gemv != "triton" and self.attention != "triton"):
-            if pdl:
+            if pdl or trigger:
                 raise FastPathError("pdl=True needs the Triton kernels (gemv='triton' or attention='triton')")
-            return False
-        from .kernels import pdl_supported
+            return 0
+        from .kernels import PDL_AFTER_WAIT, PDL_AT_ENTRY, pdl_supported
 
+        mode = PDL_AT_ENTRY if trigger == "entry" else PDL_AFTER_WAIT
         ok = pdl_supported(self.w.device)
         if pdl is None:
-            return ok and os.environ.get("COREINFER_PDL", "1") != "0"
+            return mode if ok and os.environ.get("COREINFER_PDL", "1") != "0" else 0
         if not ok:
             raise FastPathError("pdl=True needs a CUDA device of compute capability >= 9.0 (Hopper); use pdl=False")
-        return True
+        return mode
 
     def _pick_fold_norm(self, fold_norm: bool | None) -> bool:
         """No residual + RMSNorm launches between the layers: the o / down products add the residual in their

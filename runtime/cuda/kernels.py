@@ -11,6 +11,8 @@ cannot race. The last program of each head to finish (an atomic counter) merges 
 
 With PDL (programmatic dependent launch, Hopper) each kernel starts while the previous one finishes, issues
 the loads that do not depend on it (weights, earlier cache rows), and waits (``_gdc_enter``) before the rest.
+The wrappers' ``pdl`` says where a kernel lets the next one launch: ``PDL_AFTER_WAIT`` (True; the product's) or
+``PDL_AT_ENTRY`` (a benchmark choice, not yet measured: docs/benchmarks.md, "Built without a device").
 """
 
 from __future__ import annotations
@@ -29,18 +31,31 @@ def pdl_supported(device=None) -> bool:
     return torch.cuda.get_device_capability(device)[0] >= 9
 
 
-def _launch(pdl: bool) -> dict:
+def _launch(pdl: int) -> dict:
     return {"launch_pdl": True} if pdl else {}
+
+
+PDL_AFTER_WAIT, PDL_AT_ENTRY = 1, 2  # where a PDL kernel lets the next one launch (``pdl`` of the wrappers)
+
+
+@triton.jit
+def _gdc_trigger(GDC: tl.constexpr):
+    """``PDL_AT_ENTRY``: let the next kernel launch as soon as every program of this one has started. Only its
+    scheduling moves: its wait (``_gdc_enter``) still returns after this kernel has finished and its writes are
+    visible, so the next kernel's weight loads can overlap this one's whole run, not only its tail."""
+    if GDC == 2:
+        tl.extra.cuda.gdc_launch_dependents()
 
 
 @triton.jit
 def _gdc_enter(GDC: tl.constexpr):
     """With PDL (``GDC``) a kernel may start while the previous one still runs: wait here for it to finish (and
-    its writes to be visible), then let the next kernel start. Everything before this call may read only
-    data no kernel of the step writes (weights, core indices); every write comes after it."""
+    its writes to be visible), then (``PDL_AFTER_WAIT``) let the next kernel start. Everything before this call
+    may read only data no kernel of the step writes (weights, core indices); every write comes after it."""
     if GDC:
         tl.extra.cuda.gdc_wait()
-        tl.extra.cuda.gdc_launch_dependents()
+        if GDC == 1:
+            tl.extra.cuda.gdc_launch_dependents()
 
 
 @triton.jit
@@ -68,6 +83,7 @@ def _attn_kernel(qkv_ptr, cos_ptr, sin_ptr, kc_ptr, vc_ptr, pos_ptr, m_ptr, l_pt
                  BLOCK_S: tl.constexpr, NB: tl.constexpr, GDC: tl.constexpr):
     h = tl.program_id(0)
     b = tl.program_id(1)
+    _gdc_trigger(GDC)
     # pos and the cache rows < pos were written by earlier steps (and the prefill), never by the kernel this one
     # may overlap (PDL): they are read before waiting for it
     pos = tl.load(pos_ptr).to(tl.int32)
@@ -194,6 +210,7 @@ def _gemv_kernel(w_ptr, x_ptr, b_ptr, y_ptr, idx_ptr, res_ptr, N, up_off, eps,
     scaled by rsqrt(mean(x^2) + eps) before the bias and the activation (the norm without a launch of its own).
     RES: y = res + W @ x, the product rounded to y's dtype before the add (as the unfused step adds)."""
     pid = tl.program_id(0)
+    _gdc_trigger(GDC)
     slots = pid * BLOCK_N + tl.arange(0, BLOCK_N)
     row_ok = slots < N
     if HAS_IDX:
@@ -264,7 +281,8 @@ def gemv(w: torch.Tensor, x: torch.Tensor, out: torch.Tensor, bias: torch.Tensor
     R = 2 * (rows of one part) and out = act(gate x) * up x, the up row ``R/2`` after its gate row.
     ``norm_eps``: x is un-normalised and ``w`` holds the RMSNorm weight folded into its columns
     (``fold_norm``): the products are scaled by rsqrt(mean(x^2) + norm_eps). ``residual`` (N,): out =
-    residual + the product. ``pdl``: launched as a programmatic dependent launch (``pdl_supported``)."""
+    residual + the product. ``pdl``: launched as a programmatic dependent launch (``pdl_supported``; True or
+    ``PDL_AFTER_WAIT``, or ``PDL_AT_ENTRY``: where it lets the next kernel launch)."""
     bn, bk, warps, stages = config or GEMV_CONFIG
     n = out.numel()
     k = w.shape[1]
@@ -295,6 +313,7 @@ def _gemv_rows_kernel(w_ptr, idx_ptr, x_ptr, b_ptr, y_ptr, part_ptr,
     ``_residual_rms_kernel``, fused with the residual add and the next RMSNorm)."""
     pid_n = tl.program_id(0)
     pid_s = tl.program_id(1)
+    _gdc_trigger(GDC)
     cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     col_ok = cols < N
     start = pid_s * PER
@@ -332,6 +351,7 @@ def _gemv_rows_kernel(w_ptr, idx_ptr, x_ptr, b_ptr, y_ptr, part_ptr,
 @triton.jit
 def _split_sum_kernel(part_ptr, b_ptr, y_ptr, N, SPLIT: tl.constexpr, BLOCK: tl.constexpr, HAS_BIAS: tl.constexpr,
                       GDC: tl.constexpr):
+    _gdc_trigger(GDC)
     _gdc_enter(GDC)
     cols = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     ok = cols < N
@@ -345,9 +365,9 @@ def _split_sum_kernel(part_ptr, b_ptr, y_ptr, N, SPLIT: tl.constexpr, BLOCK: tl.
 
 # (BLOCK_N, BLOCK_R, SPLIT, num_warps, num_stages) of ``gemv_rows``. BLOCK_N is capped at N's next power
 # of two, so BLOCK_N = 4096 is "whole rows": each program streams whole 8 KB rows (H = 4096) of its share
-# of the core rows and writes one float32 partial row. Alone (``device_check.tune_gemv_rows``, which the GPU
-# benchmark can run first) split 96 was fastest; inside the PDL step, where the split rows are summed by the
-# fused residual + RMSNorm kernel, split 128 (``device_check.tune_decode``).
+# of the core rows and writes one float32 partial row. Alone (``benchmarks.gpu_suite.tune_gemv_rows``, which the
+# GPU suite can run first) split 96 was fastest; inside the PDL step, where the split rows are summed by the next
+# launch, split 128 (the whole-step tuning of the H100 sessions; run h200-21 found 192 / 256 within noise).
 GEMV_ROWS_CONFIG = (2048, 4, 128, 8, 3)  # the fastest in the whole step, run "tune-3" (docs/benchmarks.md)
 GEMV_ROWS_CANDIDATES = ((2048, 4, 64, 8, 3), (1024, 4, 128, 4, 3), (2048, 4, 32, 8, 3), (2048, 8, 64, 16, 3),
                         (2048, 2, 128, 4, 3), (1024, 8, 64, 8, 3), (1024, 4, 64, 4, 4), (2048, 4, 48, 8, 4),
@@ -411,6 +431,7 @@ def _residual_rms_kernel(x_ptr, y_ptr, b_ptr, w_ptr, x_out_ptr, h_out_ptr, ss_pt
     without HAS_W: the weight folded into the next product's). Without NORM only the sum s is written (the next
     GEMV normalises its input itself: ``fold_norm``)."""
     pid = tl.program_id(0)
+    _gdc_trigger(GDC)
     _gdc_enter(GDC)
     cols = pid * BLOCK + tl.arange(0, BLOCK)
     ok = cols < H
@@ -462,6 +483,7 @@ def _partial_sum_residual_kernel(x_ptr, part_ptr, b_ptr, x_out_ptr, H, SPLIT: tl
     unfused step adds: every partial row of a program's BLOCK columns loaded at once (one tile, summed by a fixed
     tree: deterministic), for the step whose next GEMV normalises its own input (``fold_norm``)."""
     pid = tl.program_id(0)
+    _gdc_trigger(GDC)
     _gdc_enter(GDC)
     cols = pid * BLOCK + tl.arange(0, BLOCK)
     ok = cols < H
@@ -548,6 +570,7 @@ def _argmax_step_kernel(logits_ptr, v_ptr, i_ptr, count_ptr, tok_ptr, pos_ptr, s
     Gumbel-max trick: argmax(logits / t + g), g = -log(-log(u)), u uniform from Philox keyed by seed + step and
     counted by the vocabulary index, so a seed fixes every draw whatever runs around it."""
     pid = tl.program_id(0)
+    _gdc_trigger(GDC)
     _gdc_enter(GDC)
     offs = pid * BLOCK + tl.arange(0, BLOCK)
     v = tl.load(logits_ptr + offs, mask=offs < V, other=float("-inf")).to(tl.float32)

@@ -34,6 +34,8 @@ def _layer_rows(result, lead: int, tail: int):
                 "_partial_sum_residual_kernel"]),
     ({"fold_norm": False}, 1, 2, ["_gemv_kernel", "_attn_kernel", "_gemv_kernel", "_residual_rms_kernel",
                                   "_gemv_kernel", "_gemv_rows_kernel", "_residual_rms_kernel"]),
+    ({"pdl_trigger": "entry"}, 0, 3, ["_gemv_kernel", "_attn_kernel", "_gemv_kernel", "_gemv_kernel",
+                                      "_gemv_rows_kernel", "_partial_sum_residual_kernel"]),
 ])
 def test_step_kernels_build_for_hopper_without_spills(weights, options, lead, tail, names):
     result = aot.step_kernels("llama-3.1-8b", 0.4, options, weights=weights)
@@ -48,6 +50,14 @@ def test_step_kernels_build_for_hopper_without_spills(weights, options, lead, ta
     for r in result["step"] + result["selection"]:
         assert r["local"] == 0, r  # no register spills
         assert r["blocks_per_sm"] >= 1, r
+    # PDL in the machine code: each kernel waits for the previous one (ACQBULK) and lets the next one launch
+    # (PREEXIT) where its pdl_trigger says; the products' weights (and attention's earlier cache rows) are
+    # requested before the wait, so they stream while the previous kernel runs
+    trigger = "entry" if options.get("pdl_trigger") == "entry" else "after wait"
+    for r in result["step"]:
+        assert r["trigger"] == trigger, r
+        if r["kernel"] in ("_gemv_kernel", "_attn_kernel", "_gemv_rows_kernel"):
+            assert r["loads_before_wait"] >= 4, r
     core = [r for r in layer0 if r["kernel"] == "_gemv_rows_kernel"][0]
     assert core["programs"] <= core["blocks_per_sm"] * aot.SM90["sms"]  # the core rows in one wave
     assert [r["kernel"] for r in result["selection"]] == ["_active_kernel", "_token_k_kernel", "_threshold_kernel",

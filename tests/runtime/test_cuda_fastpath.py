@@ -220,6 +220,10 @@ def test_triton_attention_refused_on_cpu():
     w = FastWeights.from_hf(_tiny("llama"))
     with pytest.raises(FastPathError, match="pdl=True needs"):
         step_variant(w, {"pdl": True})
+    with pytest.raises(FastPathError, match="pdl=True needs"):
+        step_variant(w, {"pdl_trigger": "entry"})
+    with pytest.raises(FastPathError, match="pdl_trigger must be 'wait' or 'entry'"):
+        step_variant(w, {"pdl_trigger": "early"})
     with pytest.raises(FastPathError, match="fused_norm=True needs"):
         step_variant(w, {"fused_norm": True})
     with pytest.raises(FastPathError, match="attention='triton' needs a CUDA device"):
@@ -701,6 +705,35 @@ def test_cuda_fused_pdl_step_equals_plain_step():
     assert all(torch.equal(core[i], core_ref[i]) for i in core)
     assert (got - ref).abs().max().item() < 1e-3
     assert fused.generate(prompt, 12).tokens == plain.generate(prompt, 12).tokens
+
+
+@pytest.mark.gpu
+@needs_cuda
+@pytest.mark.parametrize("kept", [None, 0.4])
+def test_cuda_pdl_trigger_moves_no_result(kept):
+    """Where a PDL kernel lets the next one launch (after its wait, or at its entry) changes only the scheduling:
+    the same logits bit for bit, greedy, sampled and given-core-set tokens, graph replays included, bf16."""
+    from coreinfer.runtime.cuda import kernels
+    from coreinfer.runtime.cuda.fastlm import Sampling
+
+    if not kernels.pdl_supported():
+        pytest.skip("PDL needs a Hopper GPU")
+    torch.manual_seed(8)
+    cfg = transformers.LlamaConfig(hidden_size=1024, intermediate_size=2048, num_hidden_layers=3, num_attention_heads=8,
+                                   num_key_value_heads=2, vocab_size=5000, max_position_embeddings=256)
+    cfg._attn_implementation = "sdpa"
+    model = transformers.AutoModelForCausalLM.from_config(cfg).to("cuda", torch.bfloat16).eval()
+    weights = FastWeights.from_hf(model)
+    prompt, cont = _ids(40, 73, 5000), _ids(12, 74, 5000)
+    lms = [step_variant(weights, {"pdl_trigger": t}, max_seq_len=96, kept_fraction=kept) for t in ("wait", "entry")]
+    assert [lm.pdl for lm in lms] == [kernels.PDL_AFTER_WAIT, kernels.PDL_AT_ENTRY]
+    (a, core_a), (b, core_b) = (lm.forced_logits(prompt, cont) for lm in lms)
+    assert torch.equal(a, b) and all(torch.equal(core_a[i], core_b[i]) for i in core_a)
+    s = Sampling(temperature=0.9, top_p=0.9, seed=3)
+    for kw in ({}, {"sampling": s}, {"core_sets": core_a or None}):
+        assert lms[0].generate(prompt, 24, **kw).tokens == lms[1].generate(prompt, 24, **kw).tokens
+    with pytest.raises(FastPathError, match="pdl_trigger must be"):
+        step_variant(weights, {"pdl_trigger": "soon"}, max_seq_len=96)
 
 
 # ---------------------------------------------------------------------------------------------- SparseLM hook
