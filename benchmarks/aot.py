@@ -158,11 +158,10 @@ def step_kernels(spec: str = "llama-3.1-8b", kept_fraction: float | None = 0.4, 
     weights = weights if weights is not None else shape_weights(spec, n_layers, dtype)
     n_layers = len(weights.layers)
     opts = {"pdl": True, **(options or {})}
-    # FastLM launches the Triton kernels on CUDA only: here they only compile, so let it pick them on CPU
+    # FastLM launches the Triton kernels (and PDL) on CUDA only: here they only compile, so let it pick them on CPU
     with mock.patch.object(FastLM, "_pick_attention", lambda self, attention, on_cuda: "triton"), \
             mock.patch.object(FastLM, "_pick_gemv", lambda self, gemv, on_cuda: "triton"), \
-            mock.patch.object(FastLM, "_pick_pdl", lambda self, pdl, trigger=None: (
-                (kernels.PDL_AT_ENTRY if trigger == "entry" else kernels.PDL_AFTER_WAIT) if pdl else 0)):
+            mock.patch.object(kernels, "pdl_supported", lambda device=None: True):
         fast = bench.step_variant(weights, {"cuda_graph": False, "compile_elementwise": False, **opts},
                                   max_seq_len=max_seq_len, kept_fraction=kept_fraction)
     with torch.inference_mode(), compile_only(arch) as step:

@@ -35,7 +35,8 @@ def _launch(pdl: int) -> dict:
     return {"launch_pdl": True} if pdl else {}
 
 
-PDL_AFTER_WAIT, PDL_AT_ENTRY = 1, 2  # where a PDL kernel lets the next one launch (``pdl`` of the wrappers)
+# where a PDL kernel lets the next one launch (``pdl`` of the wrappers; the kernels' GDC == 1 / 2)
+PDL_AFTER_WAIT, PDL_AT_ENTRY = 1, 2
 
 
 @triton.jit
