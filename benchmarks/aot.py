@@ -82,13 +82,18 @@ def _cuobjdump(kernel, flag: str) -> str:
         return subprocess.run([tool, flag, path], capture_output=True, text=True, check=True).stdout
 
 
-def pdl_order(kernel) -> dict:
+def sass_ops(kernel) -> list[str]:
+    """A compiled kernel's machine instructions (SASS), in order, without addresses or encodings."""
+    return [line.split("*/", 1)[1].split(";")[0].strip() for line in _cuobjdump(kernel, "--dump-sass").splitlines()
+            if re.match(r"\s*/\*[0-9a-f]{4}\*/", line)]
+
+
+def pdl_order(kernel, ops: list[str] | None = None) -> dict:
     """Where a compiled kernel waits for the previous one and lets the next one launch, from its SASS:
     ``griddepcontrol.wait`` is ACQBULK, ``launch_dependents`` PREEXIT. ``loads_before_wait``: global loads
     issued before the wait (the weights a PDL kernel streams while the previous one runs); ``trigger``: "entry",
     "after wait" or None (no PDL)."""
-    ops = [line.split("*/", 1)[1].strip() for line in _cuobjdump(kernel, "--dump-sass").splitlines()
-           if re.match(r"\s*/\*[0-9a-f]{4}\*/", line)]
+    ops = sass_ops(kernel) if ops is None else ops
     wait = next((i for i, op in enumerate(ops) if "ACQBULK" in op), None)
     trig = next((i for i, op in enumerate(ops) if "PREEXIT" in op), None)
     if wait is None:
@@ -117,15 +122,21 @@ def blocks_per_sm(regs: int, shared: int, warps: int, sm: dict = SM90) -> int:
 
 
 def report(records) -> list[dict]:
-    """One row per launch: name, grid, warps, stages, resources, resident blocks per SM and waves."""
+    """One row per launch: name, grid, warps, stages, resources, resident blocks per SM and waves. ``shared``:
+    the cubin's static shared memory plus the dynamic amount Triton launches the kernel with (its reductions'
+    scratch, a pipelined loop's buffers); ``async_copies``: its cp.async (LDGSTS) instructions, the loads a
+    pipelined loop issues ahead into shared memory."""
     rows = []
     for name, grid, kernel in records:
         md = kernel.metadata
         use = resources(kernel)
+        use["shared"] += md.shared
+        ops = sass_ops(kernel)
         programs = math.prod(int(g) for g in grid)
         per_sm = blocks_per_sm(use["regs"], use["shared"], md.num_warps)
         rows.append({"kernel": name, "grid": list(grid), "programs": programs, "warps": md.num_warps,
-                     "stages": md.num_stages, **use, **pdl_order(kernel), "blocks_per_sm": per_sm,
+                     "stages": md.num_stages, **use, **pdl_order(kernel, ops),
+                     "async_copies": sum("LDGSTS" in op for op in ops), "blocks_per_sm": per_sm,
                      "cubin_sha1": hashlib.sha1(kernel.asm["cubin"]).hexdigest()[:12],
                      "waves": round(programs / (per_sm * SM90["sms"]), 2) if per_sm else None})
     return rows

@@ -316,6 +316,9 @@ def selection_profile(log=print) -> dict:
     return out
 
 
+# the down product's row loop pipelined (``kernels.gemv_rows``' loop_stages; not yet measured): the product's
+# split with two 16 KB blocks ahead, and half the splits (half the partial rows to sum) three blocks ahead
+PIPELINED_DOWN = ((2048, 4, 128, 8, 3, 3), (2048, 4, 64, 8, 3, 4))
 TILINGS = [  # (label, ``bench.step_variant`` choices) timed in the whole decode step by ``tune_tilings``
     # (gemv_config alone sets qkv / o / lm_head and, unless gemv_config_up is given, gate||up too)
     ("default", {}),
@@ -326,6 +329,7 @@ TILINGS = [  # (label, ``bench.step_variant`` choices) timed in the whole decode
     ("all 1x4096 w2 s2", {"gemv_config": (1, 4096, 2, 2)}),
     ("down split 96", {"rows_config": (2048, 4, 96, 8, 3)}),
     ("down split 160", {"rows_config": (2048, 4, 160, 8, 3)}),
+    *[(f"down split {c[2]}, loop {c[5]} stages", {"rows_config": c}) for c in PIPELINED_DOWN],
 ]
 
 
@@ -472,6 +476,10 @@ def _launch_families(weights, ids, new_tokens: int, bw: float, log, trigger: str
                                                                                  None, pdl, norm=False),
          split * H * 4),
     ]
+    for c in PIPELINED_DOWN:  # each with no more splits than the product's, so fast._partial holds its rows
+        fams.append((f"down core rows, {c[2]} splits, loop {c[5]} stages (0.4)",
+                     lambda i, c=c: kernels.gemv_rows(w.layers[i].down_t, a_core, y, idx[i], None, fast._partial, c,
+                                                      reduce=False, pdl=pdl), k * H * 2))
     rows = []
     for name, fn, nbytes in fams:
         try:

@@ -75,7 +75,8 @@ for n_all, k, h in [(50, 13, 64), (40, 7, 576), (300, 130, 96)]:
     want = F.relu(fc1[il] @ x + b[il])
     assert ((out - want).norm() / want.norm()).item() < 1e-5
     down_t, a, bias = torch.randn(n_all, h), torch.randn(k), torch.randn(h)
-    for config in [(32, 16, 1, 4, 2), (64, 8, 3, 4, 2), (16, 4, 8, 4, 2), (4096, 2, 16, 4, 2)]:
+    for config in [(32, 16, 1, 4, 2), (64, 8, 3, 4, 2), (16, 4, 8, 4, 2), (4096, 2, 16, 4, 2), (16, 4, 8, 4, 2, 3),
+                   (64, 2, 3, 4, 2, 2)]:
         split = kernels.gemv_rows_split(h, k, config)
         part = torch.full((split, h), float("nan"))
         for bb in (None, bias):
@@ -83,6 +84,15 @@ for n_all, k, h in [(50, 13, 64), (40, 7, 576), (300, 130, 96)]:
             kernels.gemv_rows(down_t, a, out, idx, bb, part, config=config)
             want = a @ down_t[il] + (0 if bb is None else bb)
             assert ((out - want).norm() / want.norm()).item() < 1e-5, (config, split)
+            if len(config) == 6:  # the pipelined loop: the same products in the same order as the plain one
+                plain = torch.full((h,), float("nan"))
+                kernels.gemv_rows(down_t, a, plain, idx, bb, part.clone(), config=config[:5])
+                assert torch.equal(out, plain), config
+    try:
+        kernels.gemv_rows(down_t, a, out, idx, None, part, config=(16, 4, 8, 4, 2, 1))
+        raise AssertionError("loop_stages 1 was accepted")
+    except ValueError as err:
+        assert "loop_stages must be 0 (no pipelining) or >= 2, got 1" in str(err), err
     out = torch.full((h,), float("nan"))
     kernels.gemv_rows(down_t[:k].contiguous(), a, out, None, None, torch.empty(8, h), config=(32, 4, 2, 4, 2))
     assert ((out - a @ down_t[:k]).norm() / (a @ down_t[:k]).norm()).item() < 1e-5

@@ -303,15 +303,35 @@ def gemv(w: torch.Tensor, x: torch.Tensor, out: torch.Tensor, bias: torch.Tensor
 
 
 @triton.jit
+def _rows_block(w_ptr, idx_ptr, x_ptr, first, cols, col_ok, N: tl.constexpr, R: tl.constexpr, BLOCK_R: tl.constexpr,
+                HAS_IDX: tl.constexpr):
+    """x[j] * W[r_j, cols] for the BLOCK_R slots j from ``first`` (float32; zero past R)."""
+    slots = first + tl.arange(0, BLOCK_R)
+    ok = slots < R
+    if HAS_IDX:
+        rows = tl.load(idx_ptr + slots, mask=ok, other=0).to(tl.int64)
+    else:
+        rows = slots.to(tl.int64)
+    xv = tl.load(x_ptr + slots, mask=ok, other=0.0).to(tl.float32)
+    w = tl.load(w_ptr + rows[:, None] * N + cols[None, :], mask=ok[:, None] & col_ok[None, :], other=0.0)
+    return w.to(tl.float32) * xv[:, None]
+
+
+@triton.jit
 def _gemv_rows_kernel(w_ptr, idx_ptr, x_ptr, b_ptr, y_ptr, part_ptr,
                       N: tl.constexpr, R: tl.constexpr, PER: tl.constexpr, BLOCK_N: tl.constexpr,
                       BLOCK_R: tl.constexpr, SPLIT: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_IDX: tl.constexpr,
-                      GDC: tl.constexpr):
+                      GDC: tl.constexpr, LOOP_STAGES: tl.constexpr):
     """y (N,) = sum_j x[j] * W[r_j, :] (+ b) over the R slots j, r_j = idx[j] (or j): a vector times the
     (indexed) rows of a row-major (., N) matrix, e.g. the compact activation times the core rows of the
     transposed down projection. Program (n, s) owns BLOCK_N columns and the s-th of SPLIT runs of PER slots;
     with SPLIT > 1 it writes a float32 partial row, summed in order by ``_split_sum_kernel`` (or by
-    ``_residual_rms_kernel``, fused with the residual add and the next RMSNorm)."""
+    ``_residual_rms_kernel``, fused with the residual add and the next RMSNorm).
+
+    LOOP_STAGES 0: each later block's index and row loads are issued when the loop reaches it, so a program has
+    one block in flight (the sm_90 build shows no load of the next block before this one's products).
+    LOOP_STAGES >= 2: Triton's pipeliner keeps LOOP_STAGES - 1 blocks ahead in flight through shared memory
+    (cp.async); the same products in the same order, so the same result."""
     pid_n = tl.program_id(0)
     pid_s = tl.program_id(1)
     _gdc_trigger(GDC)
@@ -330,16 +350,12 @@ def _gemv_rows_kernel(w_ptr, idx_ptr, x_ptr, b_ptr, y_ptr, part_ptr,
     _gdc_enter(GDC)
     xv = tl.load(x_ptr + slots, mask=ok, other=0.0).to(tl.float32)
     acc = w.to(tl.float32) * xv[:, None]
-    for r0 in range(BLOCK_R, PER, BLOCK_R):
-        slots = start + r0 + tl.arange(0, BLOCK_R)
-        ok = slots < R
-        if HAS_IDX:
-            rows = tl.load(idx_ptr + slots, mask=ok, other=0).to(tl.int64)
-        else:
-            rows = slots.to(tl.int64)
-        xv = tl.load(x_ptr + slots, mask=ok, other=0.0).to(tl.float32)
-        w = tl.load(w_ptr + rows[:, None] * N + cols[None, :], mask=ok[:, None] & col_ok[None, :], other=0.0)
-        acc += w.to(tl.float32) * xv[:, None]
+    if LOOP_STAGES:
+        for r0 in tl.range(BLOCK_R, PER, BLOCK_R, num_stages=LOOP_STAGES):
+            acc += _rows_block(w_ptr, idx_ptr, x_ptr, start + r0, cols, col_ok, N, R, BLOCK_R, HAS_IDX)
+    else:
+        for r0 in range(BLOCK_R, PER, BLOCK_R):
+            acc += _rows_block(w_ptr, idx_ptr, x_ptr, start + r0, cols, col_ok, N, R, BLOCK_R, HAS_IDX)
     y = tl.sum(acc, axis=0)
     if SPLIT == 1:
         if HAS_BIAS:
@@ -364,7 +380,9 @@ def _split_sum_kernel(part_ptr, b_ptr, y_ptr, N, SPLIT: tl.constexpr, BLOCK: tl.
     tl.store(y_ptr + cols, y.to(y_ptr.dtype.element_ty), mask=ok)
 
 
-# (BLOCK_N, BLOCK_R, SPLIT, num_warps, num_stages) of ``gemv_rows``. BLOCK_N is capped at N's next power
+# (BLOCK_N, BLOCK_R, SPLIT, num_warps, num_stages[, loop_stages]) of ``gemv_rows``; loop_stages (default 0: the
+# loop's loads issued as it reaches them, the measured form) pipelines the row loop, a benchmark choice not yet
+# measured (docs/benchmarks.md, "Built without a device"). BLOCK_N is capped at N's next power
 # of two, so BLOCK_N = 4096 is "whole rows": each program streams whole 8 KB rows (H = 4096) of its share
 # of the core rows and writes one float32 partial row. Alone (``benchmarks.gpu_suite.tune_gemv_rows``, which the
 # GPU suite can run first) split 96 was fastest; inside the PDL step, where the split rows are summed by the next
@@ -383,7 +401,10 @@ def gemv_rows(w: torch.Tensor, x: torch.Tensor, out: torch.Tensor, idx: torch.Te
     scratch is needed when the config splits the rows (fixed address for graph capture). With
     ``reduce=False`` a split product returns the partial rows (SPLIT, N) unsummed and without the bias (for
     ``residual_rms_norm``); an unsplit one returns ``out`` as usual."""
-    bn, br, split, warps, stages = config or GEMV_ROWS_CONFIG
+    bn, br, split, warps, stages, *loop = config or GEMV_ROWS_CONFIG
+    loop_stages = loop[0] if loop else 0
+    if loop_stages == 1 or loop_stages < 0:
+        raise ValueError(f"gemv_rows: loop_stages must be 0 (no pipelining) or >= 2, got {loop_stages}")
     n = out.numel()
     r = x.numel()
     bn = min(bn, max(16, triton.next_power_of_2(n)))
@@ -397,7 +418,7 @@ def gemv_rows(w: torch.Tensor, x: torch.Tensor, out: torch.Tensor, idx: torch.Te
     _gemv_rows_kernel[(triton.cdiv(n, bn), split)](
         w, idx if idx is not None else x, x, bias if bias is not None else w, out, partial if split > 1 else out,
         N=n, R=r, PER=per, BLOCK_N=bn, BLOCK_R=br, SPLIT=split, HAS_BIAS=bias is not None, HAS_IDX=idx is not None,
-        GDC=pdl, num_warps=warps, num_stages=stages, **_launch(pdl))
+        GDC=pdl, LOOP_STAGES=loop_stages, num_warps=warps, num_stages=stages, **_launch(pdl))
     if split > 1:
         if not reduce:
             return partial.view(-1)[:split * n].view(split, n)
@@ -409,7 +430,7 @@ def gemv_rows(w: torch.Tensor, x: torch.Tensor, out: torch.Tensor, idx: torch.Te
 
 def gemv_rows_split(n: int, r: int, config=None) -> int:
     """How many float32 partial rows ``gemv_rows`` needs for an (r slots, n columns) product (1: none)."""
-    bn, br, split, _, _ = config or GEMV_ROWS_CONFIG
+    bn, br, split = (config or GEMV_ROWS_CONFIG)[:3]
     split = max(1, min(split, triton.cdiv(r, br)))
     per = triton.cdiv(triton.cdiv(r, split), br) * br
     return triton.cdiv(r, per)

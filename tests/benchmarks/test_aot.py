@@ -36,6 +36,8 @@ def _layer_rows(result, lead: int, tail: int):
                                   "_gemv_kernel", "_gemv_rows_kernel", "_residual_rms_kernel"]),
     ({"pdl_trigger": "entry"}, 0, 3, ["_gemv_kernel", "_attn_kernel", "_gemv_kernel", "_gemv_kernel",
                                       "_gemv_rows_kernel", "_partial_sum_residual_kernel"]),
+    ({"rows_config": (2048, 4, 128, 8, 3, 3)}, 0, 3, ["_gemv_kernel", "_attn_kernel", "_gemv_kernel", "_gemv_kernel",
+                                                      "_gemv_rows_kernel", "_partial_sum_residual_kernel"]),
 ])
 def test_step_kernels_build_for_hopper_without_spills(weights, options, lead, tail, names):
     result = aot.step_kernels("llama-3.1-8b", 0.4, options, weights=weights)
@@ -60,6 +62,13 @@ def test_step_kernels_build_for_hopper_without_spills(weights, options, lead, ta
             assert r["loads_before_wait"] >= 4, r
     core = [r for r in layer0 if r["kernel"] == "_gemv_rows_kernel"][0]
     assert core["programs"] <= core["blocks_per_sm"] * aot.SM90["sms"]  # the core rows in one wave
+    # the down product's row loop: plain, no load of a later block is issued ahead (one block in flight per
+    # program); with loop_stages, Triton's pipeliner issues them ahead as cp.async into shared memory, two
+    # 16 KB blocks (4 rows x 2048 columns, bf16) at 3 stages
+    if len(options.get("rows_config", ())) == 6:
+        assert core["async_copies"] > 0 and core["shared"] >= 2 * 4 * 2048 * 2, core
+    else:
+        assert core["async_copies"] == 0, core
     assert [r["kernel"] for r in result["selection"]] == ["_active_kernel", "_token_k_kernel", "_threshold_kernel",
                                                           "_column_kernel", "_top_kernel"]
 

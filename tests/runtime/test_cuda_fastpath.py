@@ -736,6 +736,29 @@ def test_cuda_pdl_trigger_moves_no_result(kept):
         step_variant(weights, {"pdl_trigger": "soon"}, max_seq_len=96)
 
 
+@pytest.mark.gpu
+@needs_cuda
+@pytest.mark.parametrize("rows", [(2048, 4, 128, 8, 3), (2048, 4, 16, 8, 3)])
+def test_cuda_pipelined_down_loop_moves_no_result(rows):
+    """The gather-free down product with its row loop pipelined (rows_config's loop_stages) computes the same
+    products in the same order as the plain loop: the same logits bit for bit and the same tokens, bf16; one
+    loop iteration per program (split 128) and thirteen (split 16)."""
+    torch.manual_seed(9)
+    cfg = transformers.LlamaConfig(hidden_size=1024, intermediate_size=2048, num_hidden_layers=3, num_attention_heads=8,
+                                   num_key_value_heads=2, vocab_size=5000, max_position_embeddings=256)
+    cfg._attn_implementation = "sdpa"
+    model = transformers.AutoModelForCausalLM.from_config(cfg).to("cuda", torch.bfloat16).eval()
+    weights = FastWeights.from_hf(model)
+    prompt, cont = _ids(40, 75, 5000), _ids(12, 76, 5000)
+    lms = [step_variant(weights, {"rows_config": rows + tail}, max_seq_len=96, kept_fraction=0.4)
+           for tail in ((), (3,))]
+    assert lms[0].indexed and lms[1].rows_config[5] == 3
+    (a, core_a), (b, core_b) = (lm.forced_logits(prompt, cont) for lm in lms)
+    assert all(torch.equal(core_a[i], core_b[i]) for i in core_a)
+    assert torch.equal(a, b)
+    assert lms[0].generate(prompt, 24).tokens == lms[1].generate(prompt, 24).tokens
+
+
 # ---------------------------------------------------------------------------------------------- SparseLM hook
 
 
