@@ -319,6 +319,8 @@ def selection_profile(log=print) -> dict:
 # the down product's row loop pipelined (``kernels.gemv_rows``' loop_stages; not yet measured): the product's
 # split with two 16 KB blocks ahead, and half the splits (half the partial rows to sum) three blocks ahead
 PIPELINED_DOWN = ((2048, 4, 128, 8, 3, 3), (2048, 4, 64, 8, 3, 4))
+# the persistent GEMV (``kernels.gemv``'s fifth config entry; not yet measured): 4 programs per SM, the loop 3 deep
+PERSISTENT_GEMV = (1, 4096, 4, 3, 4)
 TILINGS = [  # (label, ``bench.step_variant`` choices) timed in the whole decode step by ``tune_tilings``
     # (gemv_config alone sets qkv / o / lm_head and, unless gemv_config_up is given, gate||up too)
     ("default", {}),
@@ -330,6 +332,8 @@ TILINGS = [  # (label, ``bench.step_variant`` choices) timed in the whole decode
     ("down split 96", {"rows_config": (2048, 4, 96, 8, 3)}),
     ("down split 160", {"rows_config": (2048, 4, 160, 8, 3)}),
     *[(f"down split {c[2]}, loop {c[5]} stages", {"rows_config": c}) for c in PIPELINED_DOWN],
+    ("gate||up persistent", {"gemv_config_up": PERSISTENT_GEMV}),
+    ("all one-tile GEMVs persistent", {"gemv_config": PERSISTENT_GEMV, "gemv_config_up": PERSISTENT_GEMV}),
 ]
 
 
@@ -475,6 +479,15 @@ def _launch_families(weights, ids, new_tokens: int, bw: float, log, trigger: str
         ("partial-row sum + residual (0.4)", lambda i: kernels.residual_rms_norm(x, part, None, eps, fast._scratch,
                                                                                  None, pdl, norm=False),
          split * H * 4),
+    ]
+    fams += [
+        ("qkv (norm folded), persistent", lambda i: kernels.gemv(w.layers[i].qkv_w, x, qkv[i], w.layers[i].qkv_b,
+                                                                 pdl=pdl, config=PERSISTENT_GEMV, norm_eps=eps),
+         b(w.layers[0].qkv_w)),
+        ("gate||up core rows (0.4), persistent", lambda i: kernels.gemv(w.layers[i].up_w, x, a_core, None, gated=True,
+                                                                        act=kernels.ACT_SILU, idx=idx[i], pdl=pdl,
+                                                                        config=PERSISTENT_GEMV, norm_eps=eps),
+         2 * k * H * 2),
     ]
     for c in PIPELINED_DOWN:  # each with no more splits than the product's, so fast._partial holds its rows
         fams.append((f"down core rows, {c[2]} splits, loop {c[5]} stages (0.4)",

@@ -60,6 +60,33 @@ for n, k in [(20, 64), (7, 576), (9, 2100)]:
         assert ((out - want).norm() / want.norm()).item() < 1e-5, ((out - want).norm() / want.norm())
 print("gemv ok")
 
+# the persistent GEMV (a fifth config entry, programs per SM): 132 programs off CUDA (kernels.sm_count), so 300
+# outputs give some programs three blocks and the rest two; the same outputs as the one-program-per-block kernel,
+# for every epilogue (checked against PyTorch above): plain, bias + ReLU, gated by index, dReLU, the folded norm and
+# the residual; a row of more than one tile (K > BLOCK_K) takes the one-program-per-block kernel
+n, k, n_all = 300, 96, 400
+gu, x, b, res = torch.randn(2 * n_all, k), torch.randn(k), torch.randn(2 * n_all), torch.randn(n)
+idx = torch.randperm(n_all)[:n].sort().values.to(torch.int32)
+top = gu[:n].contiguous()
+for kw in [dict(w=top), dict(w=top, bias=b[:n], act=kernels.ACT_RELU), dict(w=gu, gated=True, act=kernels.ACT_SILU, idx=idx),
+           dict(w=gu, gated=True, act=kernels.ACT_RELU, act_up=True, idx=idx), dict(w=top, norm_eps=1e-5, residual=res),
+           dict(w=gu, gated=True, act=kernels.ACT_SILU, idx=idx, norm_eps=1e-6)]:
+    wt = kw.pop("w")
+    got, want = torch.full((n,), float("nan")), torch.full((n,), float("nan"))
+    kernels.gemv(wt, x, got, config=(1, 128, 4, 3, 1), **kw)
+    kernels.gemv(wt, x, want, config=(1, 128, 4, 3), **kw)
+    assert torch.equal(got, want), (kw, (got - want).abs().max())  # every output written (NaN != NaN)
+wide = torch.randn(n, 200)
+got, want = torch.full((n,), float("nan")), wide @ torch.ones(200)
+kernels.gemv(wide, torch.ones(200), got, config=(1, 128, 4, 3, 1))
+assert ((got - want).norm() / want.norm()).item() < 1e-5
+try:
+    kernels.gemv(top, x, got, config=(1, 128, 4, 0, 1))
+    raise AssertionError("a persistent GEMV without a pipeline stage was accepted")
+except ValueError as err:
+    assert "programs per SM must be >= 0 and its loop's num_stages >= 1, got 1, 0" in str(err), err
+print("persistent gemv ok")
+
 # the gather-free sparse decode's GEMVs: core rows read in place by index (gate||up, fc1 + bias), and the
 # vector times indexed rows of the transposed down projection (one launch, or split + ordered sum)
 for n_all, k, h in [(50, 13, 64), (40, 7, 576), (300, 130, 96)]:

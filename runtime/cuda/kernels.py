@@ -244,8 +244,18 @@ def _gemv_kernel(w_ptr, x_ptr, b_ptr, y_ptr, idx_ptr, res_ptr, N, up_off, eps,
             wu = tl.load(w_ptr + (rows[:, None] + up_off) * K + cols[None, :], mask=ok, other=0.0)
             acc_u += wu.to(tl.float32) * xv[None, :]
     y = tl.sum(acc, axis=1)
+    rstd = tl.rsqrt(tl.sum(sq, axis=0) / K + eps) if NORM_IN else 1.0
+    _gemv_store(y, acc_u, rstd, slots, rows, row_ok, b_ptr, res_ptr, y_ptr, HAS_BIAS, GATED, ACT, ACT_UP, NORM_IN,
+                RES)
+
+
+@triton.jit
+def _gemv_store(y, acc_u, rstd, slots, rows, row_ok, b_ptr, res_ptr, y_ptr, HAS_BIAS: tl.constexpr,
+                GATED: tl.constexpr, ACT: tl.constexpr, ACT_UP: tl.constexpr, NORM_IN: tl.constexpr,
+                RES: tl.constexpr):
+    """The GEMV's outputs from the sums ``y`` of its gate (or only) rows and the (BLOCK_N, BLOCK_K) float32
+    products ``acc_u`` of its up rows: normalised, + bias, activated, gated, + residual, stored at ``slots``."""
     if NORM_IN:
-        rstd = tl.rsqrt(tl.sum(sq, axis=0) / K + eps)
         y = y * rstd
     if HAS_BIAS:
         y += tl.load(b_ptr + rows, mask=row_ok, other=0.0).to(tl.float32)
@@ -263,13 +273,73 @@ def _gemv_kernel(w_ptr, x_ptr, b_ptr, y_ptr, idx_ptr, res_ptr, N, up_off, eps,
     tl.store(y_ptr + slots, y.to(y_ptr.dtype.element_ty), mask=row_ok)
 
 
+@triton.jit
+def _gemv_persistent_kernel(w_ptr, x_ptr, b_ptr, y_ptr, idx_ptr, res_ptr, N, up_off, eps, nprog,
+                            K: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, HAS_BIAS: tl.constexpr,
+                            GATED: tl.constexpr, ACT: tl.constexpr, ACT_UP: tl.constexpr, HAS_IDX: tl.constexpr,
+                            NORM_IN: tl.constexpr, RES: tl.constexpr, ITERS: tl.constexpr, STAGES: tl.constexpr,
+                            GDC: tl.constexpr):
+    """``_gemv_kernel`` for rows of one tile (K <= BLOCK_K) from a fixed grid: program p computes output blocks
+    p, p + P, p + 2P, ... (P programs). The first block's rows are requested before the PDL wait; x is read once
+    after it (``nprog``: the grid's size, ITERS: blocks of the busiest program; a program's blocks past N are
+    masked off); the later blocks run under Triton's pipeliner, their indices and rows STAGES - 1 blocks ahead in
+    shared memory (cp.async), so each program keeps loads in flight from its first block to its last instead of
+    a new wave of programs starting with none. The same products as ``_gemv_kernel``."""
+    pid = tl.program_id(0)
+    _gdc_trigger(GDC)
+    cols = tl.arange(0, BLOCK_K)
+    col_ok = cols < K
+    slots, rows, row_ok, w, wu = _gemv_tile(w_ptr, idx_ptr, pid, cols, col_ok, N, up_off, K, BLOCK_N, GATED, HAS_IDX)
+    _gdc_enter(GDC)
+    xv = tl.load(x_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)
+    rstd = tl.rsqrt(tl.sum(xv * xv, axis=0) / K + eps) if NORM_IN else 1.0
+    _gemv_store(tl.sum(w.to(tl.float32) * xv[None, :], axis=1), wu.to(tl.float32) * xv[None, :], rstd, slots, rows,
+                row_ok, b_ptr, res_ptr, y_ptr, HAS_BIAS, GATED, ACT, ACT_UP, NORM_IN, RES)
+    for i in tl.range(1, ITERS, num_stages=STAGES):
+        slots, rows, row_ok, w, wu = _gemv_tile(w_ptr, idx_ptr, pid + i * nprog, cols, col_ok, N, up_off, K, BLOCK_N,
+                                                GATED, HAS_IDX)
+        _gemv_store(tl.sum(w.to(tl.float32) * xv[None, :], axis=1), wu.to(tl.float32) * xv[None, :], rstd, slots,
+                    rows, row_ok, b_ptr, res_ptr, y_ptr, HAS_BIAS, GATED, ACT, ACT_UP, NORM_IN, RES)
+
+
+@triton.jit
+def _gemv_tile(w_ptr, idx_ptr, blk, cols, col_ok, N, up_off, K: tl.constexpr, BLOCK_N: tl.constexpr,
+               GATED: tl.constexpr, HAS_IDX: tl.constexpr):
+    """Output block ``blk`` of a one-tile GEMV: its slots, weight rows and their mask, and the (BLOCK_N, BLOCK_K)
+    tiles of its gate (or only) rows and of its up rows (the gate tile again without GATED)."""
+    slots = blk * BLOCK_N + tl.arange(0, BLOCK_N)
+    row_ok = slots < N
+    if HAS_IDX:
+        rows = tl.load(idx_ptr + slots, mask=row_ok, other=0).to(tl.int64)
+    else:
+        rows = slots.to(tl.int64)
+    ok = row_ok[:, None] & col_ok[None, :]
+    w = tl.load(w_ptr + rows[:, None] * K + cols[None, :], mask=ok, other=0.0)
+    wu = w
+    if GATED:
+        wu = tl.load(w_ptr + (rows[:, None] + up_off) * K + cols[None, :], mask=ok, other=0.0)
+    return slots, rows, row_ok, w, wu
+
+
 # (BLOCK_N, BLOCK_K, num_warps, num_stages) of ``gemv``: the fastest in the whole decode step (Llama-3.1-8B
 # shape, PDL on) of the tilings ``benchmarks/gpu_suite.py`` (``tune_tilings``) times on the H200 (run "h200-1",
 # docs/benchmarks.md): one output's whole 8 KB row(s) per program, 4 warps, for qkv / o / lm_head and for the
 # gate||up product (the gate and up rows of one neuron) - every program's weights requested before it waits for
 # the previous kernel: +3% dense, +1% at kept 0.4 over the H100's choice (2 x 2048 columns; gate||up 2 outputs).
+# A fifth entry, programs per SM (default 0: one program per BLOCK_N outputs, the measured form), launches
+# ``_gemv_persistent_kernel`` on that many programs per SM where a row fits one tile (K <= BLOCK_K), with a
+# num_stages-deep pipelined loop: a benchmark choice, not yet measured (docs/benchmarks.md, "Built without a device").
 GEMV_CONFIG = (1, 4096, 4, 2)
 GEMV_CONFIG_UP = (1, 4096, 4, 2)  # gate||up (two rows per output) and fc1
+
+
+def sm_count(device) -> int:
+    """Streaming multiprocessors of ``device`` (the persistent GEMV's grid); off CUDA (Triton's interpreter, the
+    sm_90 build of benchmarks/aot.py) the 132 of an H100 / H200 SXM."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).multi_processor_count
+    return 132
 
 
 def gemv(w: torch.Tensor, x: torch.Tensor, out: torch.Tensor, bias: torch.Tensor | None = None, *,
@@ -283,15 +353,30 @@ def gemv(w: torch.Tensor, x: torch.Tensor, out: torch.Tensor, bias: torch.Tensor
     ``norm_eps``: x is un-normalised and ``w`` holds the RMSNorm weight folded into its columns
     (``fold_norm``): the products are scaled by rsqrt(mean(x^2) + norm_eps). ``residual`` (N,): out =
     residual + the product. ``pdl``: launched as a programmatic dependent launch (``pdl_supported``; True or
-    ``PDL_AFTER_WAIT``, or ``PDL_AT_ENTRY``: where it lets the next kernel launch)."""
-    bn, bk, warps, stages = config or GEMV_CONFIG
+    ``PDL_AFTER_WAIT``, or ``PDL_AT_ENTRY``: where it lets the next kernel launch). ``config``: (BLOCK_N,
+    BLOCK_K, num_warps, num_stages[, programs per SM]), ``GEMV_CONFIG`` when None; with programs per SM > 0 and
+    K <= BLOCK_K, the persistent kernel (``_gemv_persistent_kernel``) computes the same outputs."""
+    bn, bk, warps, stages, *persist = config or GEMV_CONFIG
+    per_sm = persist[0] if persist else 0
     n = out.numel()
     k = w.shape[1]
     if idx is not None and idx.numel() != n:
         raise ValueError(f"idx has {idx.numel()} entries for {n} outputs")
     if residual is not None and residual.numel() != n:
         raise ValueError(f"residual has {residual.numel()} entries for {n} outputs")
+    if per_sm < 0 or (per_sm and stages < 1):
+        raise ValueError(f"gemv: programs per SM must be >= 0 and its loop's num_stages >= 1, got {per_sm}, {stages}")
     block_k = bk if k >= bk else max(16, triton.next_power_of_2(k))
+    if per_sm and k <= block_k:
+        grid = min(triton.cdiv(n, bn), per_sm * sm_count(w.device))
+        _gemv_persistent_kernel[(grid,)](
+            w, x, bias if bias is not None else w, out, idx if idx is not None else out,
+            residual if residual is not None else out, n, w.shape[0] // 2 if gated else 0, float(norm_eps or 0.0), grid,
+            K=k, BLOCK_N=bn, BLOCK_K=block_k, HAS_BIAS=bias is not None, GATED=gated, ACT=act, ACT_UP=act_up,
+            HAS_IDX=idx is not None, NORM_IN=norm_eps is not None, RES=residual is not None,
+            ITERS=triton.cdiv(triton.cdiv(n, bn), grid), STAGES=stages, GDC=pdl,
+            num_warps=warps, **_launch(pdl))
+        return out
     _gemv_kernel[(triton.cdiv(n, bn),)](w, x, bias if bias is not None else w, out, idx if idx is not None else out,
                                         residual if residual is not None else out, n, w.shape[0] // 2 if gated else 0,
                                         float(norm_eps or 0.0),

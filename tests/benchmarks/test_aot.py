@@ -38,6 +38,9 @@ def _layer_rows(result, lead: int, tail: int):
                                       "_gemv_rows_kernel", "_partial_sum_residual_kernel"]),
     ({"rows_config": (2048, 4, 128, 8, 3, 3)}, 0, 3, ["_gemv_kernel", "_attn_kernel", "_gemv_kernel", "_gemv_kernel",
                                                       "_gemv_rows_kernel", "_partial_sum_residual_kernel"]),
+    ({"gemv_config": (1, 4096, 4, 3, 4), "gemv_config_up": (1, 4096, 4, 3, 4)}, 0, 3,
+     ["_gemv_persistent_kernel", "_attn_kernel", "_gemv_persistent_kernel", "_gemv_persistent_kernel",
+      "_gemv_rows_kernel", "_partial_sum_residual_kernel"]),
 ])
 def test_step_kernels_build_for_hopper_without_spills(weights, options, lead, tail, names):
     result = aot.step_kernels("llama-3.1-8b", 0.4, options, weights=weights)
@@ -58,8 +61,12 @@ def test_step_kernels_build_for_hopper_without_spills(weights, options, lead, ta
     trigger = "entry" if options.get("pdl_trigger") == "entry" else "after wait"
     for r in result["step"]:
         assert r["trigger"] == trigger, r
-        if r["kernel"] in ("_gemv_kernel", "_attn_kernel", "_gemv_rows_kernel"):
+        if r["kernel"] in ("_gemv_kernel", "_attn_kernel", "_gemv_rows_kernel", "_gemv_persistent_kernel"):
             assert r["loads_before_wait"] >= 4, r
+        # the persistent GEMV: 4 programs per SM of the 132 (aot's stand-in count), each issuing its later blocks'
+        # rows ahead as cp.async, and room left on the SM for a program of the next kernel
+        if r["kernel"] == "_gemv_persistent_kernel":
+            assert r["programs"] == 4 * aot.SM90["sms"] and r["async_copies"] > 0 and r["blocks_per_sm"] > 4, r
     core = [r for r in layer0 if r["kernel"] == "_gemv_rows_kernel"][0]
     assert core["programs"] <= core["blocks_per_sm"] * aot.SM90["sms"]  # the core rows in one wave
     # the down product's row loop: plain, no load of a later block is issued ahead (one block in flight per

@@ -759,6 +759,34 @@ def test_cuda_pipelined_down_loop_moves_no_result(rows):
     assert lms[0].generate(prompt, 24).tokens == lms[1].generate(prompt, 24).tokens
 
 
+@pytest.mark.gpu
+@needs_cuda
+@pytest.mark.parametrize("kept", [None, 0.4])
+def test_cuda_persistent_gemv_moves_no_result(kept):
+    """The persistent GEMV (a fifth gemv_config entry: programs per SM, each looping over its output blocks with
+    the loads pipelined) computes the same products as one program per block: the same logits bit for bit and
+    the same greedy and given-core-set tokens, bf16; dense (the down product, K > BLOCK_K, keeps one program per
+    block) and kept 0.4. At 2 programs per SM, q||k||v's 1536 outputs give every program several blocks."""
+    from coreinfer.runtime.cuda import kernels
+
+    torch.manual_seed(10)
+    cfg = transformers.LlamaConfig(hidden_size=1024, intermediate_size=2048, num_hidden_layers=3, num_attention_heads=8,
+                                   num_key_value_heads=2, vocab_size=5000, max_position_embeddings=256)
+    cfg._attn_implementation = "sdpa"
+    model = transformers.AutoModelForCausalLM.from_config(cfg).to("cuda", torch.bfloat16).eval()
+    weights = FastWeights.from_hf(model)
+    prompt, cont = _ids(40, 77, 5000), _ids(12, 78, 5000)
+    persistent = {"gemv_config": (1, 1024, 4, 3, 2), "gemv_config_up": (1, 1024, 4, 3, 2)}
+    lms = [step_variant(weights, step, max_seq_len=96, kept_fraction=kept)
+           for step in ({"gemv_config": (1, 1024, 4, 2), "gemv_config_up": (1, 1024, 4, 2)}, persistent)]
+    assert 2 * kernels.sm_count("cuda") < 1536  # q||k||v: 1024 + 2 x 256 outputs, several blocks per program
+    (a, core_a), (b, core_b) = (lm.forced_logits(prompt, cont) for lm in lms)
+    assert all(torch.equal(core_a[i], core_b[i]) for i in core_a)
+    assert torch.equal(a, b)
+    for kw in ({}, {"core_sets": core_a or None}):
+        assert lms[0].generate(prompt, 24, **kw).tokens == lms[1].generate(prompt, 24, **kw).tokens
+
+
 # ---------------------------------------------------------------------------------------------- SparseLM hook
 
 
