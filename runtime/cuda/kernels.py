@@ -212,20 +212,9 @@ def _gemv_kernel(w_ptr, x_ptr, b_ptr, y_ptr, idx_ptr, res_ptr, N, up_off, eps,
     RES: y = res + W @ x, the product rounded to y's dtype before the add (as the unfused step adds)."""
     pid = tl.program_id(0)
     _gdc_trigger(GDC)
-    slots = pid * BLOCK_N + tl.arange(0, BLOCK_N)
-    row_ok = slots < N
-    if HAS_IDX:
-        rows = tl.load(idx_ptr + slots, mask=row_ok, other=0).to(tl.int64)
-    else:
-        rows = slots.to(tl.int64)
     # the weights do not depend on the previous kernel: the first block's loads go out before waiting for it
-    cols = tl.arange(0, BLOCK_K)
-    col_ok = cols < K
-    ok = row_ok[:, None] & col_ok[None, :]
-    w = tl.load(w_ptr + rows[:, None] * K + cols[None, :], mask=ok, other=0.0)
-    wu = w
-    if GATED:
-        wu = tl.load(w_ptr + (rows[:, None] + up_off) * K + cols[None, :], mask=ok, other=0.0)
+    slots, rows, row_ok, cols, col_ok, w, wu = _gemv_tile(w_ptr, idx_ptr, pid, N, up_off, K, BLOCK_N, BLOCK_K, GATED,
+                                                          HAS_IDX)
     _gdc_enter(GDC)
     xv = tl.load(x_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)
     acc = w.to(tl.float32) * xv[None, :]
@@ -287,38 +276,40 @@ def _gemv_persistent_kernel(w_ptr, x_ptr, b_ptr, y_ptr, idx_ptr, res_ptr, N, up_
     a new wave of programs starting with none. The same products as ``_gemv_kernel``."""
     pid = tl.program_id(0)
     _gdc_trigger(GDC)
-    cols = tl.arange(0, BLOCK_K)
-    col_ok = cols < K
-    slots, rows, row_ok, w, wu = _gemv_tile(w_ptr, idx_ptr, pid, cols, col_ok, N, up_off, K, BLOCK_N, GATED, HAS_IDX)
+    slots, rows, row_ok, cols, col_ok, w, wu = _gemv_tile(w_ptr, idx_ptr, pid, N, up_off, K, BLOCK_N, BLOCK_K, GATED,
+                                                          HAS_IDX)
     _gdc_enter(GDC)
     xv = tl.load(x_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)
     rstd = tl.rsqrt(tl.sum(xv * xv, axis=0) / K + eps) if NORM_IN else 1.0
     _gemv_store(tl.sum(w.to(tl.float32) * xv[None, :], axis=1), wu.to(tl.float32) * xv[None, :], rstd, slots, rows,
                 row_ok, b_ptr, res_ptr, y_ptr, HAS_BIAS, GATED, ACT, ACT_UP, NORM_IN, RES)
     for i in tl.range(1, ITERS, num_stages=STAGES):
-        slots, rows, row_ok, w, wu = _gemv_tile(w_ptr, idx_ptr, pid + i * nprog, cols, col_ok, N, up_off, K, BLOCK_N,
-                                                GATED, HAS_IDX)
+        slots, rows, row_ok, cols, col_ok, w, wu = _gemv_tile(w_ptr, idx_ptr, pid + i * nprog, N, up_off, K, BLOCK_N,
+                                                              BLOCK_K, GATED, HAS_IDX)
         _gemv_store(tl.sum(w.to(tl.float32) * xv[None, :], axis=1), wu.to(tl.float32) * xv[None, :], rstd, slots,
                     rows, row_ok, b_ptr, res_ptr, y_ptr, HAS_BIAS, GATED, ACT, ACT_UP, NORM_IN, RES)
 
 
 @triton.jit
-def _gemv_tile(w_ptr, idx_ptr, blk, cols, col_ok, N, up_off, K: tl.constexpr, BLOCK_N: tl.constexpr,
+def _gemv_tile(w_ptr, idx_ptr, blk, N, up_off, K: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                GATED: tl.constexpr, HAS_IDX: tl.constexpr):
-    """Output block ``blk`` of a one-tile GEMV: its slots, weight rows and their mask, and the (BLOCK_N, BLOCK_K)
-    tiles of its gate (or only) rows and of its up rows (the gate tile again without GATED)."""
+    """Output block ``blk``'s first tile: its slots, weight rows and their mask, the tile's columns and their mask,
+    and the (BLOCK_N, BLOCK_K) tiles of its gate (or only) rows and of its up rows (the gate tile again without
+    GATED)."""
     slots = blk * BLOCK_N + tl.arange(0, BLOCK_N)
     row_ok = slots < N
     if HAS_IDX:
         rows = tl.load(idx_ptr + slots, mask=row_ok, other=0).to(tl.int64)
     else:
         rows = slots.to(tl.int64)
+    cols = tl.arange(0, BLOCK_K)
+    col_ok = cols < K
     ok = row_ok[:, None] & col_ok[None, :]
     w = tl.load(w_ptr + rows[:, None] * K + cols[None, :], mask=ok, other=0.0)
     wu = w
     if GATED:
         wu = tl.load(w_ptr + (rows[:, None] + up_off) * K + cols[None, :], mask=ok, other=0.0)
-    return slots, rows, row_ok, w, wu
+    return slots, rows, row_ok, cols, col_ok, w, wu
 
 
 # (BLOCK_N, BLOCK_K, num_warps, num_stages) of ``gemv``: the fastest in the whole decode step (Llama-3.1-8B

@@ -685,17 +685,23 @@ def test_cuda_last_program_reductions_match_torch(pdl):
         assert torch.equal(static[2], out)
 
 
+def _wide_llama_weights(seed: int, layers: int, dtype: torch.dtype) -> FastWeights:
+    """A random Llama 1024 wide (2048 neurons, 8 heads, 2 kv heads, 5000 tokens) on the GPU: wide enough for several
+    programs per reduction and per GEMV."""
+    torch.manual_seed(seed)
+    cfg = transformers.LlamaConfig(hidden_size=1024, intermediate_size=2048, num_hidden_layers=layers,
+                                   num_attention_heads=8, num_key_value_heads=2, vocab_size=5000,
+                                   max_position_embeddings=256)
+    cfg._attn_implementation = "sdpa"
+    return FastWeights.from_hf(transformers.AutoModelForCausalLM.from_config(cfg).to("cuda", dtype).eval())
+
+
 @pytest.mark.gpu
 @needs_cuda
 def test_cuda_fused_pdl_step_equals_plain_step():
     """The default CUDA step (PDL launches, fused residual+RMSNorm summing the split down product's partial rows,
     fused argmax) against the plain step, float32, on a model wide enough for several programs per reduction."""
-    torch.manual_seed(7)
-    cfg = transformers.LlamaConfig(hidden_size=1024, intermediate_size=2048, num_hidden_layers=2, num_attention_heads=8,
-                                   num_key_value_heads=2, vocab_size=5000, max_position_embeddings=256)
-    cfg._attn_implementation = "sdpa"
-    model = transformers.AutoModelForCausalLM.from_config(cfg).cuda().eval()
-    weights = FastWeights.from_hf(model)
+    weights = _wide_llama_weights(7, 2, torch.float32)
     prompt, cont = _ids(40, 71, 5000), _ids(12, 72, 5000)
     fused = FastLM(weights, max_seq_len=64, kept_fraction=0.4)
     assert fused.fused_norm and fused.indexed
@@ -718,12 +724,7 @@ def test_cuda_pdl_trigger_moves_no_result(kept):
 
     if not kernels.pdl_supported():
         pytest.skip("PDL needs a Hopper GPU")
-    torch.manual_seed(8)
-    cfg = transformers.LlamaConfig(hidden_size=1024, intermediate_size=2048, num_hidden_layers=3, num_attention_heads=8,
-                                   num_key_value_heads=2, vocab_size=5000, max_position_embeddings=256)
-    cfg._attn_implementation = "sdpa"
-    model = transformers.AutoModelForCausalLM.from_config(cfg).to("cuda", torch.bfloat16).eval()
-    weights = FastWeights.from_hf(model)
+    weights = _wide_llama_weights(8, 3, torch.bfloat16)
     prompt, cont = _ids(40, 73, 5000), _ids(12, 74, 5000)
     lms = [step_variant(weights, {"pdl_trigger": t}, max_seq_len=96, kept_fraction=kept) for t in ("wait", "entry")]
     assert [lm.pdl for lm in lms] == [kernels.PDL_AFTER_WAIT, kernels.PDL_AT_ENTRY]
@@ -743,12 +744,7 @@ def test_cuda_pipelined_down_loop_moves_no_result(rows):
     """The gather-free down product with its row loop pipelined (rows_config's loop_stages) computes the same
     products in the same order as the plain loop: the same logits bit for bit and the same tokens, bf16; one
     loop iteration per program (split 128) and thirteen (split 16)."""
-    torch.manual_seed(9)
-    cfg = transformers.LlamaConfig(hidden_size=1024, intermediate_size=2048, num_hidden_layers=3, num_attention_heads=8,
-                                   num_key_value_heads=2, vocab_size=5000, max_position_embeddings=256)
-    cfg._attn_implementation = "sdpa"
-    model = transformers.AutoModelForCausalLM.from_config(cfg).to("cuda", torch.bfloat16).eval()
-    weights = FastWeights.from_hf(model)
+    weights = _wide_llama_weights(9, 3, torch.bfloat16)
     prompt, cont = _ids(40, 75, 5000), _ids(12, 76, 5000)
     lms = [step_variant(weights, {"rows_config": rows + tail}, max_seq_len=96, kept_fraction=0.4)
            for tail in ((), (3,))]
@@ -769,12 +765,7 @@ def test_cuda_persistent_gemv_moves_no_result(kept):
     block) and kept 0.4. At 2 programs per SM, q||k||v's 1536 outputs give every program several blocks."""
     from coreinfer.runtime.cuda import kernels
 
-    torch.manual_seed(10)
-    cfg = transformers.LlamaConfig(hidden_size=1024, intermediate_size=2048, num_hidden_layers=3, num_attention_heads=8,
-                                   num_key_value_heads=2, vocab_size=5000, max_position_embeddings=256)
-    cfg._attn_implementation = "sdpa"
-    model = transformers.AutoModelForCausalLM.from_config(cfg).to("cuda", torch.bfloat16).eval()
-    weights = FastWeights.from_hf(model)
+    weights = _wide_llama_weights(10, 3, torch.bfloat16)
     prompt, cont = _ids(40, 77, 5000), _ids(12, 78, 5000)
     persistent = {"gemv_config": (1, 1024, 4, 3, 2), "gemv_config_up": (1, 1024, 4, 3, 2)}
     lms = [step_variant(weights, step, max_seq_len=96, kept_fraction=kept)
