@@ -63,8 +63,8 @@ def test_step_kernels_build_for_hopper_without_spills(weights, options, lead, ta
         assert r["trigger"] == trigger, r
         if r["kernel"] in ("_gemv_kernel", "_attn_kernel", "_gemv_rows_kernel", "_gemv_persistent_kernel"):
             assert r["loads_before_wait"] >= 4, r
-        # the persistent GEMV: 4 programs per SM of the 132 (aot's stand-in count), each issuing its later blocks'
-        # rows ahead as cp.async, and room left on the SM for a program of the next kernel
+        # the persistent GEMV: 4 programs per SM of 132 (kernels.sm_count off CUDA: an H100 / H200 SXM), each
+        # issuing its later blocks' rows ahead as cp.async, with room left on the SM for a program of the next kernel
         if r["kernel"] == "_gemv_persistent_kernel":
             assert r["programs"] == 4 * aot.SM90["sms"] and r["async_copies"] > 0 and r["blocks_per_sm"] > 4, r
     core = [r for r in layer0 if r["kernel"] == "_gemv_rows_kernel"][0]
