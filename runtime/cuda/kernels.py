@@ -358,23 +358,17 @@ def gemv(w: torch.Tensor, x: torch.Tensor, out: torch.Tensor, bias: torch.Tensor
     if per_sm < 0 or (per_sm and stages < 1):
         raise ValueError(f"gemv: programs per SM must be >= 0 and its loop's num_stages >= 1, got {per_sm}, {stages}")
     block_k = bk if k >= bk else max(16, triton.next_power_of_2(k))
+    args = (w, x, bias if bias is not None else w, out, idx if idx is not None else out,
+            residual if residual is not None else out, n, w.shape[0] // 2 if gated else 0, float(norm_eps or 0.0))
+    meta = dict(K=k, BLOCK_N=bn, BLOCK_K=block_k, HAS_BIAS=bias is not None, GATED=gated, ACT=act, ACT_UP=act_up,
+                HAS_IDX=idx is not None, NORM_IN=norm_eps is not None, RES=residual is not None, GDC=pdl,
+                num_warps=warps, **_launch(pdl))
     if per_sm and k <= block_k:
         grid = min(triton.cdiv(n, bn), per_sm * sm_count(w.device))
-        _gemv_persistent_kernel[(grid,)](
-            w, x, bias if bias is not None else w, out, idx if idx is not None else out,
-            residual if residual is not None else out, n, w.shape[0] // 2 if gated else 0, float(norm_eps or 0.0), grid,
-            K=k, BLOCK_N=bn, BLOCK_K=block_k, HAS_BIAS=bias is not None, GATED=gated, ACT=act, ACT_UP=act_up,
-            HAS_IDX=idx is not None, NORM_IN=norm_eps is not None, RES=residual is not None,
-            ITERS=triton.cdiv(triton.cdiv(n, bn), grid), STAGES=stages, GDC=pdl,
-            num_warps=warps, **_launch(pdl))
-        return out
-    _gemv_kernel[(triton.cdiv(n, bn),)](w, x, bias if bias is not None else w, out, idx if idx is not None else out,
-                                        residual if residual is not None else out, n, w.shape[0] // 2 if gated else 0,
-                                        float(norm_eps or 0.0),
-                                        K=k, BLOCK_N=bn, BLOCK_K=block_k, HAS_BIAS=bias is not None, GATED=gated,
-                                        ACT=act, ACT_UP=act_up, HAS_IDX=idx is not None, NORM_IN=norm_eps is not None,
-                                        RES=residual is not None, GDC=pdl,
-                                        num_warps=warps, num_stages=stages, **_launch(pdl))
+        _gemv_persistent_kernel[(grid,)](*args, grid, ITERS=triton.cdiv(triton.cdiv(n, bn), grid), STAGES=stages,
+                                         **meta)
+    else:
+        _gemv_kernel[(triton.cdiv(n, bn),)](*args, num_stages=stages, **meta)
     return out
 
 
